@@ -1,0 +1,3 @@
+"""reconciler: a GitOps reconciler for GPU homelabs."""
+
+__version__ = "0.1.0"

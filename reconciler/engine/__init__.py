@@ -1,0 +1,1 @@
+"""Engine: one pass (observe, plan, apply, verify, rollback, journal)."""

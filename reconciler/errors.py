@@ -1,0 +1,102 @@
+"""The project's error tree. Backends translate SDK errors into these at their boundary.
+
+Every error says whether retrying can help, so the loop (not the pass) decides
+what to do with it::
+
+    ReconcilerError                 base; .retryable says if a later try may succeed
+    ├── SpecError                   the desired state is invalid (permanent until a new commit)
+    ├── ConfigError                 connection settings or secrets are missing or wrong
+    ├── BackendError                a backend call failed; .resource names what it touched
+    │   ├── TemporaryError          retry later: timeouts, locks, dropped connections, 5xx
+    │   ├── PermanentError          retrying the same call will fail the same way
+    │   │   ├── NotFoundError       the object does not exist
+    │   │   └── PermissionDenied    the credentials may not do this
+    │   └── TaskFailed              a Proxmox task ended with an error
+    └── PlanError                   a saved plan cannot be used (stale, wrong version)
+
+Messages never carry secrets: callers pass resource names, never credentials.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "NotFoundError",
+    "PermanentError",
+    "PermissionDenied",
+    "PlanError",
+    "ReconcilerError",
+    "SpecError",
+    "TaskFailed",
+    "TemporaryError",
+]
+
+
+class ReconcilerError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, resource: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.resource = resource
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.resource}: {self.message}" if self.resource else self.message
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class SpecError(ReconcilerError):
+    """The spec tree is invalid; the diagnostics say where."""
+
+
+class ConfigError(ReconcilerError):
+    """A connection setting or secret is missing or malformed."""
+
+
+class BackendError(ReconcilerError):
+    """A call to Proxmox, Docker or NVML failed."""
+
+
+class TemporaryError(BackendError):
+    """Retrying later may succeed (timeout, lock, dropped connection, server error)."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resource: str | None = None,
+        hint: str | None = None,
+        delay: float | None = None,
+    ) -> None:
+        super().__init__(message, resource=resource, hint=hint)
+        self.delay = delay
+
+
+class PermanentError(BackendError):
+    """Retrying the same call will fail the same way."""
+
+
+class NotFoundError(PermanentError):
+    """The object asked for does not exist."""
+
+
+class PermissionDenied(PermanentError):
+    """The credentials in use may not do this."""
+
+
+class TaskFailed(BackendError):
+    """A Proxmox task (UPID) ended with an error exit status."""
+
+    def __init__(self, message: str, *, resource: str | None = None, upid: str | None = None) -> None:
+        super().__init__(message, resource=resource)
+        self.upid = upid
+
+
+class PlanError(ReconcilerError):
+    """A saved plan cannot be applied as it is."""

@@ -1,0 +1,177 @@
+"""What the backends saw, in plain frozen values the planner can compare with the spec.
+
+Backends fill these (reads only) and never hand SDK objects upward. Proxmox
+configs stay as the strings PVE stores; parsing them into fields is the
+planner's job (`planning.pve`), so both sides are normalised by the same code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ContainerPort",
+    "ContainerVolume",
+    "DockerObservation",
+    "GpuProcess",
+    "GuestType",
+    "NvmlObservation",
+    "Observed",
+    "ObservedContainer",
+    "ObservedGpu",
+    "ObservedGuest",
+    "ObservedNode",
+    "ObservedPciDevice",
+    "PciMapping",
+    "ProxmoxObservation",
+]
+
+
+class GuestType(enum.StrEnum):
+    LXC = "lxc"
+    QEMU = "qemu"
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedGuest:
+    type: GuestType
+    vmid: int
+    node: str
+    name: str
+    status: str  # running | stopped | paused | ...
+    tags: tuple[str, ...]
+    config: Mapping[str, str]  # current values, as PVE stores them (GET config?current=1)
+    pending: Mapping[str, str] = field(default_factory=dict)  # key -> value waiting for a restart
+    pending_delete: frozenset[str] = frozenset()
+    digest: str | None = None
+    lock: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.type}/{self.vmid}"
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedNode:
+    name: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPciDevice:
+    node: str
+    address: str  # 0000:01:00.0
+    vendor: str  # 0x10de
+    device: str
+    vendor_name: str | None = None
+    device_name: str | None = None
+    iommu_group: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PciMapping:
+    """A cluster PCI resource mapping: a name usable by `hostpciN: mapping=NAME`."""
+
+    name: str
+    paths: Mapping[str, tuple[str, ...]]  # node -> PCI addresses
+
+
+@dataclass(frozen=True, slots=True)
+class ProxmoxObservation:
+    version: str | None
+    nodes: tuple[ObservedNode, ...]
+    guests: tuple[ObservedGuest, ...]
+    pci_devices: tuple[ObservedPciDevice, ...] = ()
+    mappings: tuple[PciMapping, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPort:
+    host: int
+    container: int
+    bind: str = "0.0.0.0"
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerVolume:
+    host: str
+    path: str
+    readonly: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedContainer:
+    host: str  # name of the Docker host in the spec
+    id: str
+    name: str
+    image: str  # as configured (Config.Image)
+    image_id: str
+    command: tuple[str, ...] | None
+    entrypoint: tuple[str, ...] | None
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    ports: tuple[ContainerPort, ...]
+    volumes: tuple[ContainerVolume, ...]
+    gpus: tuple[str, ...]  # device ids handed over (NVML UUIDs), "all" when every GPU
+    devices: tuple[str, ...]
+    restart: str
+    status: str  # created | running | restarting | exited | paused | dead
+    health: str | None = None  # starting | healthy | unhealthy, when the container has a health check
+    restart_count: int = 0
+    shm_size: int | None = None
+    ipc: str | None = None
+    network_mode: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DockerObservation:
+    host: str
+    reachable: bool
+    error: str | None = None
+    containers: tuple[ObservedContainer, ...] = ()
+    images: frozenset[str] = frozenset()  # tags present on the host
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    used_memory: int | None  # bytes; None when NVML does not say
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedGpu:
+    index: int
+    uuid: str
+    pci_bus_id: str  # normalised 0000:01:00.0, lower case
+    name: str
+    memory_total: int
+    memory_used: int
+    memory_free: int
+    utilization: int | None = None  # percent
+    temperature: int | None = None  # Celsius
+    power_usage: float | None = None  # watts
+    power_limit: float | None = None  # watts
+    processes: tuple[GpuProcess, ...] = ()
+    lost: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlObservation:
+    available: bool
+    error: str | None = None
+    driver_version: str | None = None
+    gpus: tuple[ObservedGpu, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """Everything one pass saw. A None part was not read (no Proxmox in the lab, NVML off)."""
+
+    proxmox: ProxmoxObservation | None = None
+    docker: Mapping[str, DockerObservation] = field(default_factory=dict)
+    nvml: NvmlObservation | None = None

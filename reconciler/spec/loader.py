@@ -1,0 +1,330 @@
+"""Load a tree of YAML spec files into validated models, with a position for everything.
+
+Callers: `reconciler validate/plan/apply` (through `load_tree`) and the git
+source (through `load_files`, fed from a commit's blobs). Nothing here raises
+on bad input: every problem becomes a Diagnostic with file, line and column,
+and all of them are collected. The YAML is composed into nodes by libyaml and
+turned into Python values here, which is where duplicate keys, alias bombs
+and cycles are caught.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.models import KINDS, Lab, Resource
+from reconciler.spec.state import DesiredState, Origin
+
+__all__ = ["MAX_FILE_BYTES", "MAX_NODES", "LoadResult", "SpecFile", "load_files", "load_tree"]
+
+MAX_FILE_BYTES = 8 * 1024 * 1024  # a spec file larger than this is a mistake, not a lab
+MAX_NODES = 200_000  # YAML nodes one document may expand to (alias bombs stop here)
+MAX_DEPTH = 64
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+_Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_scalar_constructor = yaml.SafeLoader("")
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SpecFile:
+    """One file's bytes and the path shown to the user (relative to the tree's root)."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    state: DesiredState
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.severity is Severity.ERROR for d in self.diagnostics)
+
+
+class _DocumentError(Exception):
+    def __init__(self, message: str, node: yaml.Node | None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node = node
+        self.hint = hint
+
+
+@dataclass
+class _Converter:
+    """Turns a composed YAML node graph into plain values, recording where each came from."""
+
+    file: str
+    values: dict[Path_, Position] = field(default_factory=dict)
+    keys: dict[Path_, Position] = field(default_factory=dict)
+    budget: int = MAX_NODES
+
+    def position(self, node: yaml.Node) -> Position:
+        return Position(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def convert(self, node: yaml.Node, path: Path_ = (), active: frozenset[int] = frozenset()) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _DocumentError(
+                f"document expands to more than {MAX_NODES} values", node, "YAML aliases may not be used to inflate a spec"
+            )
+        if len(path) > MAX_DEPTH:
+            raise _DocumentError(f"nested more than {MAX_DEPTH} levels deep", node)
+        if id(node) in active:
+            raise _DocumentError("a YAML alias refers to itself", node)
+        self.values.setdefault(path, self.position(node))
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, active | {id(node)})
+        if isinstance(node, yaml.SequenceNode):
+            inner = active | {id(node)}
+            return [self.convert(item, (*path, index), inner) for index, item in enumerate(node.value)]
+        try:
+            return _scalar_constructor.construct_object(node, deep=True)
+        except Exception as exc:  # noqa: BLE001 - libyaml/constructor errors of every kind become diagnostics
+            raise _DocumentError(f"cannot read value: {exc}".splitlines()[0], node) from None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_, active: frozenset[int]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _DocumentError("YAML merge keys ('<<') are not supported in specs", key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _DocumentError("a mapping key must be a plain string", key_node)
+            key = str(key_node.value)
+            if key in result:
+                first = self.keys[(*path, key)]
+                raise _DocumentError(f"duplicate key {key!r} (first defined at line {first.line})", key_node)
+            self.keys[(*path, key)] = self.position(key_node)
+            result[key] = self.convert(value_node, (*path, key), active)
+        return result
+
+
+def load_tree(root: Path) -> LoadResult:
+    """Load every *.yaml/*.yml under `root` (a file or a folder), following no symlink loop."""
+    files: list[SpecFile] = []
+    diagnostics: list[Diagnostic] = []
+    for path, problem in _walk(root):
+        shown = _display(path, root)
+        if problem:
+            diagnostics.append(Diagnostic(Severity.ERROR, problem, Position(shown, 1, 1)))
+            continue
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                diagnostics.append(_too_large(shown, size))
+                continue
+            files.append(SpecFile(shown, path.read_bytes()))
+        except OSError as exc:
+            diagnostics.append(Diagnostic(Severity.ERROR, f"cannot read file: {exc.strerror or exc}", Position(shown, 1, 1)))
+    result = load_files(files, empty_hint=str(root))
+    return LoadResult(result.state, (*diagnostics, *result.diagnostics))
+
+
+def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_hint: str = "") -> LoadResult:
+    """Validate the documents of `files` into a DesiredState; collect every problem."""
+    resources: list[Resource] = []
+    origins: dict[str, Origin] = {}
+    diagnostics: list[Diagnostic] = []
+    seen_files = 0
+    for spec_file in sorted(files, key=lambda f: f.path):
+        seen_files += 1
+        for resource, origin, problems in _load_file(spec_file):
+            diagnostics.extend(problems)
+            if resource is None or origin is None:
+                continue
+            if resource.ref in origins:
+                first = origins[resource.ref].position
+                diagnostics.append(
+                    Diagnostic(
+                        Severity.ERROR,
+                        f"duplicate {resource.kind} named {resource.name!r} (first defined at {first})",
+                        origin.position, resource.kind, resource.name,
+                        hint="names are unique per kind",
+                    )
+                )
+                continue
+            resources.append(resource)
+            origins[resource.ref] = origin
+    if not resources and not diagnostics:
+        where = f" in {empty_hint}" if empty_hint else ""
+        diagnostics.append(
+            Diagnostic(Severity.ERROR, f"no spec documents found{where}", None, hint="add YAML files with a 'kind'")
+        )
+    labs = [r for r in resources if isinstance(r, Lab)]
+    for extra in labs[1:]:
+        diagnostics.append(
+            Diagnostic(Severity.ERROR, "a spec tree has exactly one Lab", origins[extra.ref].position, "Lab", extra.name)
+        )
+    return LoadResult(DesiredState(tuple(resources), origins, revision=revision), tuple(diagnostics))
+
+
+def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | None, list[Diagnostic]]]:
+    if len(spec_file.data) > MAX_FILE_BYTES:
+        yield None, None, [_too_large(spec_file.path, len(spec_file.data))]
+        return
+    try:
+        text = spec_file.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = spec_file.data[: exc.start].count(b"\n") + 1
+        column = exc.start - (spec_file.data.rfind(b"\n", 0, exc.start) + 1) + 1
+        yield None, None, [
+            Diagnostic(Severity.ERROR, f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})",
+                       Position(spec_file.path, line, column), hint="save the file as UTF-8")
+        ]
+        return
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        nodes = list(yaml.compose_all(text, Loader=_Loader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
+        message = " ".join(part for part in (exc.context, exc.problem) if part)
+        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
+        return
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))]
+        return
+    for index, node in enumerate(nodes):
+        if node is None:
+            continue
+        yield _load_document(spec_file.path, index, node)
+
+
+def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | None, Origin | None, list[Diagnostic]]:
+    converter = _Converter(file)
+    start = converter.position(node)
+    try:
+        data = converter.convert(node)
+    except _DocumentError as exc:
+        where = converter.position(exc.node) if exc.node is not None else start
+        return None, None, [Diagnostic(Severity.ERROR, exc.message, where, hint=exc.hint)]
+    except RecursionError:
+        return None, None, [Diagnostic(Severity.ERROR, "document is nested too deeply", start)]
+    if data is None:
+        return None, None, []
+    if not isinstance(data, dict):
+        return None, None, [
+            Diagnostic(Severity.ERROR, "a spec document must be a mapping with a 'kind'", start)
+        ]
+    kind = data.get("kind")
+    name = data.get("name") if isinstance(data.get("name"), str) else None
+    if not isinstance(kind, str) or kind not in KINDS:
+        where = converter.values.get(("kind",), start)
+        if kind is None:
+            message, hint = "document has no 'kind'", f"one of: {', '.join(KINDS)}"
+        else:
+            message, hint = f"unknown kind {kind!r}", _did_you_mean(str(kind), KINDS) or f"one of: {', '.join(KINDS)}"
+        return None, None, [Diagnostic(Severity.ERROR, message, where, None, name, hint)]
+    cls = KINDS[kind]
+    origin = Origin(file=file, document=index, position=start, values=converter.values, keys=converter.keys)
+    try:
+        resource = cls.model_validate(data)
+    except ValidationError as exc:
+        return None, None, [_from_pydantic(error, cls, origin, kind, name) for error in exc.errors()]
+    except RecursionError:
+        return None, None, [Diagnostic(Severity.ERROR, "document is nested too deeply", start, kind, name)]
+    return resource, origin, []
+
+
+def _from_pydantic(error: Mapping[str, Any], cls: type[BaseModel], origin: Origin, kind: str, name: str | None) -> Diagnostic:
+    loc: Path_ = tuple(part for part in error["loc"] if isinstance(part, str | int))
+    field_path = ".".join(str(part) for part in loc) or kind
+    if error["type"] == "extra_forbidden" and loc:
+        known = _fields_at(cls, loc[:-1])
+        return Diagnostic(
+            Severity.ERROR, f"unknown field {field_path!r}", origin.key_position(loc), kind, name,
+            _did_you_mean(str(loc[-1]), known) or (f"known fields: {', '.join(sorted(known))}" if known else None),
+        )
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return Diagnostic(Severity.ERROR, f"missing field {field_path!r}", origin.position_of(loc[:-1]), kind, name)
+    return Diagnostic(Severity.ERROR, f"{field_path}: {message}", origin.position_of(loc), kind, name)
+
+
+def _fields_at(cls: type[BaseModel], loc: Path_) -> set[str]:
+    """The field names of the model found by following `loc` from `cls` (for 'did you mean')."""
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return set()
+        current = _model_in(current.model_fields[part].annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return set()
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, tuple, list, typing.Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _too_large(path: str, size: int) -> Diagnostic:
+    return Diagnostic(
+        Severity.ERROR,
+        f"file is too large ({size / 1024 / 1024:.1f} MiB; the limit is {MAX_FILE_BYTES // 1024 // 1024} MiB)",
+        Position(path, 1, 1),
+        hint="split it, or move data that is not spec out of the tree",
+    )
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Spec files under root in a stable order; symlink loops are reported, not followed."""
+    if not root.exists():
+        yield root, "no such file or folder"
+        return
+    if root.is_file():
+        yield root, None
+        return
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirs, filenames in os.walk(root, followlinks=True, onerror=None):
+        here = Path(directory)
+        try:
+            stat = here.stat()
+        except OSError:
+            yield here, "cannot read folder (a symlink loop or a dangling link)"
+            subdirs[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            yield here, "symlink loop: this folder was already read"
+            subdirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.endswith(SPEC_SUFFIXES) and not filename.startswith("."):
+                yield here / filename, None
+
+
+def _display(path: Path, root: Path) -> str:
+    """Paths are shown as the user named the tree, so they can be opened from the same folder."""
+    return str(path) if path != root or root.is_dir() else str(root)

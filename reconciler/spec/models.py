@@ -1,0 +1,507 @@
+"""The desired-state vocabulary: one frozen pydantic model per `kind`.
+
+Who uses it: the loader validates YAML documents into these; the validator
+checks them against each other; the planner compares them with what the
+backends observe. Unknown fields are refused (`extra="forbid"`) so a typo is
+an error, not a silently ignored setting. Secrets are never fields: a spec
+names the environment variable or file that holds one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from reconciler.spec.units import Duration, Size
+
+__all__ = [
+    "KINDS",
+    "Container",
+    "ContainerHealth",
+    "DockerEndpoint",
+    "DockerHost",
+    "DriftPolicy",
+    "Engine",
+    "ExclusiveGroup",
+    "Gpu",
+    "GpuRole",
+    "Lab",
+    "Lxc",
+    "Model",
+    "Resource",
+    "Sharing",
+    "Vm",
+]
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower case letters, digits and '-'")]
+VmId = Annotated[int, Field(ge=100, le=999_999_999, description="Proxmox guest id")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PCI_PATTERN = r"^([0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(\.[0-7])?$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+# ---- enums -------------------------------------------------------------------------
+
+
+class DriftPolicy(enum.StrEnum):
+    """What a pass does when live state differs from the spec."""
+
+    CORRECT = "correct"  # plan and apply the fix
+    WARN = "warn"  # report it, change nothing
+    IGNORE = "ignore"  # neither report nor change
+
+
+class PowerState(enum.StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Sharing(enum.StrEnum):
+    EXCLUSIVE = "exclusive"  # one workload at a time
+    SHARED = "shared"  # workloads share VRAM
+
+
+class Engine(enum.StrEnum):
+    VLLM = "vllm"
+    LLAMACPP = "llamacpp"
+    OLLAMA = "ollama"
+
+
+class RestartPolicy(enum.StrEnum):
+    NO = "no"
+    ALWAYS = "always"
+    UNLESS_STOPPED = "unless-stopped"
+    ON_FAILURE = "on-failure"
+
+
+# ---- pieces shared by several kinds --------------------------------------------------
+
+
+class Resource(_Strict):
+    """Fields every kind carries: identity and how the reconciler treats it."""
+
+    kind: str
+    name: Name
+    description: str | None = None
+    drift: DriftPolicy = Field(DriftPolicy.CORRECT, description="what to do about out-of-band changes")
+    ignore: tuple[str, ...] = Field((), description="fields whose live value is never compared")
+    protect: bool = Field(False, description="never delete, even when removed from the spec")
+    adopt: bool = Field(False, description="take over an existing resource not created by the reconciler")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+class GroupMembership(_Strict):
+    """Membership of an exclusive group: only the active member's workloads run."""
+
+    group: Name
+    member: Name | None = Field(None, description="the member this belongs to; defaults to the resource name")
+
+
+class Startup(_Strict):
+    order: int | None = Field(None, ge=0)
+    up: Duration | None = None
+    down: Duration | None = None
+
+
+class DockerEndpoint(_Strict):
+    """How to reach a Docker engine: unix://, tcp:// or ssh:// (see DOCKER_HOST)."""
+
+    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    tls_verify: bool = False
+    ca_file: str | None = None
+    timeout: Duration = 60.0
+
+
+class Network(_Strict):
+    """One guest NIC. For an LXC `name` is the interface inside it (eth0)."""
+
+    name: str = Field("eth0", pattern=r"^[a-zA-Z][a-zA-Z0-9_.-]{0,15}$")
+    bridge: str = "vmbr0"
+    model: Literal["virtio", "e1000", "e1000e", "rtl8139", "vmxnet3"] = "virtio"
+    ip: str | None = Field(None, description="dhcp, manual or an address with prefix (LXC)")
+    gateway: str | None = None
+    ip6: str | None = None
+    vlan: int | None = Field(None, ge=1, le=4094)
+    firewall: bool | None = None
+    mtu: int | None = Field(None, ge=576, le=65520)
+    hwaddr: str | None = Field(None, pattern=r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
+
+
+class Probe(_Strict):
+    """A health probe: HTTP (status, optional body match) or TCP."""
+
+    http: str | None = Field(None, description="URL or path (a path is joined to the published port)")
+    tcp: str | None = Field(None, description="host:port")
+    status: int = Field(200, ge=100, le=599)
+    body: str | None = Field(None, description="regular expression the body must match")
+    timeout: Duration = 300.0
+    interval: Duration = 2.0
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Probe:
+        if (self.http is None) == (self.tcp is None):
+            raise ValueError("give exactly one of 'http' or 'tcp'")
+        if self.body is not None:
+            re.compile(self.body)
+        return self
+
+
+# ---- Lab: connections ----------------------------------------------------------------
+
+
+class ProxmoxAuth(enum.StrEnum):
+    TOKEN = "token"  # user@realm!id=secret
+    PASSWORD = "password"  # user + password ticket
+
+
+class ProxmoxConnection(_Strict):
+    """How to reach the Proxmox API. The secret itself comes from the environment or a file."""
+
+    url: str = Field(pattern=r"^https?://", description="https://pve1.lan:8006")
+    auth: ProxmoxAuth = ProxmoxAuth.TOKEN
+    user: str = Field("root@pam", pattern=r"^[^@\s]+@[^@\s!]+$", description="owner of the token, or login user")
+    token_id: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9._-]*$", description="token name after '!'")
+    secret_env: str = Field("RECONCILER_PROXMOX_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    secret_file: str | None = None
+    verify_tls: bool = True
+    ca_file: str | None = None
+    timeout: Duration = 30.0
+
+    @property
+    def is_root_pam(self) -> bool:
+        """Only a root@pam password login may set LXC devN and raw hostpciN (PVE checks the user name)."""
+        return self.auth is ProxmoxAuth.PASSWORD and self.user == "root@pam"
+
+
+class NvmlSettings(_Strict):
+    enabled: bool = True
+    library: str | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
+
+
+class EngineImages(_Strict):
+    """Container images per engine; pin tags in the lab, not in code."""
+
+    vllm: str = "vllm/vllm-openai:v0.11.0"
+    llamacpp: str = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    ollama: str = "ollama/ollama:0.12.6"
+
+
+class Lab(Resource):
+    """The lab's connections and defaults. Exactly one per spec tree."""
+
+    kind: Literal["Lab"] = "Lab"
+    nodes: tuple[Name, ...] = Field((), description="Proxmox nodes guests and GPUs may name")
+    proxmox: ProxmoxConnection | None = None
+    nvml: NvmlSettings = NvmlSettings()
+    images: EngineImages = EngineImages()
+    owner_tag: str = Field("reconciler", pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="tag/label marking owned resources")
+    max_deletes: int = Field(3, ge=0, description="refuse plans deleting more, unless --allow-delete")
+
+
+class DockerHost(Resource):
+    """A Docker engine that is not a guest of the lab (the hypervisor itself, a workstation)."""
+
+    kind: Literal["DockerHost"] = "DockerHost"
+    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    tls_verify: bool = False
+    ca_file: str | None = None
+    timeout: Duration = 60.0
+    node: Name | None = Field(None, description="Proxmox node it runs on, when it is the hypervisor")
+
+
+# ---- GPUs ------------------------------------------------------------------------------
+
+
+class Gpu(Resource):
+    """A physical GPU as the lab expects it. Identity is its PCI address and/or NVML UUID."""
+
+    kind: Literal["Gpu"] = "Gpu"
+    node: Name
+    pci: str | None = Field(None, pattern=PCI_PATTERN, description="0000:01:00 (all functions) or 0000:01:00.0")
+    uuid: str | None = Field(None, pattern=r"^(GPU|MIG)-[0-9a-fA-F-]+$")
+    model: str | None = None
+    vram: Size
+    role: Name | None = None
+    mapping: Name | None = Field(None, description="PCI resource mapping (cluster/mapping/pci) for VM passthrough")
+    power_limit: int | None = Field(None, ge=1, description="watts")
+
+    @model_validator(mode="after")
+    def _identity(self) -> Gpu:
+        if self.pci is None and self.uuid is None:
+            raise ValueError("a Gpu needs 'pci' or 'uuid' to be identified")
+        return self
+
+    @property
+    def pci_function0(self) -> str | None:
+        """The PCI address normalised to domain:bus:dev.0, the way NVML reports a device."""
+        if self.pci is None:
+            return None
+        pci = self.pci.lower()
+        if pci.count(":") == 1:
+            pci = "0000:" + pci
+        return pci if "." in pci else pci + ".0"
+
+
+class GpuRole(Resource):
+    """What a GPU is for; workloads may ask for a role instead of naming GPUs."""
+
+    kind: Literal["GpuRole"] = "GpuRole"
+    priority: int = Field(0, description="a higher-priority role may take a GPU from a lower one")
+    sharing: Sharing = Sharing.EXCLUSIVE
+    failover: tuple[Name, ...] = Field((), description="GPUs its work may move to when its own are taken or lost")
+    gpus: int = Field(1, ge=1, le=16, description="how many GPUs a workload of this role needs")
+    min_vram: Size | None = None
+
+
+class ExclusiveGroup(Resource):
+    """A set of alternatives of which exactly one member is active; switching is one edit."""
+
+    kind: Literal["ExclusiveGroup"] = "ExclusiveGroup"
+    active: Name
+    members: tuple[Name, ...] = Field((), description="declared members; when empty, taken from the resources")
+
+
+# ---- guests ------------------------------------------------------------------------------
+
+
+class Rootfs(_Strict):
+    storage: str = "local-lvm"
+    size: Size
+
+
+class Mount(_Strict):
+    """A bind mount from the host (LXC mpN, Docker volume)."""
+
+    host: str = Field(pattern=r"^/")
+    path: str = Field(pattern=r"^/")
+    readonly: bool = False
+    backup: bool | None = None
+
+
+class Volume(_Strict):
+    """A storage-backed LXC mount point (mpN with a storage volume)."""
+
+    storage: str
+    size: Size
+    path: str = Field(pattern=r"^/")
+    backup: bool | None = None
+
+
+class LxcFeatures(_Strict):
+    nesting: bool | None = None
+    keyctl: bool | None = None
+    fuse: bool | None = None
+    mknod: bool | None = None
+    mount: tuple[str, ...] | None = None
+
+
+class Lxc(Resource):
+    """A Proxmox container. `gpus` become devN entries (/dev/nvidia*), which only root@pam may set."""
+
+    kind: Literal["Lxc"] = "Lxc"
+    node: Name
+    vmid: VmId
+    template: str = Field(pattern=r"^[^:\s]+:.+", description="storage:vztmpl/...")
+    hostname: str | None = None
+    unprivileged: bool = True
+    cores: int = Field(1, ge=1, le=8192)
+    cpulimit: float | None = Field(None, ge=0, le=8192)
+    memory: Size = 512 * 1024**2
+    swap: Size | None = None
+    rootfs: Rootfs
+    mounts: tuple[Mount, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+    network: tuple[Network, ...] = ()
+    nameserver: str | None = None
+    features: LxcFeatures = LxcFeatures()
+    gpus: tuple[Name, ...] = ()
+    onboot: bool | None = None
+    startup: Startup | None = None
+    tags: tuple[str, ...] = ()
+    state: PowerState = PowerState.RUNNING
+    docker: DockerEndpoint | None = Field(None, description="this guest runs a Docker engine reached here")
+    exclusive: GroupMembership | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_tags(tags)
+
+
+class PciPassthrough(_Strict):
+    """One GPU passed through to a VM as hostpciN."""
+
+    gpu: Name
+    pcie: bool = True
+    x_vga: bool = False
+    rombar: bool | None = None
+    all_functions: bool = Field(True, description="pass every function (GPU and its audio device)")
+
+
+class Disk(_Strict):
+    slot: str = Field(pattern=r"^(scsi|virtio|sata|ide)\d{1,2}$")
+    storage: str
+    size: Size
+    ssd: bool | None = None
+    discard: bool | None = None
+    iothread: bool | None = None
+    cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe"] | None = None
+
+
+class Vm(Resource):
+    """A Proxmox virtual machine, with GPUs passed through as hostpciN (never recreated to add one)."""
+
+    kind: Literal["Vm"] = "Vm"
+    node: Name
+    vmid: VmId
+    cores: int = Field(1, ge=1, le=8192)
+    sockets: int = Field(1, ge=1, le=16)
+    numa: bool | None = None
+    hugepages: Literal["any", "2", "1024"] | None = None
+    cpu: str | None = Field(None, description="CPU type, e.g. host")
+    machine: str | None = Field(None, pattern=r"^(q35|pc|pc-i440fx-[\d.]+|pc-q35-[\d.]+)(\+pve\d+)?$")
+    bios: Literal["seabios", "ovmf"] | None = None
+    ostype: str | None = None
+    memory: Size
+    balloon: Size | None = None
+    disks: tuple[Disk, ...] = ()
+    network: tuple[Network, ...] = ()
+    gpus: tuple[PciPassthrough, ...] = ()
+    agent: bool | None = None
+    onboot: bool | None = None
+    startup: Startup | None = None
+    tags: tuple[str, ...] = ()
+    state: PowerState = PowerState.RUNNING
+    docker: DockerEndpoint | None = None
+    exclusive: GroupMembership | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_tags(tags)
+
+
+def _check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    for tag in tags:
+        if not re.fullmatch(r"[a-zA-Z0-9_][a-zA-Z0-9_.+-]*", tag):
+            raise ValueError(f"invalid Proxmox tag {tag!r}")
+    return tags
+
+
+# ---- Docker workloads --------------------------------------------------------------------
+
+
+class PortMapping(_Strict):
+    """A published port. Shorthand: "8000", "8000:8000" or "0.0.0.0:8000:8000/tcp"."""
+
+    host: Port
+    container: Port
+    bind: str = "0.0.0.0"
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"host": value, "container": value}
+        if not isinstance(value, str):
+            return value
+        protocol = "tcp"
+        text = value
+        if "/" in text:
+            text, protocol = text.rsplit("/", 1)
+        parts = text.rsplit(":", 2)
+        if not all(part.strip() for part in parts):
+            raise ValueError(f"not a port mapping: {value!r}")
+        if len(parts) == 1:
+            return {"host": parts[0], "container": parts[0], "protocol": protocol}
+        if len(parts) == 2:
+            return {"host": parts[0], "container": parts[1], "protocol": protocol}
+        return {"bind": parts[0], "host": parts[1], "container": parts[2], "protocol": protocol}
+
+
+class ContainerHealth(_Strict):
+    """Docker's own HEALTHCHECK for a container."""
+
+    test: tuple[str, ...] = Field(description='["CMD", "curl", "-f", "http://localhost:8000/health"]')
+    interval: Duration = 30.0
+    timeout: Duration = 10.0
+    retries: int = Field(3, ge=0)
+    start_period: Duration = 0.0
+
+
+class Workload(Resource):
+    """What Containers and Models share: where they run, on which GPUs, with what footprint."""
+
+    host: Name = Field(description="a DockerHost, or an Lxc/Vm that has 'docker'")
+    gpus: tuple[Name, ...] = Field((), description="GPU names; handed over by NVML UUID")
+    role: Name | None = Field(None, description="ask for GPUs by role instead of by name")
+    vram: Size | None = Field(None, description="declared VRAM footprint per GPU")
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = Field({}, description="container variable -> environment variable holding the value")
+    volumes: tuple[Mount, ...] = ()
+    restart: RestartPolicy = RestartPolicy.UNLESS_STOPPED
+    state: PowerState = PowerState.RUNNING
+    probe: Probe | None = Field(None, description="health probe the reconciler runs after a change")
+    exclusive: GroupMembership | None = None
+    labels: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _gpus_or_role(self) -> Workload:
+        if self.gpus and self.role:
+            raise ValueError("give 'gpus' or 'role', not both")
+        return self
+
+
+class Container(Workload):
+    """A plain Docker container (Plex, PostgreSQL, a router in front of the models)."""
+
+    kind: Literal["Container"] = "Container"
+    image: str = Field(min_length=1)
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    ports: tuple[PortMapping, ...] = ()
+    devices: tuple[str, ...] = Field((), description="host devices, e.g. /dev/dri:/dev/dri")
+    shm_size: Size | None = None
+    ipc: Literal["host", "private", "shareable"] | None = None
+    network_mode: str | None = None
+    healthcheck: ContainerHealth | None = None
+
+    @field_validator("command", "entrypoint", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return tuple(value.split()) if isinstance(value, str) else value
+
+
+class Model(Workload):
+    """A model served by an engine; planned as the container its engine preset describes."""
+
+    kind: Literal["Model"] = "Model"
+    engine: Engine
+    source: str = Field(min_length=1, description="model path on the host (vllm, llamacpp) or name (ollama)")
+    served_name: str | None = Field(None, description="name clients ask for; defaults to the resource name")
+    port: Port
+    bind: str = "0.0.0.0"
+    context: int | None = Field(None, ge=256, description="context length in tokens")
+    quantization: str | None = None
+    args: dict[str, str | int | float | bool] = Field({}, description="engine flags, without the leading '--'")
+    image: str | None = Field(None, description="overrides the lab's image for this engine")
+    models_dir: str | None = Field(None, pattern=r"^/", description="host folder mounted read-only at /models")
+
+
+Document: TypeAlias = Lab | DockerHost | Gpu | GpuRole | ExclusiveGroup | Lxc | Vm | Container | Model
+
+KINDS: dict[str, type[Resource]] = {
+    cls.model_fields["kind"].default: cls
+    for cls in (Lab, DockerHost, Gpu, GpuRole, ExclusiveGroup, Lxc, Vm, Container, Model)
+}

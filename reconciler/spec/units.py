@@ -1,0 +1,97 @@
+"""Human units in specs: sizes ("32GiB", "512MiB") and durations ("90s", "10m").
+
+Sizes are held as whole bytes, durations as float seconds, so comparisons are
+exact and independent of how the user spelled them. Bare numbers are refused
+for sizes: "memory: 32" could mean MiB (Proxmox) or bytes (Docker).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+__all__ = ["Duration", "Size", "format_duration", "format_size", "parse_duration", "parse_size"]
+
+_SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])\s*$"
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
+
+
+def parse_size(value: object) -> int:
+    """Parse "32GiB" into bytes. "G" alone is binary (as Proxmox reads it), "GB" decimal."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"a size needs a unit, such as '32GiB' or '512MiB' (got {value!r})")
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r} (write it like '32GiB' or '512MiB')")
+    number, unit = match.groups()
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB)")
+    result = float(number) * factor
+    if result != int(result):
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(result)
+
+
+def format_size(size: int) -> str:
+    """The shortest exact binary spelling: 34359738368 -> "32GiB"."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def parse_duration(value: object) -> float:
+    """Parse "1h30m", "90s" or "500ms" into seconds; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative: {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"not a duration: {value!r} (write it like '90s' or '10m')")
+    text = value.strip()
+    parts = _DURATION_PART_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {value!r} (write it like '90s', '10m' or '1h30m')")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds == int(seconds):
+        whole = int(seconds)
+        for unit, factor in (("h", 3600), ("m", 60)):
+            if whole % factor == 0:
+                return f"{whole // factor}{unit}"
+        return f"{whole}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": SIZE_PATTERN, "examples": ["32GiB", "512MiB"]}),
+]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "pattern": DURATION_PATTERN}, {"type": "number", "minimum": 0}],
+         "examples": ["90s", "10m"]}
+    ),
+]
