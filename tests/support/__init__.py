@@ -1,0 +1,1 @@
+"""Test support: real components (fakepve, a Docker engine, the fake NVML library, git) for the tests."""
