@@ -63,6 +63,10 @@ class DesiredState:
         found = self._index.get(f"{cls.model_fields['kind'].default}/{name}")
         return found if isinstance(found, cls) else None
 
+    def find(self, ref: str) -> Resource | None:
+        """The resource named "Kind/name", if the spec has it."""
+        return self._index.get(ref)
+
     def origin(self, resource: Resource) -> Origin | None:
         return self.origins.get(resource.ref)
 

@@ -1,0 +1,109 @@
+"""Turn Plans and Diagnostics into text for people. Everything printed about a plan comes from the Plan.
+
+Plans look like `terraform plan`: `+` create, `~` update, `-/+` replace,
+`-` delete, `>` start, `.` stop; restarts and replacements carry their
+reason; sensitive values are masked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from reconciler.planning.plan import SENSITIVE, Action, Change, Plan, Timing
+from reconciler.spec.diagnostics import Diagnostic, Severity
+
+__all__ = ["print_diagnostics", "print_plan"]
+
+_MARK: dict[Action, tuple[str, str]] = {
+    Action.CREATE: ("+", "green"),
+    Action.UPDATE: ("~", "yellow"),
+    Action.UPDATE_RESTART: ("~", "yellow"),
+    Action.REPLACE: ("-/+", "magenta"),
+    Action.DELETE: ("-", "red"),
+    Action.START: (">", "cyan"),
+    Action.STOP: (".", "cyan"),
+}
+
+
+def print_diagnostics(console: Console, diagnostics: Iterable[Diagnostic]) -> None:
+    for d in diagnostics:
+        colour = "red" if d.severity is Severity.ERROR else "yellow"
+        where = str(d.position) if d.position else "<spec>"
+        resource = f" {d.resource}:" if d.resource else ""
+        line = f"[bold]{escape(where)}[/]:{escape(resource)} [{colour}]{d.severity}[/]: {escape(d.message)}"
+        if d.hint:
+            line += f"\n    [dim]{escape(d.hint)}[/]"
+        console.print(line, highlight=False)
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    for change in plan.changes:
+        _print_change(console, change)
+    for title, problems, colour in (("Conflict", plan.conflicts, "red"), ("Blocked", plan.blockers, "red"),
+                                    ("Warning", plan.warnings, "yellow")):
+        for problem in problems:
+            hint = f"\n    [dim]{escape(problem.hint)}[/]" if problem.hint else ""
+            console.print(f"[{colour}]{title}:[/] {escape(str(problem.resource))}: {escape(problem.message)}{hint}",
+                          highlight=False)
+    console.print(f"\n[bold]{escape(plan.summary())}[/]", highlight=False)
+    if not plan.applicable:
+        console.print("[red]This plan cannot be applied until the problems above are resolved.[/]", highlight=False)
+
+
+def _print_change(console: Console, change: Change) -> None:
+    mark, colour = _MARK[change.action]
+    tags = []
+    if change.action is Action.UPDATE_RESTART:
+        tags.append("needs restart")
+    if change.action is Action.REPLACE:
+        tags.append("replace")
+    if change.drift:
+        tags.append("drift")
+    suffix = f" [dim]({', '.join(tags)})[/]" if tags else ""
+    console.print(f"[{colour}]{mark} {escape(change.address)}[/] [dim]{change.action}[/]{suffix}", highlight=False)
+    if change.reason:
+        console.print(f"    [dim]# {escape(change.reason)}[/]", highlight=False)
+    if change.action is Action.CREATE and change.after:
+        for key, value in _flatten(change.after):
+            console.print(f"    [green]+ {escape(key)}[/] = {escape(_show(value))}", highlight=False)
+    for field in change.fields:
+        before = SENSITIVE if field.sensitive and field.before is not None else field.before
+        after = SENSITIVE if field.sensitive and field.after is not None else field.after
+        note = ""
+        if field.timing is Timing.RESTART:
+            note = " [dim](after restart)[/]"
+        elif field.timing is Timing.REPLACE and change.backend == "proxmox":
+            note = " [magenta](forces replacement)[/]"
+        console.print(f"    [yellow]~ {escape(field.path)}[/]: {escape(_show(before))} -> {escape(_show(after))}{note}",
+                      highlight=False)
+    console.print()
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Show a created object's settings one per line; secret_env shows names, never values."""
+    rows: list[tuple[str, Any]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if value in (None, [], {}, ()):
+                continue
+            if isinstance(value, dict) and key not in ("secret_env",):
+                rows.extend(_flatten(value, path))
+            elif key == "secret_env":
+                rows.extend((f"{path}.{k}", f"{SENSITIVE} from ${v}") for k, v in value.items())
+            else:
+                rows.append((path, value))
+    return rows
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return json.dumps(value, default=str)

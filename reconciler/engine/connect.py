@@ -1,0 +1,66 @@
+"""Build the real backends for a lab from its spec, with the environment overriding connection settings.
+
+Environment (documented in the README):
+    RECONCILER_PROXMOX_URL, RECONCILER_PROXMOX_TOKEN, RECONCILER_PROXMOX_USER,
+    RECONCILER_PROXMOX_PASSWORD, RECONCILER_PROXMOX_CA, RECONCILER_PROXMOX_VERIFY_TLS
+        read by backends.proxmox.settings_from
+    DOCKER_HOST                       endpoint of the lab's only DockerHost
+    RECONCILER_DOCKER_HOST_<NAME>     endpoint of any Docker host (NAME upper case, '-' as '_')
+    RECONCILER_NVML_LIBRARY           path to libnvidia-ml.so.1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+
+from reconciler.backends.docker import DockerBackend, DockerHostSettings
+from reconciler.backends.nvml import NvmlBackend
+from reconciler.backends.proxmox import ProxmoxBackend, settings_from
+from reconciler.engine.observe import Readers
+from reconciler.spec.models import DockerHost, Lxc, Vm
+from reconciler.spec.state import DesiredState
+
+__all__ = ["Backends", "connect", "docker_settings"]
+
+
+class Backends(Readers):
+    """The readers, which are also the writers the applier uses."""
+
+    proxmox: ProxmoxBackend | None  # type: ignore[assignment]
+    docker: DockerBackend | None  # type: ignore[assignment]
+    nvml: NvmlBackend | None  # type: ignore[assignment]
+
+
+def docker_settings(desired: DesiredState, env: Mapping[str, str]) -> dict[str, DockerHostSettings]:
+    hosts: dict[str, DockerHostSettings] = {}
+    plain = desired.of(DockerHost)
+    for name, host in desired.docker_hosts().items():
+        endpoint = host.docker if isinstance(host, Lxc | Vm) else host
+        assert endpoint is not None
+        settings = DockerHostSettings.from_spec(name, endpoint)
+        if isinstance(host, DockerHost) and len(plain) == 1 and env.get("DOCKER_HOST"):
+            settings = replace(settings, endpoint=env["DOCKER_HOST"])
+        override = env.get(f"RECONCILER_DOCKER_HOST_{name.upper().replace('-', '_')}")
+        if override:
+            settings = replace(settings, endpoint=override)
+        hosts[name] = settings
+    return hosts
+
+
+@contextmanager
+def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]:
+    """Open the backends the lab needs; close them afterwards. Raises ConfigError for missing settings."""
+    lab = desired.lab
+    proxmox = ProxmoxBackend(settings_from(lab.proxmox, env)) if lab.proxmox is not None else None
+    hosts = docker_settings(desired, env)
+    docker = DockerBackend(hosts, owner_label=lab.owner_tag) if hosts else None
+    nvml = NvmlBackend(library=env.get("RECONCILER_NVML_LIBRARY") or lab.nvml.library) if lab.nvml.enabled else None
+    try:
+        yield Backends(proxmox=proxmox, docker=docker, nvml=nvml)
+    finally:
+        if docker is not None:
+            docker.close()
+        if proxmox is not None and hasattr(proxmox, "close"):
+            proxmox.close()

@@ -1,0 +1,275 @@
+"""Containers as the planner wants them: from `Container` specs, and from `Model` specs via engine presets.
+
+A Model becomes the container its engine needs, with every argument written
+out so the plan shows exactly what will run:
+
+- vLLM: the OpenAI-compatible server; --tensor-parallel-size equals the
+  number of GPUs, and tensor parallel gets host IPC (NCCL needs shared memory).
+- llama.cpp `llama-server`: -m, -c always set, -ngl, --host, --port, flash
+  attention, --parallel, and automatic fitting off (it would silently shrink
+  the context to fit).
+- Ollama: its OLLAMA_* environment; the model to load is recorded in a label
+  and loaded by the engine after start.
+
+GPUs are handed over by NVML UUID with CUDA_DEVICE_ORDER=PCI_BUS_ID, never by
+index: CUDA and nvidia-smi number mixed cards differently. Model files are
+mounted read-only. Secret values never appear here: `secret_env` keeps the
+name of the variable that holds each one, resolved only when applying.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reconciler.spec.models import Container, Engine, Lab, Model, PowerState, Workload
+
+__all__ = [
+    "MANAGED_LABEL",
+    "DesiredContainer",
+    "desired_container",
+    "label_keys",
+]
+
+MANAGED_LABEL = "managed"
+DEFAULT_LLAMACPP_CONTEXT = 8192
+GIB = 1024**3
+
+
+def label_keys(owner: str) -> dict[str, str]:
+    """Label names under the owner's prefix ("reconciler.managed", ...)."""
+    return {
+        "managed": f"{owner}.managed",
+        "resource": f"{owner}.resource",
+        "spec_hash": f"{owner}.spec-hash",
+        "env_keys": f"{owner}.env-keys",
+        "revision": f"{owner}.revision",
+        "load": f"{owner}.load",
+    }
+
+
+@dataclass(frozen=True)
+class DesiredContainer:
+    """Everything needed to create one container; what apply sends to Docker."""
+
+    host: str
+    name: str
+    resource: str  # "Model/qwen-7b"
+    image: str
+    command: tuple[str, ...] | None
+    entrypoint: tuple[str, ...] | None
+    env: Mapping[str, str]
+    secret_env: Mapping[str, str]  # container variable -> environment variable of the reconciler
+    labels: Mapping[str, str]
+    ports: tuple[tuple[str, int, int, str], ...]  # (bind, host port, container port, protocol)
+    volumes: tuple[tuple[str, str, bool], ...]  # (host path, container path, readonly)
+    gpus: tuple[str, ...]  # NVML UUIDs
+    gpu_names: tuple[str, ...]  # the spec's names, for people and ordering
+    devices: tuple[str, ...]
+    restart: str
+    state: PowerState
+    shm_size: int | None = None
+    ipc: str | None = None
+    network_mode: str | None = None
+    healthcheck: Mapping[str, Any] | None = None
+    probe: Mapping[str, Any] | None = None
+    unresolved_gpus: tuple[str, ...] = field(default=())
+
+    @property
+    def address(self) -> str:
+        return f"container/{self.host}/{self.name}"
+
+    def spec_hash(self) -> str:
+        """Hash of everything declared, so a removed setting is noticed too."""
+        body = self.to_json()
+        for volatile in ("labels", "probe", "state"):
+            body.pop(volatile, None)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["env"] = dict(self.env)
+        data["secret_env"] = dict(self.secret_env)
+        data["labels"] = dict(self.labels)
+        data["ports"] = [list(p) for p in self.ports]
+        data["volumes"] = [list(v) for v in self.volumes]
+        for key in ("command", "entrypoint", "gpus", "gpu_names", "devices", "unresolved_gpus"):
+            data[key] = list(data[key]) if data[key] is not None else None
+        return data
+
+
+def desired_container(
+    workload: Workload,
+    *,
+    lab: Lab,
+    gpu_names: tuple[str, ...],
+    gpu_uuids: Mapping[str, str],
+    revision: str | None,
+) -> DesiredContainer:
+    """The container for a Container or Model spec. GPUs missing from `gpu_uuids` are left unresolved."""
+    if isinstance(workload, Model):
+        run = _preset(workload, lab=lab, gpu_count=len(gpu_names))
+    elif isinstance(workload, Container):
+        run = _plain(workload)
+    else:  # pragma: no cover - Workload has two kinds
+        raise TypeError(type(workload).__name__)
+    uuids = tuple(gpu_uuids[name] for name in gpu_names if name in gpu_uuids)
+    unresolved = tuple(name for name in gpu_names if name not in gpu_uuids)
+    env = dict(run.pop("env"))
+    if gpu_names:
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    env.update(workload.env)
+    keys = label_keys(lab.owner_tag)
+    labels = {**workload.labels, **run.pop("labels", {})}
+    labels[keys["managed"]] = "true"
+    labels[keys["resource"]] = workload.ref
+    labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
+    container = DesiredContainer(
+        host=workload.host,
+        name=workload.name,
+        resource=workload.ref,
+        env=env,
+        secret_env=dict(workload.secret_env),
+        labels=labels,
+        volumes=tuple(sorted({*run.pop("volumes"), *((v.host, v.path, v.readonly) for v in workload.volumes)})),
+        gpus=uuids,
+        gpu_names=gpu_names,
+        restart=str(workload.restart),
+        state=workload.state,
+        probe=workload.probe.model_dump(mode="json") if workload.probe else run.pop("probe", None),
+        unresolved_gpus=unresolved,
+        **{k: v for k, v in run.items() if k != "probe"},
+    )
+    labels[keys["spec_hash"]] = container.spec_hash()
+    if revision:
+        labels[keys["revision"]] = revision
+    return container
+
+
+def _plain(spec: Container) -> dict[str, Any]:
+    health = spec.healthcheck
+    return {
+        "image": spec.image,
+        "command": spec.command,
+        "entrypoint": spec.entrypoint,
+        "env": {},
+        "ports": tuple((p.bind, p.host, p.container, p.protocol) for p in spec.ports),
+        "volumes": (),
+        "devices": spec.devices,
+        "shm_size": spec.shm_size,
+        "ipc": spec.ipc,
+        "network_mode": spec.network_mode,
+        "healthcheck": health.model_dump(mode="python") if health else None,
+    }
+
+
+def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
+    image = model.image or getattr(lab.images, model.engine.value)
+    served = model.served_name or model.name
+    volume_root = model.models_dir or (posixpath.dirname(model.source) if model.engine is Engine.LLAMACPP else model.source)
+    volumes: tuple[tuple[str, str, bool], ...] = ()
+    if model.engine is not Engine.OLLAMA:
+        volumes = ((volume_root, volume_root, True),)
+    common: dict[str, Any] = {
+        "image": image,
+        "entrypoint": None,
+        "ports": ((model.bind, model.port, model.port, "tcp"),),
+        "volumes": volumes,
+        "devices": (),
+        "shm_size": None,
+        "ipc": None,
+        "network_mode": None,
+        "healthcheck": None,
+    }
+    match model.engine:
+        case Engine.VLLM:
+            args: dict[str, Any] = {
+                "model": model.source,
+                "served-model-name": served,
+                "host": "0.0.0.0",
+                "port": model.port,
+                "tensor-parallel-size": max(gpu_count, 1),
+            }
+            if model.context is not None:
+                args["max-model-len"] = model.context
+            if model.quantization is not None:
+                args["quantization"] = model.quantization
+            args.update(_dashed(model.args))
+            return {
+                **common,
+                "command": _flags(args),
+                "env": {"VLLM_NO_USAGE_STATS": "1"},
+                "ipc": "host" if gpu_count > 1 else None,
+                "shm_size": None if gpu_count > 1 else 2 * GIB,
+                "probe": _http_probe(model, "/health"),
+            }
+        case Engine.LLAMACPP:
+            args = {
+                "model": model.source,
+                "alias": served,
+                "ctx-size": model.context or DEFAULT_LLAMACPP_CONTEXT,
+                "n-gpu-layers": 999 if gpu_count else 0,
+                "host": "0.0.0.0",
+                "port": model.port,
+                "flash-attn": "on",
+                "parallel": 1,
+                "fit": "off",
+            }
+            args.update(_dashed(model.args))
+            return {**common, "command": _flags(args), "env": {}, "probe": _http_probe(model, "/health")}
+        case Engine.OLLAMA:
+            env = {
+                "OLLAMA_HOST": f"0.0.0.0:{model.port}",
+                "OLLAMA_KEEP_ALIVE": "-1",
+                "OLLAMA_MAX_LOADED_MODELS": "1",
+                "OLLAMA_FLASH_ATTENTION": "1",
+            }
+            for key, value in model.args.items():
+                env[f"OLLAMA_{key.upper()}"] = _text(value)
+            if model.context is not None:
+                env["OLLAMA_CONTEXT_LENGTH"] = str(model.context)
+            volumes = ((model.models_dir, "/root/.ollama", False),) if model.models_dir else ()
+            return {
+                **common,
+                "volumes": volumes,
+                "command": None,
+                "env": env,
+                "labels": {label_keys(lab.owner_tag)["load"]: model.source},
+                "probe": _http_probe(model, "/api/tags"),
+            }
+
+
+def _http_probe(model: Model, path: str) -> dict[str, Any]:
+    host = "127.0.0.1" if model.bind in ("0.0.0.0", "::") else model.bind
+    return {"http": f"http://{host}:{model.port}{path}", "tcp": None, "status": 200, "body": None,
+            "timeout": 900.0, "interval": 5.0}
+
+
+def _dashed(args: Mapping[str, Any]) -> dict[str, Any]:
+    return {key.replace("_", "-"): value for key, value in args.items()}
+
+
+def _flags(args: Mapping[str, Any]) -> tuple[str, ...]:
+    """`{"max-model-len": 16384, "enable-prefix-caching": True}` -> ("--max-model-len", "16384", ...).
+
+    True is a bare flag; False leaves the flag out (the engine default).
+    """
+    out: list[str] = []
+    for key, value in args.items():
+        if value is False:
+            continue
+        out.append(f"--{key}")
+        if value is not True:
+            out.append(_text(value))
+    return tuple(out)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)

@@ -1,0 +1,163 @@
+"""Put a plan's changes in a safe order, as a dependency graph.
+
+Rules, each an edge "this before that":
+- a guest exists (and runs) before the containers inside it are created or started;
+- containers are stopped or deleted before the guest they run in is stopped, replaced or deleted;
+- in an exclusive group, the old member stops before the new one starts;
+- a GPU is freed (its VM stopped, its container stopped, removed or replaced) before it is claimed.
+Ties are broken by a fixed phase order, then by address, so the same inputs
+always give the same plan.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from reconciler.planning.plan import Action, Change
+from reconciler.spec.models import Gpu, Lxc, Resource, Vm
+from reconciler.spec.placement import member_of
+from reconciler.spec.state import DesiredState
+
+__all__ = ["order_changes"]
+
+_STARTING = {Action.CREATE, Action.START, Action.REPLACE, Action.UPDATE, Action.UPDATE_RESTART}
+_STOPPING = {Action.STOP, Action.DELETE, Action.REPLACE}
+
+
+def _phase(change: Change) -> int:
+    """Default order when no edge decides: take things down, then build up from guests to containers."""
+    container = change.backend == "docker"
+    if change.action in (Action.STOP, Action.DELETE):
+        return 0 if container else 1
+    return 3 if container else 2
+
+
+def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Change, ...]:
+    items = list(changes)
+    by_address = {c.address: c for c in items}
+    edges: dict[str, set[str]] = defaultdict(set)  # before -> afters
+
+    def edge(first: Change, then: Change) -> None:
+        if first.address != then.address:
+            edges[first.address].add(then.address)
+
+    guest_by_name = {_name_of(c.resource): c for c in items if c.backend == "proxmox" and "/" in c.resource}
+    for change in items:
+        if change.backend != "docker":
+            continue
+        host = _container_host(change)
+        guest = guest_by_name.get(host) if host else None
+        if guest is None:
+            continue
+        if change.action in _STARTING and guest.action in _STARTING:
+            edge(guest, change)
+        if change.action in _STOPPING and guest.action in (Action.STOP, Action.DELETE, Action.REPLACE, Action.UPDATE_RESTART):
+            edge(change, guest)
+
+    _group_edges(items, desired, edge)
+    _gpu_edges(items, desired, edge)
+    return _topological(items, edges, by_address)
+
+
+def _group_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
+    members: dict[str, list[tuple[str, Change]]] = defaultdict(list)
+    for change in items:
+        resource = _resource(desired, change.resource)
+        group = getattr(resource, "exclusive", None) if resource is not None else None
+        if group is not None and resource is not None:
+            members[group.group].append((member_of(resource), change))
+    for entries in members.values():
+        stopping = [c for _, c in entries if c.action in (Action.STOP, Action.DELETE)]
+        starting = [c for _, c in entries if c.action in (Action.CREATE, Action.START, Action.REPLACE)]
+        for old in stopping:
+            for new in starting:
+                edge(old, new)
+
+
+def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
+    names_by_uuid = {g.uuid.lower(): g.name for g in desired.of(Gpu) if g.uuid}
+    for change in items:
+        after = change.after or {}
+        for name, uuid in zip(after.get("gpu_names", ()), after.get("gpus", ()), strict=False):
+            names_by_uuid.setdefault(str(uuid).lower(), name)
+    releases: dict[str, list[Change]] = defaultdict(list)
+    claims: dict[str, list[Change]] = defaultdict(list)
+    for change in items:
+        if change.action in _STOPPING:
+            for gpu in _gpus_held(change, desired, names_by_uuid, before=True):
+                releases[gpu].append(change)
+        if change.action in _STARTING:
+            for gpu in _gpus_held(change, desired, names_by_uuid, before=False):
+                claims[gpu].append(change)
+    for gpu, freeing in releases.items():
+        for release in freeing:
+            for claim in claims.get(gpu, ()):
+                if claim.address != release.address:
+                    edge(release, claim)
+
+
+def _gpus_held(change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], *, before: bool) -> set[str]:
+    if change.backend == "docker":
+        state = change.before if before else change.after
+        if not state:
+            return set()
+        if not before and state.get("gpu_names"):
+            return set(state["gpu_names"])
+        return {names_by_uuid.get(str(u).lower(), str(u)) for u in state.get("gpus", ())}
+    resource = _resource(desired, change.resource)
+    if isinstance(resource, Vm):
+        return {p.gpu for p in resource.gpus}
+    if isinstance(resource, Lxc):
+        return set(resource.gpus)
+    return set()
+
+
+def _topological(items: list[Change], edges: Mapping[str, set[str]], by_address: Mapping[str, Change]) -> tuple[Change, ...]:
+    incoming: dict[str, set[str]] = defaultdict(set)
+    for first, thens in edges.items():
+        for then in thens:
+            if then in by_address and first in by_address:
+                incoming[then].add(first)
+    remaining = {c.address: set(incoming.get(c.address, ())) for c in items}
+    ready = [(_phase(c), c.address) for c in items if not remaining[c.address]]
+    heapq.heapify(ready)
+    ordered: list[Change] = []
+    while ready or remaining:
+        if not ready:
+            # A cycle: fall back to the phase order for what is left, rather than plan nothing.
+            address = min(remaining, key=lambda a: (_phase(by_address[a]), a))
+            remaining[address] = set()
+            heapq.heappush(ready, (_phase(by_address[address]), address))
+        _, address = heapq.heappop(ready)
+        if address not in remaining:
+            continue
+        del remaining[address]
+        ordered.append(by_address[address])
+        for then in sorted(edges.get(address, ())):
+            waiting = remaining.get(then)
+            if waiting is None:
+                continue
+            waiting.discard(address)
+            if not waiting:
+                heapq.heappush(ready, (_phase(by_address[then]), then))
+    return tuple(
+        replace(change, depends_on=tuple(sorted(a for a in incoming.get(change.address, ()) if a in by_address)))
+        for change in ordered
+    )
+
+
+def _name_of(ref: str) -> str:
+    return ref.split("/", 1)[1]
+
+
+def _container_host(change: Change) -> str | None:
+    parts = change.address.split("/")
+    return parts[1] if len(parts) == 3 else None
+
+
+def _resource(desired: DesiredState, ref: str) -> Resource | None:
+    return desired.find(ref)

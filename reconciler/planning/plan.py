@@ -1,0 +1,213 @@
+"""The Plan: what a pass would change, and why. One object is printed, saved as JSON and executed.
+
+A Plan is a list of Changes in execution order. Each Change has one Action,
+the state before and after (as the backend sees it, secrets replaced by
+references), the per-field differences, and a reason for people (never used
+for decisions). Conflicts and blockers are problems that stop an apply:
+a conflict is a resource the spec names but the reconciler does not own; a
+blocker is something the planner could not decide (an unresolvable GPU, an
+unreachable Docker host).
+
+Actions:
+    create          the resource does not exist; make it (and start it if it should run)
+    update          change settings in place; applies live
+    update-restart  change settings that take effect only after a restart (a VM's hostpciN, cores)
+    replace         cannot change in place: remove and recreate (a container's image; an LXC's template)
+    delete          owned, running or not, and no longer in the spec
+    start / stop    only the power state differs
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PLAN_FORMAT", "Action", "Change", "FieldChange", "Plan", "Problem", "Timing"]
+
+PLAN_FORMAT = 1
+SENSITIVE = "(sensitive)"
+
+
+class Action(enum.StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    UPDATE_RESTART = "update-restart"
+    REPLACE = "replace"
+    DELETE = "delete"
+    START = "start"
+    STOP = "stop"
+
+
+class Timing(enum.StrEnum):
+    """When a field change takes effect."""
+
+    LIVE = "live"  # at once
+    RESTART = "restart"  # after the guest or container restarts
+    REPLACE = "replace"  # only by recreating the resource
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    path: str  # "memory", "net0.bridge", "env.HF_TOKEN"
+    before: Any
+    after: Any
+    timing: Timing = Timing.LIVE
+    sensitive: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        hide = self.sensitive
+        return {
+            "path": self.path,
+            "before": SENSITIVE if hide and self.before is not None else self.before,
+            "after": SENSITIVE if hide and self.after is not None else self.after,
+            "timing": str(self.timing),
+            "sensitive": self.sensitive,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One step of a plan. `address` names it (lxc/llm, container/llm/qwen-7b)."""
+
+    address: str
+    action: Action
+    resource: str  # the spec resource it comes from: "Lxc/llm"; for deletes of unlisted things, the address
+    backend: str  # proxmox | docker
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any] | None
+    fields: tuple[FieldChange, ...] = ()
+    reason: str = ""
+    depends_on: tuple[str, ...] = ()
+    drift: bool = False  # the live state moved away from an unchanged spec
+
+    @property
+    def needs_restart(self) -> bool:
+        return self.action is Action.UPDATE_RESTART
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "action": str(self.action),
+            "resource": self.resource,
+            "backend": self.backend,
+            "before": _jsonable(self.before),
+            "after": _jsonable(self.after),
+            "fields": [f.to_json() for f in self.fields],
+            "reason": self.reason,
+            "depends_on": list(self.depends_on),
+            "drift": self.drift,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Change:
+        return cls(
+            address=data["address"],
+            action=Action(data["action"]),
+            resource=data["resource"],
+            backend=data["backend"],
+            before=data["before"],
+            after=data["after"],
+            fields=tuple(
+                FieldChange(f["path"], f["before"], f["after"], Timing(f["timing"]), f["sensitive"])
+                for f in data["fields"]
+            ),
+            reason=data["reason"],
+            depends_on=tuple(data["depends_on"]),
+            drift=data["drift"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something that stops an apply: a conflict or a blocker."""
+
+    resource: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.resource}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resource": self.resource, "message": self.message, "hint": self.hint}
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: tuple[Change, ...]
+    revision: str | None = None
+    conflicts: tuple[Problem, ...] = ()
+    blockers: tuple[Problem, ...] = ()
+    warnings: tuple[Problem, ...] = ()
+    observed_digest: str | None = None  # fingerprint of what was observed, to refuse a stale saved plan
+    format: int = field(default=PLAN_FORMAT)
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+    @property
+    def applicable(self) -> bool:
+        return not self.conflicts and not self.blockers
+
+    def counts(self) -> Counter[Action]:
+        return Counter(change.action for change in self.changes)
+
+    def summary(self) -> str:
+        """`Plan: 2 to create, 1 to change (1 needs restart), 0 to delete.` as Terraform says it."""
+        if self.empty:
+            return "No changes. The live state matches the spec."
+        counts = self.counts()
+        change = counts[Action.UPDATE] + counts[Action.UPDATE_RESTART]
+        restart = f" ({counts[Action.UPDATE_RESTART]} needs restart)" if counts[Action.UPDATE_RESTART] else ""
+        parts = [f"{counts[Action.CREATE]} to create", f"{change} to change{restart}"]
+        if counts[Action.REPLACE]:
+            parts.append(f"{counts[Action.REPLACE]} to replace")
+        parts.append(f"{counts[Action.DELETE]} to delete")
+        power = [f"{counts[a]} to {a}" for a in (Action.START, Action.STOP) if counts[a]]
+        return "Plan: " + ", ".join(parts + power) + "."
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "revision": self.revision,
+            "observed_digest": self.observed_digest,
+            "summary": self.summary(),
+            "changes": [c.to_json() for c in self.changes],
+            "conflicts": [p.to_json() for p in self.conflicts],
+            "blockers": [p.to_json() for p in self.blockers],
+            "warnings": [p.to_json() for p in self.warnings],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        def problems(key: str) -> tuple[Problem, ...]:
+            return tuple(Problem(p["resource"], p["message"], p.get("hint")) for p in data.get(key, ()))
+
+        return cls(
+            changes=tuple(Change.from_json(c) for c in data["changes"]),
+            revision=data.get("revision"),
+            conflicts=problems("conflicts"),
+            blockers=problems("blockers"),
+            warnings=problems("warnings"),
+            observed_digest=data.get("observed_digest"),
+            format=data.get("format", PLAN_FORMAT),
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value

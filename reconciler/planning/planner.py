@@ -1,0 +1,493 @@
+"""The planner: (desired, observed, inventory) -> Plan. Pure: no I/O, no clock, no logging.
+
+Called by `reconciler plan`, by `apply` (which executes the very Plan it
+prints) and by the loop. Compares only what the spec declares, field by field
+(Proxmox property strings parsed by `planning.pve`, container settings one by
+one), so values Proxmox or Docker fill in never show as drift.
+
+Ownership: guests carry the lab's owner tag, containers its `managed` label.
+A spec that names an existing guest or container the reconciler does not own
+is a conflict unless the spec says `adopt`. Owned things missing from the
+spec are deleted, unless the inventory says they were protected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reconciler.planning import pve
+from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
+from reconciler.planning.observed import (
+    DockerObservation,
+    GuestType,
+    NvmlObservation,
+    Observed,
+    ObservedContainer,
+    ObservedGuest,
+    ProxmoxObservation,
+)
+from reconciler.planning.order import order_changes
+from reconciler.planning.plan import Action, Change, FieldChange, Plan, Problem, Timing
+from reconciler.spec.models import DriftPolicy, Gpu, GpuRole, Lxc, PowerState, Resource, Vm, Workload
+from reconciler.spec.placement import member_of, place_role
+from reconciler.spec.state import DesiredState
+
+__all__ = ["Inventory", "make_plan", "spec_hash"]
+
+NVIDIA_VENDOR = "0x10de"
+NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+
+# Spec fields -> the Proxmox config keys they become (for `ignore:`).
+_PVE_KEYS_OF_FIELD: dict[str, tuple[str, ...]] = {
+    "network": ("net",),
+    "mounts": ("mp",),
+    "volumes": ("mp",),
+    "gpus": ("dev", "hostpci"),
+    "disks": ("scsi", "virtio", "sata", "ide"),
+    "hostname": ("hostname",),
+    "rootfs": ("rootfs",),
+}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the journal knows: the spec each resource was last applied from, and what is protected."""
+
+    spec_hashes: Mapping[str, str] = field(default_factory=dict)  # "Lxc/llm" -> spec_hash at last apply
+    protected: frozenset[str] = frozenset()  # addresses never to delete
+
+
+def spec_hash(resource: Resource) -> str:
+    """Fingerprint of a resource's spec, to tell a spec edit from drift."""
+    body = resource.model_dump(mode="json", exclude={"description"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(desired: DesiredState, observed: Observed, inventory: Inventory | None = None) -> Plan:
+    planner = _Planner(desired, observed, inventory or Inventory())
+    planner.plan_guests()
+    planner.plan_containers()
+    changes = order_changes(planner.changes, desired)
+    return Plan(
+        changes=changes,
+        revision=desired.revision,
+        conflicts=tuple(planner.conflicts),
+        blockers=tuple(planner.blockers),
+        warnings=tuple(planner.warnings),
+        observed_digest=_digest(changes),
+    )
+
+
+def _digest(changes: Iterable[Change]) -> str:
+    body = [[c.address, str(c.action), c.to_json()["before"]] for c in changes]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Planner:
+    desired: DesiredState
+    observed: Observed
+    inventory: Inventory
+    changes: list[Change] = field(default_factory=list)
+    conflicts: list[Problem] = field(default_factory=list)
+    blockers: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lab = self.desired.lab
+        self.owner = self.lab.owner_tag
+        self.gpus = {g.name: g for g in self.desired.of(Gpu)}
+        self.roles = {r.name: r for r in self.desired.of(GpuRole)}
+        self.active = {g.name: g.active for g in self.desired.resources if g.kind == "ExclusiveGroup"}  # type: ignore[attr-defined]
+        self.guest_changes: dict[str, Change] = {}
+
+    # ---- shared ------------------------------------------------------------------------
+
+    def desired_power(self, resource: Lxc | Vm | Workload) -> PowerState:
+        """Inactive members of an exclusive group are kept stopped."""
+        group = resource.exclusive
+        if group is not None and self.active.get(group.group, member_of(resource)) != member_of(resource):
+            return PowerState.STOPPED
+        return resource.state
+
+    def is_drift(self, resource: Resource) -> bool:
+        return self.inventory.spec_hashes.get(resource.ref) == spec_hash(resource)
+
+    def keep(self, change: Change, resource: Resource) -> None:
+        """Record a change, unless it is drift the resource's policy says to leave alone."""
+        if change.drift and resource.drift is not DriftPolicy.CORRECT:
+            if resource.drift is DriftPolicy.WARN:
+                paths = ", ".join(f.path for f in change.fields) or str(change.action)
+                self.warnings.append(Problem(resource.ref, f"drift not corrected (drift: warn): {paths}"))
+            return
+        self.changes.append(change)
+
+    # ---- Proxmox guests ------------------------------------------------------------------
+
+    def plan_guests(self) -> None:
+        guests: list[Lxc | Vm] = [*self.desired.of(Lxc), *self.desired.of(Vm)]
+        proxmox = self.observed.proxmox
+        if guests and proxmox is None:
+            for guest in guests:
+                self.blockers.append(Problem(guest.ref, "Proxmox was not observed", "configure the Lab's proxmox"))
+            return
+        if proxmox is None:
+            return
+        live = {g.vmid: g for g in proxmox.guests}
+        wanted = {g.vmid for g in guests}
+        for guest in guests:
+            self.plan_guest(guest, live.get(guest.vmid), proxmox)
+        for vmid, seen in sorted(live.items()):
+            if vmid in wanted or self.owner not in pve.normalise_tags(";".join(seen.tags)):
+                continue
+            address = f"{seen.type}/{vmid}"
+            if address in self.inventory.protected:
+                self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                continue
+            self.changes.append(
+                Change(address, Action.DELETE, address, "proxmox",
+                       before={"type": str(seen.type), "node": seen.node, "vmid": vmid, "name": seen.name, "status": seen.status},
+                       after=None, reason="owned by the reconciler and no longer in the spec")
+            )
+
+    def plan_guest(self, guest: Lxc | Vm, seen: ObservedGuest | None, proxmox: ProxmoxObservation) -> None:
+        kind: Literal["lxc", "qemu"] = "lxc" if isinstance(guest, Lxc) else "qemu"
+        address = f"{kind}/{guest.name}"
+        power = self.desired_power(guest)
+        config = self.guest_config(guest, proxmox)
+        if config is None:
+            return
+        if seen is None:
+            change = Change(address, Action.CREATE, guest.ref, "proxmox", before=None,
+                            after=self.guest_after(guest, kind, config, power, create=True),
+                            reason=f"{guest.ref} does not exist")
+            self.guest_changes[guest.name] = change
+            self.changes.append(change)
+            return
+        if seen.type is not GuestType(kind):
+            self.conflicts.append(Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}"))
+            return
+        owned = self.owner in pve.normalise_tags(";".join(seen.tags))
+        if not owned and not guest.adopt:
+            self.conflicts.append(Problem(
+                guest.ref, f"vmid {guest.vmid} exists ({seen.name} on {seen.node}) and is not managed by the reconciler",
+                "set 'adopt: true' to take it over, or choose another vmid"))
+            return
+        if seen.node != guest.node:
+            self.blockers.append(Problem(guest.ref, f"is on node {seen.node!r}, the spec says {guest.node!r}",
+                                         "migrate it by hand or change 'node'"))
+            return
+        running = seen.status == "running"
+        effective = {**seen.config, **seen.pending}
+        for key in seen.pending_delete:
+            effective.pop(key, None)
+        desired_cfg = {k: v for k, v in config.items() if k not in pve.CREATE_ONLY[kind]}
+        diffs = pve.compare_config(kind, desired_cfg, effective)
+        fields: list[FieldChange] = []
+        for diff in diffs:
+            timing = _timing(pve.classify(kind, diff.key, running=running))
+            if diff.fields:
+                fields.extend(FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields)
+            else:
+                fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        pending_restart = running and any(key in desired_cfg for key in (*seen.pending, *seen.pending_delete))
+        if pending_restart and not fields:
+            fields = [FieldChange(key, seen.config.get(key), seen.pending.get(key), Timing.RESTART)
+                      for key in sorted({*seen.pending, *seen.pending_delete}) if key in desired_cfg]
+        drift = self.is_drift(guest)
+        if not owned:
+            fields.append(FieldChange("tags", list(seen.tags), [*seen.tags, self.owner], Timing.LIVE))
+        power_change = (power is PowerState.RUNNING) != running
+        if not fields and not power_change:
+            return
+        before = {"type": kind, "node": seen.node, "vmid": seen.vmid, "status": seen.status, "digest": seen.digest,
+                  "config": {k: seen.config.get(k) for k in sorted(desired_cfg) if k in seen.config}}
+        after = self.guest_after(guest, kind, desired_cfg, power, create=False)
+        if fields:
+            action = _guest_action(fields, running)
+            why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
+            reason = f"{'drift' if drift else 'spec'}: {why}"
+            if action is Action.UPDATE_RESTART:
+                reason += " (takes effect after a restart)"
+            if power_change:
+                reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
+        else:
+            action = Action.START if power is PowerState.RUNNING else Action.STOP
+            reason = f"is {seen.status}, should be {power}"
+        change = Change(address, action, guest.ref, "proxmox", before=before, after=after, fields=tuple(fields),
+                        reason=reason, drift=drift)
+        self.guest_changes[guest.name] = change
+        self.keep(change, guest)
+
+    def guest_after(self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool) -> dict[str, Any]:
+        after: dict[str, Any] = {"type": kind, "node": guest.node, "vmid": guest.vmid, "state": str(power),
+                                 "config": dict(sorted(config.items()))}
+        if not create:
+            after["delete"] = []
+        return after
+
+    def guest_config(self, guest: Lxc | Vm, proxmox: ProxmoxObservation) -> dict[str, str] | None:
+        tagged = guest.model_copy(update={"tags": tuple(sorted({*guest.tags, self.owner}))})
+        ignored = _ignored_prefixes(guest)
+        if isinstance(tagged, Lxc):
+            devices = self.lxc_devices(tagged, proxmox)
+            config = pve.lxc_config(tagged, gpu_devices=devices)
+        else:
+            config = pve.vm_config(tagged, hostpci=self.hostpci(tagged))  # type: ignore[arg-type]
+        return {k: v for k, v in config.items() if not any(_key_matches(k, p) for p in ignored)}
+
+    def lxc_devices(self, lxc: Lxc, proxmox: ProxmoxObservation) -> list[str]:
+        """/dev/nvidiaN for each GPU (N = its rank by PCI address among the node's NVIDIA GPUs), then the shared nodes."""
+        if not lxc.gpus:
+            return []
+        seen = sorted({d.address.rsplit(".", 1)[0] for d in proxmox.pci_devices if d.node == lxc.node and d.vendor == NVIDIA_VENDOR})
+        declared = sorted({g.pci_function0.rsplit(".", 1)[0] for g in self.gpus.values() if g.node == lxc.node and g.pci_function0})
+        order = seen or declared
+        devices = []
+        for name in lxc.gpus:
+            gpu = self.gpus[name]
+            address = gpu.pci_function0.rsplit(".", 1)[0] if gpu.pci_function0 else None
+            if address is None or address not in order:
+                self.blockers.append(Problem(lxc.ref, f"cannot tell the /dev/nvidia number of Gpu {name!r}",
+                                             "give the Gpu its 'pci' address"))
+                continue
+            devices.append(f"/dev/nvidia{order.index(address)}")
+        return devices + list(NVIDIA_SHARED_DEVICES)
+
+    def hostpci(self, vm: Vm) -> list[str]:
+        rendered = []
+        for passthrough in vm.gpus:
+            gpu = self.gpus[passthrough.gpu]
+            options = {"pcie": passthrough.pcie, "x-vga": passthrough.x_vga, "rombar": passthrough.rombar}
+            flags = ",".join(f"{k}={int(v)}" for k, v in options.items() if v is not None and (v or k == "rombar"))
+            if gpu.mapping:
+                head = f"mapping={gpu.mapping}"
+            else:
+                assert gpu.pci_function0 is not None  # validation guarantees pci or mapping
+                head = gpu.pci_function0.rsplit(".", 1)[0] if passthrough.all_functions else gpu.pci_function0
+            rendered.append(f"{head},{flags}" if flags else head)
+        return rendered
+
+    # ---- Docker containers ----------------------------------------------------------------
+
+    def plan_containers(self) -> None:
+        workloads: list[Workload] = [w for w in self.desired.resources if isinstance(w, Workload)]
+        resolved, problems = self.resolve_gpus()
+        available = self.available_gpus()
+        wanted: dict[str, set[str]] = {}
+        for workload in workloads:
+            names = self.gpus_for(workload, available)
+            container = desired_container(workload, lab=self.lab, gpu_names=names, gpu_uuids=resolved,
+                                          revision=self.desired.revision)
+            for name in container.unresolved_gpus:
+                self.blockers.append(Problem(workload.ref, f"Gpu {name!r} could not be resolved to an NVML UUID: {problems[name]}",
+                                             "give the Gpu its 'uuid', or run where NVML sees it"))
+            power = self.desired_power(workload)
+            if power is not container.state:
+                container = _with_state(container, power)
+            wanted.setdefault(workload.host, set()).add(workload.name)
+            self.plan_container(workload, container)
+        for host, seen in sorted(self.observed.docker.items()):
+            if not seen.reachable:
+                continue
+            managed = label_keys(self.owner)["managed"]
+            for live in seen.containers:
+                if live.labels.get(managed) != "true" or live.name in wanted.get(host, set()):
+                    continue
+                address = f"container/{host}/{live.name}"
+                if address in self.inventory.protected:
+                    self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                    continue
+                self.changes.append(Change(address, Action.DELETE, address, "docker", before=_container_view(live),
+                                           after=None, reason="owned by the reconciler and no longer in the spec"))
+
+    def plan_container(self, workload: Workload, container: DesiredContainer) -> None:
+        host = self.observed.docker.get(workload.host)
+        after = container.to_json()
+        guest_change = self.guest_changes.get(workload.host)
+        if host is None or not host.reachable:
+            if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
+                self.changes.append(Change(container.address, Action.CREATE, workload.ref, "docker", before=None,
+                                           after=after, reason=f"its host {workload.host!r} is being created or started"))
+                return
+            why = host.error if host is not None and host.error else "not observed"
+            self.blockers.append(Problem(workload.ref, f"Docker host {workload.host!r} is unreachable: {why}",
+                                         "check the host's docker endpoint"))
+            return
+        live = next((c for c in host.containers if c.name == container.name), None)
+        if live is None:
+            self.changes.append(Change(container.address, Action.CREATE, workload.ref, "docker", before=None, after=after,
+                                       reason=f"{workload.ref} has no container on {workload.host!r}"))
+            return
+        keys = label_keys(self.owner)
+        if live.labels.get(keys["managed"]) != "true" and not workload.adopt:
+            self.conflicts.append(Problem(workload.ref, f"container {live.name!r} on {workload.host!r} exists and is not "
+                                          "managed by the reconciler", "set 'adopt: true' to replace it, or rename"))
+            return
+        fields = _container_fields(container, live, keys, ignored=set(workload.ignore))
+        running = live.status in ("running", "restarting")
+        want_running = container.state is PowerState.RUNNING
+        drift = self.is_drift(workload)
+        before = _container_view(live)
+        if fields:
+            why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
+            change = Change(container.address, Action.REPLACE, workload.ref, "docker", before=before, after=after,
+                            fields=tuple(fields), reason=f"{'drift' if drift else 'spec'}: {why} (containers are recreated)",
+                            drift=drift)
+        elif want_running != running or (want_running and live.health == "unhealthy"):
+            action = Action.START if want_running else Action.STOP
+            reason = f"is {live.status}" + (f" ({live.health})" if live.health else "") + f", should be {container.state}"
+            change = Change(container.address, action, workload.ref, "docker", before=before, after=after, reason=reason,
+                            drift=drift)
+        else:
+            return
+        self.keep(change, workload)
+
+    def gpus_for(self, workload: Workload, available: set[str]) -> tuple[str, ...]:
+        if workload.gpus:
+            return workload.gpus
+        if workload.role is None or workload.role not in self.roles:
+            return ()
+        role = self.roles[workload.role]
+        placed = place_role(role, self.gpus.values(), available=available)
+        if not placed:
+            placed = place_role(role, self.gpus.values())
+            self.warnings.append(Problem(workload.ref, f"no available GPU for role {role.name!r}; planned on {', '.join(placed)}"))
+        elif placed != place_role(role, self.gpus.values()):
+            self.warnings.append(Problem(workload.ref, f"role {role.name!r} failed over to {', '.join(placed)}"))
+        return placed
+
+    def available_gpus(self) -> set[str]:
+        """Declared GPUs that are neither lost (NVML) nor passed through to a running VM."""
+        nvml = self.observed.nvml
+        lost: set[str] = set()
+        if nvml is not None and nvml.available:
+            for gpu in self.gpus.values():
+                seen = _nvml_gpu(gpu, nvml)
+                if seen is not None and seen.lost:
+                    lost.add(gpu.name)
+        taken = {p.gpu for vm in self.desired.of(Vm) if self.desired_power(vm) is PowerState.RUNNING for p in vm.gpus}
+        return set(self.gpus) - lost - taken | {n for n in taken if self._inside_vm_only(n)}
+
+    def _inside_vm_only(self, gpu_name: str) -> bool:
+        # A GPU passed through to a VM stays available to workloads that run in that VM.
+        return any(w.host == vm.name for vm in self.desired.of(Vm) for w in self.desired.resources
+                   if isinstance(w, Workload) and any(p.gpu == gpu_name for p in vm.gpus))
+
+    def resolve_gpus(self) -> tuple[dict[str, str], dict[str, str]]:
+        """GPU name -> NVML UUID, from the spec or from NVML by PCI address; and why the others failed."""
+        resolved: dict[str, str] = {}
+        problems: dict[str, str] = {}
+        nvml = self.observed.nvml
+        for gpu in self.gpus.values():
+            seen = _nvml_gpu(gpu, nvml) if nvml is not None and nvml.available else None
+            if gpu.uuid:
+                resolved[gpu.name] = gpu.uuid
+                if seen is not None and seen.uuid.lower() != gpu.uuid.lower():
+                    self.warnings.append(Problem(gpu.ref, f"NVML reports {seen.uuid} at {seen.pci_bus_id}, the spec says {gpu.uuid}"))
+            elif seen is not None and not seen.lost:
+                resolved[gpu.name] = seen.uuid
+            elif seen is not None:
+                problems[gpu.name] = f"the GPU at {gpu.pci_function0} is lost ({seen.error or 'GPU is lost'})"
+            elif nvml is None:
+                problems[gpu.name] = "NVML was not read"
+            elif not nvml.available:
+                problems[gpu.name] = f"NVML is not available ({nvml.error})"
+            else:
+                problems[gpu.name] = f"NVML has no GPU at {gpu.pci_function0}"
+        return resolved, problems
+
+
+def _nvml_gpu(gpu: Gpu, nvml: NvmlObservation | None) -> Any:
+    if nvml is None:
+        return None
+    for seen in nvml.gpus:
+        if gpu.uuid and seen.uuid.lower() == gpu.uuid.lower():
+            return seen
+        if gpu.pci_function0 and seen.pci_bus_id.lower() == gpu.pci_function0:
+            return seen
+    return None
+
+
+def _timing(value: Any) -> Timing:
+    return Timing(str(getattr(value, "value", value)).lower())
+
+
+def _guest_action(fields: list[FieldChange], running: bool) -> Action:
+    if any(f.timing is Timing.REPLACE for f in fields):
+        return Action.REPLACE
+    if running and any(f.timing is Timing.RESTART for f in fields):
+        return Action.UPDATE_RESTART
+    return Action.UPDATE
+
+
+def _ignored_prefixes(resource: Resource) -> list[str]:
+    prefixes: list[str] = []
+    for name in resource.ignore:
+        top = name.split(".")[0]
+        prefixes.extend(_PVE_KEYS_OF_FIELD.get(top, (top,)))
+    return prefixes
+
+
+def _key_matches(key: str, prefix: str) -> bool:
+    return key == prefix or (key.startswith(prefix) and key[len(prefix):].isdigit())
+
+
+def _with_state(container: DesiredContainer, state: PowerState) -> DesiredContainer:
+    from dataclasses import replace
+
+    return replace(container, state=state)
+
+
+def _container_view(live: ObservedContainer) -> dict[str, Any]:
+    return {
+        "host": live.host, "name": live.name, "id": live.id[:12], "image": live.image, "status": live.status,
+        "health": live.health, "spec_hash": None,
+    }
+
+
+def _container_fields(desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str], *,
+                      ignored: set[str]) -> list[FieldChange]:
+    """Field differences between the container wanted and the one running (declared fields only)."""
+    changes: list[FieldChange] = []
+
+    def compare(path: str, before: Any, after: Any, *, sensitive: bool = False) -> None:
+        if path.split(".")[0] not in ignored and before != after:
+            changes.append(FieldChange(path, before, after, Timing.REPLACE, sensitive))
+
+    compare("image", live.image, desired.image)
+    if desired.command is not None:
+        compare("command", list(live.command or ()), list(desired.command))
+    if desired.entrypoint is not None:
+        compare("entrypoint", list(live.entrypoint or ()), list(desired.entrypoint))
+    previous_keys = {k for k in live.labels.get(keys["env_keys"], "").split(",") if k}
+    for key in sorted({*desired.env, *previous_keys} - set(desired.secret_env)):
+        compare(f"env.{key}", live.env.get(key), desired.env.get(key))
+    for key in sorted(desired.secret_env):
+        # Secret values are never compared (the planner does not read them); their presence is.
+        compare(f"env.{key}", "set" if key in live.env else None, "set", sensitive=True)
+    compare("ports", sorted((p.bind, p.host, p.container, p.protocol) for p in live.ports), sorted(desired.ports))
+    compare("volumes", sorted((v.host, v.path, v.readonly) for v in live.volumes), sorted(desired.volumes))
+    compare("gpus", sorted(live.gpus), sorted(desired.gpus))
+    compare("devices", sorted(live.devices), sorted(desired.devices))
+    compare("restart", live.restart or "no", desired.restart)
+    if desired.shm_size is not None:
+        compare("shm_size", live.shm_size, desired.shm_size)
+    if desired.ipc is not None:
+        compare("ipc", live.ipc, desired.ipc)
+    if desired.network_mode is not None:
+        compare("network_mode", live.network_mode, desired.network_mode)
+    for key, value in desired.labels.items():
+        if key not in (keys["revision"], keys["spec_hash"], keys["env_keys"]):
+            compare(f"labels.{key}", live.labels.get(key), value)
+    if not changes and live.labels.get(keys["spec_hash"]) != desired.labels.get(keys["spec_hash"]):
+        compare("spec", live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"]))
+    return changes
+
+
+def _observed_docker(observed: Observed, host: str) -> DockerObservation | None:
+    return observed.docker.get(host)
