@@ -1,10 +1,12 @@
-"""Shared pytest configuration. Component fixtures live in tests/support/ and are imported here."""
+"""Shared pytest configuration. Component fixtures live in tests/support/ and are registered here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.support.dockerd", "tests.support.nvml"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -141,9 +141,9 @@ def desired_container(
         gpu_names=gpu_names,
         restart=str(workload.restart),
         state=workload.state,
-        probe=workload.probe.model_dump(mode="json") if workload.probe else run.pop("probe", None),
+        probe=_probe(workload, run.pop("probe", None), run["ports"]),
         unresolved_gpus=unresolved,
-        **{k: v for k, v in run.items() if k != "probe"},
+        **run,
     )
     labels[keys["spec_hash"]] = container.spec_hash()
     if revision:
@@ -245,9 +245,17 @@ def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
 
 
 def _http_probe(model: Model, path: str) -> dict[str, Any]:
-    host = "127.0.0.1" if model.bind in ("0.0.0.0", "::") else model.bind
-    return {"http": f"http://{host}:{model.port}{path}", "tcp": None, "status": 200, "body": None,
-            "timeout": 900.0, "interval": 5.0}
+    # Large models take minutes to load: the default waits up to 15 minutes.
+    return {"http": path, "tcp": None, "status": 200, "body": None, "timeout": 900.0, "interval": 5.0}
+
+
+def _probe(workload: Workload, preset: dict[str, Any] | None, ports: tuple[tuple[str, int, int, str], ...]) -> dict[str, Any] | None:
+    """The declared probe, else the engine's; a path-only HTTP probe gets the port it is joined to."""
+    probe = workload.probe.model_dump(mode="json") if workload.probe else preset
+    if probe is None:
+        return None
+    port = workload.port if isinstance(workload, Model) else next((p[1] for p in ports), None)
+    return {**probe, "port": port}
 
 
 def _dashed(args: Mapping[str, Any]) -> dict[str, Any]:

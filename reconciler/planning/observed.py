@@ -111,7 +111,7 @@ class ObservedContainer:
     image_id: str
     command: tuple[str, ...] | None
     entrypoint: tuple[str, ...] | None
-    env: Mapping[str, str]
+    env: Mapping[str, str] = field(repr=False)  # may hold secret values
     labels: Mapping[str, str]
     ports: tuple[ContainerPort, ...]
     volumes: tuple[ContainerVolume, ...]

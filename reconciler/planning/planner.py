@@ -36,9 +36,10 @@ from reconciler.spec.models import DriftPolicy, Gpu, GpuRole, Lxc, PowerState, R
 from reconciler.spec.placement import member_of, place_role
 from reconciler.spec.state import DesiredState
 
-__all__ = ["Inventory", "make_plan", "spec_hash"]
+__all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
 
 NVIDIA_VENDOR = "0x10de"
+OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 # Spec fields -> the Proxmox config keys they become (for `ignore:`).
@@ -298,6 +299,8 @@ class _Planner:
             for live in seen.containers:
                 if live.labels.get(managed) != "true" or live.name in wanted.get(host, set()):
                     continue
+                if live.name.endswith(OLD_SUFFIX):
+                    continue  # kept by an apply for its rollback; the apply removes it
                 address = f"container/{host}/{live.name}"
                 if address in self.inventory.protected:
                     self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
@@ -488,6 +491,3 @@ def _container_fields(desired: DesiredContainer, live: ObservedContainer, keys: 
         compare("spec", live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"]))
     return changes
 
-
-def _observed_docker(observed: Observed, host: str) -> DockerObservation | None:
-    return observed.docker.get(host)

@@ -11,6 +11,7 @@ and cycles are caught.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import types
 import typing
@@ -26,7 +27,7 @@ from reconciler.spec.diagnostics import Diagnostic, Position, Severity
 from reconciler.spec.models import KINDS, Lab, Resource
 from reconciler.spec.state import DesiredState, Origin
 
-__all__ = ["MAX_FILE_BYTES", "MAX_NODES", "LoadResult", "SpecFile", "load_files", "load_tree"]
+__all__ = ["MAX_FILE_BYTES", "MAX_NODES", "LoadResult", "SpecFile", "content_revision", "load_files", "load_tree"]
 
 MAX_FILE_BYTES = 8 * 1024 * 1024  # a spec file larger than this is a mistake, not a lab
 MAX_NODES = 200_000  # YAML nodes one document may expand to (alias bombs stop here)
@@ -131,8 +132,16 @@ def load_tree(root: Path) -> LoadResult:
             files.append(SpecFile(shown, path.read_bytes()))
         except OSError as exc:
             diagnostics.append(Diagnostic(Severity.ERROR, f"cannot read file: {exc.strerror or exc}", Position(shown, 1, 1)))
-    result = load_files(files, empty_hint=str(root))
+    result = load_files(files, revision=content_revision(files), empty_hint=str(root))
     return LoadResult(result.state, (*diagnostics, *result.diagnostics))
+
+
+def content_revision(files: Iterable[SpecFile]) -> str:
+    """A revision id for a tree that is not a git commit: a hash of its files' names and bytes."""
+    digest = hashlib.sha256()
+    for spec_file in sorted(files, key=lambda f: f.path):
+        digest.update(spec_file.path.encode() + b"\0" + hashlib.sha256(spec_file.data).digest())
+    return "tree-" + digest.hexdigest()[:12]
 
 
 def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_hint: str = "") -> LoadResult:

@@ -316,7 +316,7 @@ class Lxc(Resource):
     unprivileged: bool = True
     cores: int = Field(1, ge=1, le=8192)
     cpulimit: float | None = Field(None, ge=0, le=8192)
-    memory: Size = 512 * 1024**2
+    memory: Size = Field("512MiB", validate_default=True)
     swap: Size | None = None
     rootfs: Rootfs
     mounts: tuple[Mount, ...] = ()

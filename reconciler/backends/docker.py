@@ -1,0 +1,661 @@
+"""Docker backend: reads and changes containers on the lab's Docker engines through the docker SDK.
+
+The engine's observe step calls `DockerBackend.observe()` to learn what every
+Docker host runs, in the planner's vocabulary (`planning.observed`); the apply
+engine calls the write-side methods (`ensure_image`, `create_container`,
+`start_container`, ...) to carry out a plan, and the verify step reads
+`container_state()`. This is the only module of the project that imports the
+`docker` SDK: SDK objects never leave it, and every SDK or transport error is
+translated here, by exception type and HTTP status code, into the project's
+error tree (`reconciler.errors`), naming the host and the container or image.
+
+Reading costs, per host, one container list call (filtered by the owner label
+when no other names matter), one image list call and one inspect per listed
+container; hosts are read concurrently and so are the inspects of one host.
+An unreachable host is reported as such in its `DockerObservation`, not raised.
+
+Environment values may be secrets: they never appear in a message or a log
+line from this module (engine explanations are scrubbed of them, and
+`ContainerRun`'s repr leaves them out).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import socket
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import docker
+import docker.errors
+import docker.tls
+import docker.types
+import requests.exceptions
+
+from reconciler.errors import (
+    BackendError,
+    ConfigError,
+    NotFoundError,
+    PermanentError,
+    PermissionDenied,
+    TemporaryError,
+)
+from reconciler.planning.observed import ContainerPort, ContainerVolume, DockerObservation, ObservedContainer
+from reconciler.spec.models import DockerEndpoint, DockerHost
+
+__all__ = [
+    "ContainerHealthcheck",
+    "ContainerRun",
+    "DockerBackend",
+    "DockerHostSettings",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_INSPECT_WORKERS_PER_HOST = 8  # below the SDK's connection pool size (10) so no connection is dropped
+_MIN_SECRET_LENGTH = 4  # env values shorter than this are not scrubbed from messages (they would mangle the text)
+_NANOSECONDS = 1_000_000_000
+
+
+# ---- settings and requests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DockerHostSettings:
+    """How to reach one Docker engine. `name` is the host's name in the spec."""
+
+    name: str
+    endpoint: str  # unix:///run/docker.sock, tcp://host:2376, ssh://user@host
+    tls_verify: bool = False
+    ca_file: str | None = None
+    timeout: float = 60.0
+
+    @classmethod
+    def from_spec(cls, name: str, spec: DockerHost | DockerEndpoint) -> DockerHostSettings:
+        """Build from a spec `DockerHost` or the `docker:` endpoint of an Lxc/Vm."""
+        return cls(
+            name=name,
+            endpoint=str(spec.endpoint),
+            tls_verify=bool(spec.tls_verify),
+            ca_file=spec.ca_file,
+            timeout=float(spec.timeout),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerHealthcheck:
+    """Docker's own HEALTHCHECK. Durations are seconds; the engine wants nanoseconds."""
+
+    test: tuple[str, ...]  # ("CMD", "wget", "-q", "-O-", "http://127.0.0.1:8000/health") or ("CMD-SHELL", "...")
+    interval: float = 30.0
+    timeout: float = 10.0
+    retries: int = 3
+    start_period: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRun:
+    """Everything needed to create one container. `env` values may be secrets: they stay out of repr."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[ContainerPort, ...] = ()
+    volumes: tuple[ContainerVolume, ...] = ()
+    gpus: tuple[str, ...] = ()  # NVML UUIDs, or ("all",)
+    devices: tuple[str, ...] = ()  # "/dev/dri:/dev/dri" or "/dev/x:/dev/y:rwm"
+    restart: str = "unless-stopped"  # no | always | unless-stopped | on-failure
+    shm_size: int | None = None  # bytes
+    ipc: str | None = None
+    network_mode: str | None = None
+    healthcheck: ContainerHealthcheck | None = None
+
+
+# ---- error translation -----------------------------------------------------------------
+
+
+def _status_of(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _explanation(exc: BaseException) -> str:
+    """The engine's own words for an API error, else the exception type (never its full text: it holds URLs)."""
+    explanation = getattr(exc, "explanation", None)
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode("utf-8", "replace")
+    if isinstance(explanation, str) and explanation.strip():
+        return explanation.strip()
+    status = _status_of(exc)
+    return f"HTTP {status}" if status is not None else type(exc).__name__
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _is_transport_failure(exc: BaseException) -> bool:
+    return any(
+        isinstance(cause, requests.exceptions.ConnectionError | requests.exceptions.Timeout | OSError)
+        for cause in _causes(exc)
+    )
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """The operating system's words for the deepest socket error under `exc` (no URLs), else a type name."""
+    reason = type(exc).__name__
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and not isinstance(cause, requests.exceptions.RequestException):
+            reason = cause.strerror or type(cause).__name__
+    return reason
+
+
+def _scrub(text: str, secrets: Collection[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _MIN_SECRET_LENGTH:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _translate(
+    exc: Exception,
+    *,
+    host: str,
+    endpoint: str,
+    action: str,
+    resource: str,
+    secrets: Collection[str] = (),
+) -> NoReturn:
+    """Raise the project's error for an SDK/transport exception, by type and status code, from `exc`."""
+    where = f"docker host {host!r}"
+    api_error = next((c for c in _causes(exc) if isinstance(c, docker.errors.APIError)), None)
+    if api_error is not None:
+        status = _status_of(api_error)
+        message = f"{action} on {where} failed: {_scrub(_explanation(api_error), secrets)}"
+        if isinstance(api_error, docker.errors.NotFound) or status == 404:
+            raise NotFoundError(message, resource=resource) from exc
+        if status in (401, 403):
+            raise PermissionDenied(message, resource=resource) from exc
+        if status is None or status >= 500:
+            raise TemporaryError(message, resource=resource) from exc
+        raise PermanentError(message, resource=resource) from exc
+    if isinstance(exc, docker.errors.TLSParameterError):
+        raise ConfigError(f"TLS settings for {where} are invalid", resource=resource) from exc
+    if any(isinstance(c, requests.exceptions.Timeout | TimeoutError) for c in _causes(exc)):
+        raise TemporaryError(f"{action} on {where} timed out (endpoint {endpoint})", resource=resource) from exc
+    if _is_transport_failure(exc) or isinstance(exc, requests.exceptions.RequestException):
+        raise TemporaryError(
+            f"{action} on {where} failed: cannot reach the engine at {endpoint} ({_transport_reason(exc)})",
+            resource=resource,
+            hint="is the engine running and the endpoint right?",
+        ) from exc
+    raise PermanentError(f"{action} on {where} failed ({type(exc).__name__})", resource=resource) from exc
+
+
+_SDK_ERRORS: tuple[type[Exception], ...] = (
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+    OSError,
+)
+
+
+# ---- parsing inspect data -------------------------------------------------------------------
+
+
+def _tuple_or_none(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(item) for item in value)
+
+
+def _parse_env(entries: Any) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for entry in entries or ():
+        key, _, value = str(entry).partition("=")
+        env[key] = value
+    return env
+
+
+def _parse_ports(bindings: Any) -> tuple[ContainerPort, ...]:
+    ports: list[ContainerPort] = []
+    for key, targets in (bindings or {}).items():
+        port_text, _, protocol = str(key).partition("/")
+        for target in targets or ():
+            host_port = str(target.get("HostPort") or "")
+            ports.append(
+                ContainerPort(
+                    host=int(host_port) if host_port.isdigit() else 0,  # 0: the engine picks a port
+                    container=int(port_text),
+                    bind=str(target.get("HostIp") or "0.0.0.0"),
+                    protocol=protocol or "tcp",
+                )
+            )
+    return tuple(sorted(ports, key=lambda p: (p.container, p.protocol, p.host, p.bind)))
+
+
+def _parse_binds(mounts: Any) -> tuple[ContainerVolume, ...]:
+    volumes = [
+        ContainerVolume(
+            host=str(m.get("Source", "")), path=str(m.get("Destination", "")), readonly=not m.get("RW", True)
+        )
+        for m in mounts or ()
+        if m.get("Type") == "bind"
+    ]
+    return tuple(sorted(volumes, key=lambda v: (v.path, v.host)))
+
+
+def _parse_gpus(requests_: Any) -> tuple[str, ...]:
+    gpus: list[str] = []
+    for request in requests_ or ():
+        capabilities = request.get("Capabilities") or []
+        is_gpu = request.get("Driver") == "nvidia" or any("gpu" in (group or []) for group in capabilities)
+        if not is_gpu:
+            continue
+        if request.get("Count") == -1:
+            return ("all",)
+        gpus.extend(str(device) for device in request.get("DeviceIDs") or ())
+    return tuple(gpus)
+
+
+def _parse_devices(devices: Any) -> tuple[str, ...]:
+    return tuple(f"{d.get('PathOnHost', '')}:{d.get('PathInContainer', '')}" for d in devices or ())
+
+
+def _observed_from_inspect(host: str, data: Mapping[str, Any]) -> ObservedContainer:
+    config = data.get("Config") or {}
+    host_config = data.get("HostConfig") or {}
+    state = data.get("State") or {}
+    health = state.get("Health") or {}
+    shm_size = host_config.get("ShmSize")
+    return ObservedContainer(
+        host=host,
+        id=str(data.get("Id", "")),
+        name=str(data.get("Name", "")).lstrip("/"),
+        image=str(config.get("Image", "")),
+        image_id=str(data.get("Image", "")),
+        command=_tuple_or_none(config.get("Cmd")),
+        entrypoint=_tuple_or_none(config.get("Entrypoint")),
+        env=_parse_env(config.get("Env")),
+        labels=dict(config.get("Labels") or {}),
+        ports=_parse_ports(host_config.get("PortBindings")),
+        volumes=_parse_binds(data.get("Mounts")),
+        gpus=_parse_gpus(host_config.get("DeviceRequests")),
+        devices=_parse_devices(host_config.get("Devices")),
+        restart=str((host_config.get("RestartPolicy") or {}).get("Name") or "no"),
+        status=str(state.get("Status", "unknown")),
+        health=str(health["Status"]) if health.get("Status") else None,
+        restart_count=int(data.get("RestartCount") or 0),
+        shm_size=int(shm_size) if shm_size is not None else None,
+        ipc=host_config.get("IpcMode") or None,
+        network_mode=host_config.get("NetworkMode") or None,
+    )
+
+
+def _names_of(summary: Mapping[str, Any]) -> set[str]:
+    return {str(name).lstrip("/") for name in summary.get("Names") or ()}
+
+
+def _probe_unix_socket(path: str, timeout: float) -> None:
+    """Connect to the engine's socket once, closing it whatever happens; raise OSError when that fails.
+
+    docker SDK 7.1 leaks the socket when a unix connect fails (docker/docker-py#3356); probing first keeps
+    an absent or dead engine from leaving sockets behind.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+
+
+# ---- the backend ------------------------------------------------------------------------------
+
+
+class DockerBackend:
+    """Reads and changes containers on several Docker engines; one SDK client per host, made on first use."""
+
+    def __init__(self, hosts: Mapping[str, DockerHostSettings], *, owner_label: str = "reconciler") -> None:
+        self._hosts = dict(hosts)
+        self._owner_label = owner_label
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def managed_label(self) -> str:
+        """The label key marking containers this reconciler owns (its value is "true")."""
+        return f"{self._owner_label}.managed"
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(self._hosts)
+
+    # -- clients
+
+    def _settings(self, host: str) -> DockerHostSettings:
+        try:
+            return self._hosts[host]
+        except KeyError:
+            raise ConfigError(f"no Docker host named {host!r} is configured", resource=host) from None
+
+    def _client(self, host: str) -> Any:
+        with self._lock:
+            client = self._clients.get(host)
+        if client is not None:
+            return client
+        settings = self._settings(host)
+        kwargs: dict[str, Any] = {"base_url": settings.endpoint, "timeout": settings.timeout}
+        if settings.endpoint.startswith("ssh://"):
+            if importlib.util.find_spec("paramiko") is None:  # the SDK's ssh adapter imports it even to shell out
+                raise ConfigError(
+                    f"docker host {host!r} uses ssh://, which needs the paramiko package",
+                    resource=host,
+                    hint="pip install 'docker[ssh]'",
+                )
+            kwargs["use_ssh_client"] = True  # the ssh binary: honours ~/.ssh/config, agent, known_hosts
+        elif settings.endpoint.startswith("tcp://") and (settings.tls_verify or settings.ca_file):
+            try:
+                kwargs["tls"] = docker.tls.TLSConfig(ca_cert=settings.ca_file, verify=settings.ca_file or True)
+            except docker.errors.TLSParameterError as exc:
+                raise ConfigError(f"TLS settings for docker host {host!r} are invalid", resource=host) from exc
+        try:
+            if settings.endpoint.startswith("unix://"):
+                _probe_unix_socket(settings.endpoint.removeprefix("unix://"), settings.timeout)
+            client = docker.DockerClient(**kwargs)  # asks the engine for its API version
+        except _SDK_ERRORS as exc:
+            _translate(exc, host=host, endpoint=settings.endpoint, action="connecting", resource=host)
+        with self._lock:
+            existing = self._clients.setdefault(host, client)
+        if existing is not client:
+            client.close()
+        return existing
+
+    def _call(
+        self,
+        host: str,
+        call: Callable[[Any], _T],
+        *,
+        action: str,
+        resource: str,
+        secrets: Collection[str] = (),
+    ) -> _T:
+        api = self._client(host).api
+        try:
+            return call(api)
+        except _SDK_ERRORS as exc:
+            _translate(
+                exc,
+                host=host,
+                endpoint=self._hosts[host].endpoint,
+                action=action,
+                resource=resource,
+                secrets=secrets,
+            )
+
+    def close(self) -> None:
+        """Close every client; the backend can still be used (clients are made again)."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                client.close()
+            except _SDK_ERRORS:  # closing must not fail a shutdown
+                log.debug("closing a docker client failed", exc_info=True)
+
+    def __enter__(self) -> DockerBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- reading
+
+    def observe(
+        self,
+        names_of_interest: Collection[str] | Mapping[str, Collection[str]] = (),
+    ) -> dict[str, DockerObservation]:
+        """What every host runs: owned containers (and unowned ones whose name is of interest) and image tags.
+
+        `names_of_interest` is a set of container names for every host, or a mapping host -> names. Hosts
+        are read concurrently; a host that cannot be read comes back with reachable=False and the error.
+        """
+        if not self._hosts:
+            return {}
+        with ThreadPoolExecutor(max_workers=len(self._hosts), thread_name_prefix="docker-host") as pool:
+            futures = {
+                host: pool.submit(self._observe_host, host, self._names_for(host, names_of_interest))
+                for host in self._hosts
+            }
+            return {host: future.result() for host, future in futures.items()}
+
+    @staticmethod
+    def _names_for(host: str, names: Collection[str] | Mapping[str, Collection[str]]) -> frozenset[str]:
+        if isinstance(names, Mapping):
+            return frozenset(names.get(host, ()))
+        return frozenset(names)
+
+    def _observe_host(self, host: str, names: frozenset[str]) -> DockerObservation:
+        try:
+            summaries = self._list(host, names)
+            images = self._call(host, lambda api: api.images(), action="listing images", resource=host)
+            ids = [str(summary["Id"]) for summary in summaries]
+            workers = max(1, min(_INSPECT_WORKERS_PER_HOST, len(ids)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"docker-inspect-{host}") as pool:
+                states = list(pool.map(lambda container_id: self.container_state(host, container_id), ids))
+            containers = [c for c in states if c is not None]  # None: removed since the list call
+        except (BackendError, ConfigError) as exc:
+            log.warning("docker host %s cannot be read: %s", host, exc)
+            return DockerObservation(host=host, reachable=False, error=str(exc))
+        tags = frozenset(
+            str(tag) for image in images or () for tag in image.get("RepoTags") or () if tag != "<none>:<none>"
+        )
+        return DockerObservation(
+            host=host,
+            reachable=True,
+            containers=tuple(sorted(containers, key=lambda c: c.name)),
+            images=tags,
+        )
+
+    def _list(self, host: str, names: frozenset[str]) -> list[Mapping[str, Any]]:
+        """One list call: filtered by the owner label by the engine, or (when names matter) by us."""
+        owned = f"{self.managed_label}=true"
+        if not names:
+            result = self._call(
+                host,
+                lambda api: api.containers(all=True, filters={"label": owned}),
+                action="listing containers",
+                resource=host,
+            )
+            return list(result or ())
+        result = self._call(host, lambda api: api.containers(all=True), action="listing containers", resource=host)
+        return [
+            summary
+            for summary in result or ()
+            if (summary.get("Labels") or {}).get(self.managed_label) == "true" or _names_of(summary) & names
+        ]
+
+    def container_state(self, host: str, name: str) -> ObservedContainer | None:
+        """The container named (or with id) `name` as it is now, or None when there is none."""
+        try:
+            data = self._call(
+                host, lambda api: api.inspect_container(name), action="inspecting container", resource=name
+            )
+        except NotFoundError:
+            return None
+        return _observed_from_inspect(host, data)
+
+    # -- images
+
+    def ensure_image(self, host: str, image: str) -> None:
+        """Make sure `image` is on `host`: nothing when it is there, else pull it (no registry auth)."""
+        if self._image_present(host, image):
+            return
+        log.info("pulling image %s on docker host %s", image, host)
+        errors: list[str] = []
+
+        def pull(api: Any) -> None:
+            for event in api.pull(image, stream=True, decode=True):
+                if isinstance(event, Mapping) and event.get("error"):
+                    errors.append(str(event["error"]))
+
+        self._call(host, pull, action=f"image {image} is not on the host; pulling it", resource=image)
+        if not self._image_present(host, image):
+            detail = "; ".join(errors) if errors else "the engine reported no error"
+            raise NotFoundError(
+                f"image {image} is not on docker host {host!r} and cannot be pulled: {detail}", resource=image
+            )
+
+    def _image_present(self, host: str, image: str) -> bool:
+        try:
+            self._call(host, lambda api: api.inspect_image(image), action="inspecting image", resource=image)
+        except NotFoundError:
+            return False
+        return True
+
+    # -- containers
+
+    def create_container(self, host: str, spec: ContainerRun) -> str:
+        """Create (not start) a container; returns its id. The owner label is added.
+
+        Idempotent: when a container of that name already exists, carries the owner label and matches
+        `spec`, its id is returned; any other container of that name is a PermanentError.
+        """
+        secrets = tuple(spec.env.values())
+        labels = {**spec.labels, self.managed_label: "true"}
+
+        def create(api: Any) -> str:
+            host_config = api.create_host_config(**self._host_config_args(spec))
+            healthcheck = None
+            if spec.healthcheck is not None:
+                check = spec.healthcheck
+                healthcheck = docker.types.Healthcheck(
+                    test=list(check.test),
+                    interval=round(check.interval * _NANOSECONDS),
+                    timeout=round(check.timeout * _NANOSECONDS),
+                    retries=check.retries,
+                    start_period=round(check.start_period * _NANOSECONDS),
+                )
+            result = api.create_container(
+                image=spec.image,
+                name=spec.name,
+                command=list(spec.command) if spec.command is not None else None,
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
+                environment=dict(spec.env),
+                labels=labels,
+                ports=sorted({(port.container, port.protocol) for port in spec.ports}) or None,
+                host_config=host_config,
+                healthcheck=healthcheck,
+            )
+            return str(result["Id"])
+
+        try:
+            container_id = self._call(
+                host, create, action=f"creating container from image {spec.image}", resource=spec.name, secrets=secrets
+            )
+        except PermanentError as exc:
+            if _status_of(exc.__cause__ or exc) != 409:
+                raise
+            existing = self.container_state(host, spec.name)
+            if existing is None:
+                raise  # a conflict that is not about the name
+            if not self._matches(existing, spec, labels):
+                raise PermanentError(
+                    f"a different container named {spec.name!r} already exists on docker host {host!r}",
+                    resource=spec.name,
+                ) from exc
+            return existing.id
+        log.info("created container %s on docker host %s", spec.name, host)
+        return container_id
+
+    @staticmethod
+    def _host_config_args(spec: ContainerRun) -> dict[str, Any]:
+        bindings: dict[str, list[tuple[str, int]]] = {}
+        for port in spec.ports:
+            bindings.setdefault(f"{port.container}/{port.protocol}", []).append((port.bind, port.host))
+        args: dict[str, Any] = {
+            "port_bindings": bindings or None,
+            "mounts": [
+                docker.types.Mount(target=v.path, source=v.host, type="bind", read_only=v.readonly)
+                for v in spec.volumes
+            ]
+            or None,
+            "devices": list(spec.devices) or None,
+            "restart_policy": {"Name": spec.restart} if spec.restart and spec.restart != "no" else None,
+            "shm_size": spec.shm_size,
+            "ipc_mode": spec.ipc,
+            "network_mode": spec.network_mode,
+        }
+        if spec.gpus:
+            everything = spec.gpus == ("all",)
+            args["device_requests"] = [
+                docker.types.DeviceRequest(
+                    driver="nvidia",
+                    count=-1 if everything else 0,
+                    device_ids=[] if everything else list(spec.gpus),
+                    capabilities=[["gpu"]],
+                )
+            ]
+        return {key: value for key, value in args.items() if value is not None}
+
+    @staticmethod
+    def _matches(existing: ObservedContainer, spec: ContainerRun, labels: Mapping[str, str]) -> bool:
+        """Whether an existing container is the one `spec` would create (a retried create)."""
+        return (
+            existing.image == spec.image
+            and all(existing.labels.get(k) == v for k, v in labels.items())
+            and all(existing.env.get(k) == v for k, v in spec.env.items())
+            and (spec.command is None or existing.command == spec.command)
+            and (spec.entrypoint is None or existing.entrypoint == spec.entrypoint)
+            and set(existing.ports) == set(spec.ports)
+            and set(existing.volumes) == set(spec.volumes)
+            and tuple(existing.gpus) == tuple(spec.gpus)
+            and existing.restart == (spec.restart or "no")
+        )
+
+    def start_container(self, host: str, name: str) -> None:
+        """Start a container; nothing when it already runs."""
+        self._call(host, lambda api: api.start(name), action="starting container", resource=name)
+        log.info("started container %s on docker host %s", name, host)
+
+    def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None:
+        """Stop a container (SIGTERM, then SIGKILL after `timeout` seconds); nothing when it is stopped."""
+        self._call(
+            host, lambda api: api.stop(name, timeout=max(0, round(timeout))), action="stopping container", resource=name
+        )
+        log.info("stopped container %s on docker host %s", name, host)
+
+    def remove_container(self, host: str, name: str, *, force: bool = False) -> None:
+        """Remove a container (`force`: even a running one); nothing when there is none."""
+        try:
+            self._call(
+                host, lambda api: api.remove_container(name, force=force), action="removing container", resource=name
+            )
+        except NotFoundError:
+            return
+        log.info("removed container %s on docker host %s", name, host)
+
+    def rename_container(self, host: str, name: str, *, new_name: str) -> None:
+        """Rename a container; nothing when it already carries `new_name` (and `name` is gone)."""
+        if name == new_name:
+            return
+        try:
+            self._call(host, lambda api: api.rename(name, new_name), action=f"renaming to {new_name!r}", resource=name)
+        except NotFoundError:
+            if self.container_state(host, new_name) is not None:
+                return  # done by an earlier try
+            raise
+        log.info("renamed container %s to %s on docker host %s", name, new_name, host)

@@ -1,0 +1,585 @@
+"""Apply a Plan: run its changes in order, verify health, and roll back on failure.
+
+Who calls it: `reconciler apply` (and the demo), with the very Plan that was
+printed. Every step is written to the journal before it runs (intent and the
+state to restore) and after it ends. What cannot be undone is done last, once
+everything else is healthy: deleting a guest, removing the old container of a
+replace (until then it is kept, stopped and renamed, so a rollback can bring
+it back).
+
+When a step or a health check fails, the steps already applied are undone in
+reverse order and the restored resources are checked too. The revision is
+recorded as failed so the loop does not retry it until something changes.
+
+Crash rule (resume): a run found still `running` in the journal was
+interrupted. The next apply marks it `interrupted`, plans afresh from the live
+state (so what was done is not done again, and what was not is done now) and
+takes over the interrupted run's completed steps: if this attempt fails, they
+are undone too, so the lab returns to the state before the first attempt; if
+it succeeds, their leftovers (renamed old containers) are cleaned up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from reconciler.engine.health import ProbeResult, endpoint_address, poll, probe_http, probe_tcp
+from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
+from reconciler.errors import ConfigError, NotFoundError, PlanError, ReconcilerError
+from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer, ObservedGuest
+from reconciler.planning.plan import Action, Change, Plan
+from reconciler.planning.planner import OLD_SUFFIX, spec_hash
+from reconciler.spec.models import Resource
+from reconciler.spec.state import DesiredState
+
+__all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Applier", "ApplyReport", "HealthPolicy"]
+
+EXIT_APPLIED = 0
+EXIT_ROLLED_BACK = 1
+EXIT_ROLLBACK_INCOMPLETE = 3
+
+GuestKind = Literal["lxc", "qemu"]
+
+
+class GuestBackend(Protocol):
+    def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest: ...
+    def create_lxc(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None: ...
+    def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None: ...
+    def update_config(self, guest_type: GuestKind, node: str, vmid: int, *, config: Mapping[str, str],
+                      delete: list[str] | tuple[str, ...] = (), digest: str | None = None) -> None: ...
+    def start(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None: ...
+    def shutdown(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0,
+                 force_stop_after: bool = True) -> None: ...
+    def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
+
+
+class ContainerBackend(Protocol):
+    def container_state(self, host: str, name: str) -> ObservedContainer | None: ...
+    def ensure_image(self, host: str, image: str) -> None: ...
+    def create_container(self, host: str, spec: Any) -> str: ...
+    def start_container(self, host: str, name: str) -> None: ...
+    def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None: ...
+    def remove_container(self, host: str, name: str, *, force: bool = False) -> None: ...
+    def rename_container(self, host: str, name: str, *, new_name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """How long to wait. `max_timeout` caps every probe (tests and impatient people)."""
+
+    guest_timeout: float = 300.0
+    container_start_timeout: float = 60.0
+    shutdown_timeout: float = 120.0
+    max_timeout: float | None = None
+    interval: float | None = None
+
+    def cap(self, timeout: float) -> float:
+        return min(timeout, self.max_timeout) if self.max_timeout is not None else timeout
+
+
+@dataclass
+class StepReport:
+    address: str
+    action: str
+    phase: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class ApplyReport:
+    run_id: int
+    result: RunResult
+    steps: list[StepReport] = field(default_factory=list)
+    failure: str | None = None
+    rollback_errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.result in (RunResult.APPLIED, RunResult.NOTHING):
+            return EXIT_APPLIED
+        if self.result is RunResult.ROLLED_BACK:
+            return EXIT_ROLLED_BACK
+        return EXIT_ROLLBACK_INCOMPLETE
+
+
+class _StepFailed(Exception):
+    def __init__(self, message: str, change: Change) -> None:
+        super().__init__(message)
+        self.change = change
+
+
+@dataclass
+class _Done:
+    """An applied step, with what its undo needs."""
+
+    change: Change
+    before: dict[str, Any] | None
+    step_id: int | None = None
+
+
+class Applier:
+    def __init__(
+        self,
+        *,
+        proxmox: GuestBackend | None,
+        docker: ContainerBackend | None,
+        journal: Journal,
+        env: Mapping[str, str],
+        docker_endpoints: Mapping[str, str],
+        health: HealthPolicy | None = None,
+        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], Any] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        on_step: Callable[[StepReport], None] | None = None,
+    ) -> None:
+        self.proxmox = proxmox
+        self.docker = docker
+        self.journal = journal
+        self.env = env
+        self.endpoints = docker_endpoints
+        self.health = health or HealthPolicy()
+        self.container_run = container_run or _default_run
+        self.sleep = sleep
+        self.on_step = on_step
+
+    # ---- the run -------------------------------------------------------------------------
+
+    def apply(self, plan: Plan, desired: DesiredState) -> ApplyReport:
+        if not plan.applicable:
+            raise PlanError("the plan has conflicts or blockers; it cannot be applied")
+        self._preflight(plan)
+        inherited, resumed_from = self._take_over_interrupted()
+        run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)
+        report = ApplyReport(run_id, RunResult.RUNNING)
+        done: list[_Done] = list(inherited)
+        self.seq = 0
+        deferred = [c for c in plan.changes if _irreversible(c)]
+        try:
+            for change in plan.changes:
+                if change in deferred:
+                    continue
+                done.append(self._step(run_id, change, report))
+                self._verify(run_id, change, report)
+            for change in deferred:
+                self._step(run_id, change, report)
+        except _StepFailed as failure:
+            report.failure = str(failure)
+            self._rollback(run_id, done, report)
+            report.result = RunResult.ROLLED_BACK if not report.rollback_errors else RunResult.ROLLBACK_FAILED
+            self.journal.end_run(run_id, report.result, report.failure)
+            if plan.revision:
+                self.journal.mark_failed(plan.revision, run_id=run_id, reason=report.failure)
+            return report
+        self._finalize(run_id, done, report)
+        self._record_inventory(run_id, plan, desired)
+        report.result = RunResult.APPLIED if plan.changes else RunResult.NOTHING
+        self.journal.end_run(run_id, report.result)
+        if plan.revision:
+            self.journal.clear_failed(plan.revision)
+        return report
+
+    def _preflight(self, plan: Plan) -> None:
+        """Refuse before touching anything: secrets that are not set, a backend that is not configured."""
+        for change in plan.changes:
+            if change.backend == "docker" and self.docker is None:
+                raise ConfigError("the plan changes containers but no Docker host is configured", resource=change.address)
+            if change.backend == "proxmox" and self.proxmox is None:
+                raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
+            for variable in (change.after or {}).get("secret_env", {}).values():
+                if variable not in self.env:
+                    raise ConfigError(f"the secret variable {variable} is not set", resource=change.resource,
+                                      hint="export it in the reconciler's environment")
+
+    def _take_over_interrupted(self) -> tuple[list[_Done], int | None]:
+        inherited: list[_Done] = []
+        resumed_from = None
+        for run in self.journal.unfinished_runs():
+            resumed_from = run.id
+            for step in self.journal.steps(run.id):
+                if step.phase == "apply" and step.outcome in (StepOutcome.OK, StepOutcome.PENDING):
+                    inherited.append(_Done(Change.from_json(step.intent), step.before, step.id))
+            self.journal.end_run(run.id, RunResult.INTERRUPTED, "interrupted; resumed by a later run")
+        return inherited, resumed_from
+
+    def _emit(self, report: ApplyReport, entry: StepReport) -> None:
+        report.steps.append(entry)
+        if self.on_step is not None:
+            self.on_step(entry)
+
+    def _step(self, run_id: int, change: Change, report: ApplyReport) -> _Done:
+        before = self._capture(change)
+        self.seq += 1
+        step_id = self.journal.begin_step(run_id, seq=self.seq, phase="apply", address=change.address,
+                                          action=str(change.action), intent=change.to_json(), before=before)
+        done = _Done(change, before, step_id)
+        try:
+            if change.backend == "proxmox":
+                self._guest(change)
+            else:
+                self._container(change, before)
+        except ReconcilerError as exc:
+            self.journal.end_step(step_id, StepOutcome.FAILED, error=str(exc))
+            self._emit(report, StepReport(change.address, str(change.action), "apply", False, str(exc)))
+            # A failed step may have half-happened: undo it with the others.
+            raise _StepFailed(f"{change.address}: {change.action} failed: {exc}", change) from exc
+        self.journal.end_step(step_id, StepOutcome.OK)
+        self._emit(report, StepReport(change.address, str(change.action), "apply", True))
+        return done
+
+    def _verify(self, run_id: int, change: Change, report: ApplyReport) -> None:
+        result = self._check(change)
+        if result is None:
+            return
+        self.seq += 1
+        step_id = self.journal.begin_step(run_id, seq=self.seq, phase="verify", address=change.address,
+                                          action="health", intent={"address": change.address}, before=None)
+        outcome = StepOutcome.OK if result.healthy else StepOutcome.FAILED
+        self.journal.end_step(step_id, outcome, error=None if result.healthy else result.detail, health=[result.to_json()])
+        self._emit(report, StepReport(change.address, "health", "verify", result.healthy, result.detail))
+        if not result.healthy:
+            raise _StepFailed(f"{change.address}: health check failed: {result.detail}", change)
+
+    # ---- Proxmox steps ------------------------------------------------------------------------
+
+    def _guest(self, change: Change) -> None:
+        assert self.proxmox is not None
+        after, before = change.after or {}, change.before or {}
+        kind: GuestKind = (after or before)["type"]
+        node, vmid = (after or before)["node"], (after or before)["vmid"]
+        running = after.get("state") == "running"
+        match change.action:
+            case Action.CREATE:
+                create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
+                create(node, vmid, config=after["config"])
+                if running:
+                    self.proxmox.start(kind, node, vmid)
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                keys = sorted({f.path.split(".")[0] for f in change.fields} & set(after["config"]))
+                config = {k: after["config"][k] for k in keys}
+                restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
+                if restart:  # stop, set, start: a GPU is released before anything else claims it
+                    self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+                self.proxmox.update_config(kind, node, vmid, config=config, delete=after.get("delete", []),
+                                           digest=None if restart else before.get("digest"))
+                if running and (restart or before.get("status") != "running"):
+                    self.proxmox.start(kind, node, vmid)
+                elif not running and before.get("status") == "running":
+                    self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+            case Action.START:
+                self.proxmox.start(kind, node, vmid)
+            case Action.STOP:
+                self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+            case Action.DELETE | Action.REPLACE:
+                self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+                self.proxmox.delete(kind, node, vmid)
+                if change.action is Action.REPLACE:
+                    create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
+                    create(node, vmid, config=after["config"])
+                    if running:
+                        self.proxmox.start(kind, node, vmid)
+
+    def _undo_guest(self, done: _Done) -> None:
+        assert self.proxmox is not None
+        change = done.change
+        after, before = change.after or {}, change.before or {}
+        kind: GuestKind = (after or before)["type"]
+        node, vmid = (after or before)["node"], (after or before)["vmid"]
+        was_running = before.get("status") == "running"
+        match change.action:
+            case Action.CREATE:
+                try:
+                    self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+                    self.proxmox.delete(kind, node, vmid)
+                except NotFoundError:
+                    pass  # the create never happened
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                old = before.get("config", {})
+                keys = sorted({f.path.split(".")[0] for f in change.fields} & set(after.get("config", {})))
+                restore = {k: old[k] for k in keys if k in old}
+                remove = [k for k in keys if k not in old]
+                restart = change.action is Action.UPDATE_RESTART and was_running
+                if restart:
+                    self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+                self.proxmox.update_config(kind, node, vmid, config=restore, delete=remove)
+                if was_running:
+                    self.proxmox.start(kind, node, vmid)
+                else:
+                    self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+            case Action.START:
+                self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+            case Action.STOP:
+                self.proxmox.start(kind, node, vmid)
+            case Action.DELETE | Action.REPLACE:
+                raise PlanError("deleting a guest cannot be undone", resource=change.address)
+
+    # ---- Docker steps ---------------------------------------------------------------------------
+
+    def _container(self, change: Change, before: Mapping[str, Any] | None) -> None:
+        assert self.docker is not None
+        after = change.after or {}
+        host, name = _host_and_name(change)
+        match change.action:
+            case Action.CREATE:
+                self.docker.ensure_image(host, after["image"])
+                self.docker.create_container(host, self.container_run(after, self.env))
+                if after.get("state") == "running":
+                    self.docker.start_container(host, name)
+            case Action.REPLACE:
+                self.docker.ensure_image(host, after["image"])  # fail before the old container is touched
+                old = self.docker.container_state(host, name)
+                if old is not None:
+                    if old.status in ("running", "restarting") and _holds_exclusive(old):
+                        self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+                    self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
+                self.docker.create_container(host, self.container_run(after, self.env))
+                if after.get("state") == "running":
+                    self.docker.start_container(host, name)
+                if old is not None and old.status in ("running", "restarting"):
+                    self.docker.stop_container(host, name + OLD_SUFFIX, timeout=self.health.shutdown_timeout)
+            case Action.START:
+                self.docker.start_container(host, name)
+            case Action.STOP:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+            case Action.DELETE:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+                self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                raise PlanError("containers are replaced, not updated", resource=change.address)
+
+    def _undo_container(self, done: _Done) -> None:
+        assert self.docker is not None
+        change = done.change
+        host, name = _host_and_name(change)
+        before = done.before or {}
+        was_running = before.get("status") in ("running", "restarting")
+        match change.action:
+            case Action.CREATE:
+                self.docker.remove_container(host, name, force=True)
+            case Action.REPLACE | Action.DELETE:
+                if change.action is Action.REPLACE:
+                    self.docker.remove_container(host, name, force=True)
+                if self.docker.container_state(host, name + OLD_SUFFIX) is not None:
+                    self.docker.rename_container(host, name + OLD_SUFFIX, new_name=name)
+                if was_running:
+                    self.docker.start_container(host, name)
+            case Action.START:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+            case Action.STOP:
+                self.docker.start_container(host, name)
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                pass
+
+    # ---- health ------------------------------------------------------------------------------------
+
+    def _check(self, change: Change) -> ProbeResult | None:
+        """Health after a step that starts something; None when the step needs no check."""
+        after = change.after or {}
+        if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
+            return None
+        if change.backend == "proxmox":
+            return self._guest_running(after)
+        return self._container_healthy(change, after.get("probe"))
+
+    def _guest_running(self, after: Mapping[str, Any]) -> ProbeResult:
+        assert self.proxmox is not None
+        kind, node, vmid = after["type"], after["node"], after["vmid"]
+
+        def check() -> ProbeResult:
+            status = self.proxmox.observe_guest(kind, node, vmid).status  # type: ignore[union-attr]
+            return ProbeResult(status == "running", f"{kind}/{vmid} is {status}")
+
+        return poll(check, timeout=self.health.cap(self.health.guest_timeout), interval=self.health.interval or 2.0,
+                    sleep=self.sleep)
+
+    def _container_healthy(self, change: Change, probe: Mapping[str, Any] | None) -> ProbeResult:
+        assert self.docker is not None
+        host, name = _host_and_name(change)
+        first = self.docker.container_state(host, name)
+        restarts = first.restart_count if first else 0
+
+        def died() -> str | None:
+            state = self.docker.container_state(host, name)  # type: ignore[union-attr]
+            if state is None:
+                return "the container is gone"
+            if state.status in ("exited", "dead"):
+                return f"the container {state.status} while starting"
+            if state.restart_count > restarts or state.status == "restarting":
+                return "the container restarted while starting"
+            if state.health == "unhealthy":
+                return "Docker reports the container unhealthy"
+            return None
+
+        def check() -> ProbeResult:
+            state = self.docker.container_state(host, name)  # type: ignore[union-attr]
+            if state is None or state.status != "running":
+                return ProbeResult(False, f"container is {state.status if state else 'gone'}")
+            if state.health not in (None, "healthy"):
+                return ProbeResult(False, f"Docker health is {state.health}")
+            if not probe:
+                return ProbeResult(True, "container running" + (" and healthy" if state.health else ""))
+            return self._probe(host, probe)
+
+        timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
+        interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
+        return poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
+
+    def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
+        address = endpoint_address(self.endpoints.get(host, "unix:///"))
+        if probe.get("http"):
+            url = str(probe["http"])
+            if url.startswith("/"):
+                url = f"http://{address}:{probe.get('port')}{url}"
+            return probe_http(url, status=int(probe.get("status", 200)), body=probe.get("body"))
+        target = str(probe["tcp"])
+        return probe_tcp(target if ":" in target else f"{address}:{target}")
+
+    # ---- rollback and finishing -----------------------------------------------------------------
+
+    def _rollback(self, run_id: int, done: list[_Done], report: ApplyReport) -> None:
+        for item in reversed(done):
+            change = item.change
+            self.seq += 1
+            step_id = self.journal.begin_step(run_id, seq=self.seq, phase="rollback", address=change.address,
+                                              action=f"undo {change.action}", intent=change.to_json(), before=item.before)
+            try:
+                if change.backend == "proxmox":
+                    self._undo_guest(item)
+                else:
+                    self._undo_container(item)
+                restored = self._check_restored(item)
+            except ReconcilerError as exc:
+                message = f"{change.address}: undo {change.action} failed: {exc}"
+                report.rollback_errors.append(message)
+                self.journal.end_step(step_id, StepOutcome.FAILED, error=message)
+                self._emit(report, StepReport(change.address, f"undo {change.action}", "rollback", False, str(exc)))
+                continue
+            if restored is not None and not restored.healthy:
+                message = f"{change.address}: restored but not healthy: {restored.detail}"
+                report.rollback_errors.append(message)
+                self.journal.end_step(step_id, StepOutcome.FAILED, error=message, health=[restored.to_json()])
+                self._emit(report, StepReport(change.address, f"undo {change.action}", "rollback", False, restored.detail))
+                continue
+            self.journal.end_step(step_id, StepOutcome.UNDONE, health=[restored.to_json()] if restored else None)
+            if item.step_id is not None:
+                self.journal.end_step(item.step_id, StepOutcome.UNDONE)
+            self._emit(report, StepReport(change.address, f"undo {change.action}", "rollback", True))
+
+    def _check_restored(self, item: _Done) -> ProbeResult | None:
+        """After an undo, what was running before runs again (containers: and is healthy by Docker's word)."""
+        before = item.before or {}
+        if before.get("status") not in ("running", "restarting"):
+            return None
+        if item.change.backend == "proxmox":
+            return self._guest_running(item.change.before or {})
+        return self._container_healthy(item.change, None)
+
+    def _finalize(self, run_id: int, done: list[_Done], report: ApplyReport) -> None:
+        """Everything is healthy: remove what was kept for a rollback."""
+        if self.docker is None:
+            return
+        for item in done:
+            if item.change.backend != "docker" or item.change.action not in (Action.REPLACE, Action.DELETE):
+                continue
+            host, name = _host_and_name(item.change)
+            self.seq += 1
+            step_id = self.journal.begin_step(run_id, seq=self.seq, phase="finalize", address=item.change.address,
+                                              action="remove old", intent={"container": name + OLD_SUFFIX}, before=None)
+            try:
+                self.docker.remove_container(host, name + OLD_SUFFIX, force=True)
+            except ReconcilerError as exc:
+                self.journal.end_step(step_id, StepOutcome.FAILED, error=str(exc))
+                self._emit(report, StepReport(item.change.address, "remove old", "finalize", False, str(exc)))
+                continue
+            self.journal.end_step(step_id, StepOutcome.OK)
+
+    def _record_inventory(self, run_id: int, plan: Plan, desired: DesiredState) -> None:
+        for change in plan.changes:
+            if change.action is Action.DELETE:
+                self.journal.forget(change.address)
+                continue
+            resource = desired.find(change.resource)
+            if resource is not None:
+                self._own(run_id, change, resource)
+        # Resources already in step have their current spec hash recorded, so later differences read as drift.
+        for resource in desired.resources:
+            if resource.kind in ("Lxc", "Vm", "Container", "Model"):
+                self.journal.record_owned(_address_of(resource), resource=resource.ref, backend=_backend_of(resource),
+                                          spec_hash=spec_hash(resource), protected=resource.protect, run_id=run_id)
+
+    def _capture(self, change: Change) -> dict[str, Any] | None:
+        """The state to restore: for containers, what Docker holds right now."""
+        if change.backend == "proxmox":
+            return dict(change.before) if change.before else None
+        assert self.docker is not None
+        host, name = _host_and_name(change)
+        state = self.docker.container_state(host, name)
+        if state is None:
+            return None
+        return {"status": state.status, "health": state.health, "image": state.image, "id": state.id,
+                "restart_count": state.restart_count}
+
+    def _own(self, run_id: int, change: Change, resource: Resource) -> None:
+        self.journal.record_owned(change.address, resource=resource.ref, backend=change.backend,
+                                  spec_hash=spec_hash(resource), protected=resource.protect, run_id=run_id)
+
+
+def _address_of(resource: Resource) -> str:
+    if resource.kind in ("Lxc", "Vm"):
+        return f"{'lxc' if resource.kind == 'Lxc' else 'qemu'}/{resource.name}"
+    return f"container/{getattr(resource, 'host', '')}/{resource.name}"
+
+
+def _backend_of(resource: Resource) -> str:
+    return "proxmox" if resource.kind in ("Lxc", "Vm") else "docker"
+
+
+def _irreversible(change: Change) -> bool:
+    return change.backend == "proxmox" and change.action in (Action.DELETE, Action.REPLACE)
+
+
+def _holds_exclusive(container: ObservedContainer) -> bool:
+    """A container that publishes host ports or holds GPUs must stop before its replacement starts."""
+    return bool(container.ports or container.gpus)
+
+
+def _host_and_name(change: Change) -> tuple[str, str]:
+    _, host, name = change.address.split("/", 2)
+    return host, name
+
+
+def _default_run(after: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    """The Docker backend's ContainerRun for a planned container, with secrets resolved now."""
+    from reconciler.backends.docker import ContainerHealthcheck, ContainerRun
+
+    return container_run_from(after, env, run_type=ContainerRun, health_type=ContainerHealthcheck)
+
+
+def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_type: Any, health_type: Any) -> Any:
+    variables = dict(after.get("env", {}))
+    for key, variable in after.get("secret_env", {}).items():
+        variables[key] = env[variable]
+    health = after.get("healthcheck")
+    return run_type(
+        name=after["name"],
+        image=after["image"],
+        command=tuple(after["command"]) if after.get("command") is not None else None,
+        entrypoint=tuple(after["entrypoint"]) if after.get("entrypoint") is not None else None,
+        env=variables,
+        labels=dict(after.get("labels", {})),
+        ports=tuple(ContainerPort(bind=p[0], host=p[1], container=p[2], protocol=p[3]) for p in after.get("ports", ())),
+        volumes=tuple(ContainerVolume(host=v[0], path=v[1], readonly=v[2]) for v in after.get("volumes", ())),
+        gpus=tuple(after.get("gpus", ())),
+        devices=tuple(after.get("devices", ())),
+        restart=after.get("restart", "unless-stopped"),
+        shm_size=after.get("shm_size"),
+        ipc=after.get("ipc"),
+        network_mode=after.get("network_mode"),
+        healthcheck=health_type(test=tuple(health["test"]), interval=health["interval"], timeout=health["timeout"],
+                                retries=health["retries"], start_period=health["start_period"]) if health else None,
+    )
+
+
+__all__ += ["StepRecord", "container_run_from"]

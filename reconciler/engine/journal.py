@@ -1,0 +1,253 @@
+"""The journal: an SQLite file (WAL) in the state directory that survives a crash.
+
+It records every run (revision, plan, start, end, result), every step (its
+intent written before it runs, its before-state for rollback, its outcome and
+health results), the inventory of what the reconciler created or adopted, and
+the revisions that failed (not retried until something changes).
+
+Who writes it: the applier, before and after each step. Who reads it:
+`history` and `status`, the planner's Inventory, and crash recovery, which
+finds a run still marked `running`. Nothing secret is ever written here: a
+plan carries only the names of the variables that hold secrets.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler.planning.planner import Inventory
+
+__all__ = ["Journal", "RunRecord", "RunResult", "StepOutcome", "StepRecord"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision TEXT,
+    plan TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    result TEXT NOT NULL,
+    message TEXT,
+    resumed_from INTEGER
+);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    seq INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    address TEXT NOT NULL,
+    action TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    before TEXT,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    health TEXT
+);
+CREATE INDEX IF NOT EXISTS steps_by_run ON steps(run_id, seq);
+CREATE TABLE IF NOT EXISTS inventory (
+    address TEXT PRIMARY KEY,
+    resource TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    spec_hash TEXT,
+    protected INTEGER NOT NULL DEFAULT 0,
+    run_id INTEGER,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failed_revisions (
+    revision TEXT PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+class RunResult(enum.StrEnum):
+    RUNNING = "running"  # started and not ended: a crash if found by another process
+    APPLIED = "applied"  # every step done, every health check passed
+    NOTHING = "nothing"  # the plan was empty
+    ROLLED_BACK = "rolled-back"  # a step or health check failed; every applied step was undone
+    ROLLBACK_FAILED = "rollback-failed"  # undoing did not complete: the lab needs a person
+    INTERRUPTED = "interrupted"  # found running after a crash; resumed by a later run
+
+
+class StepOutcome(enum.StrEnum):
+    PENDING = "pending"  # intent written; the step may or may not have happened
+    OK = "ok"
+    FAILED = "failed"
+    UNDONE = "undone"  # rolled back
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    revision: str | None
+    started: float
+    ended: float | None
+    result: RunResult
+    message: str | None
+    plan: dict[str, Any]
+    resumed_from: int | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    id: int
+    run_id: int
+    seq: int
+    phase: str
+    address: str
+    action: str
+    intent: dict[str, Any]
+    before: dict[str, Any] | None
+    outcome: StepOutcome
+    error: str | None
+    health: list[dict[str, Any]] | None
+
+
+class Journal:
+    """One SQLite database; safe to use from several threads of one process."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a step's intent must be on disk before the step runs
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- runs ---------------------------------------------------------------------------
+
+    def start_run(self, *, revision: str | None, plan: Mapping[str, Any], resumed_from: int | None = None) -> int:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (revision, plan, started, result, resumed_from) VALUES (?, ?, ?, ?, ?)",
+                (revision, json.dumps(plan), time.time(), RunResult.RUNNING, resumed_from),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def end_run(self, run_id: int, result: RunResult, message: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE runs SET ended = ?, result = ?, message = ? WHERE id = ?",
+                       (time.time(), result, message, run_id))
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        return [self._run(row) for row in self._db.execute("SELECT * FROM runs WHERE result = ? ORDER BY id", (RunResult.RUNNING,))]
+
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [self._run(row) for row in rows]
+
+    def run(self, run_id: int) -> RunRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._run(row) if row else None
+
+    def last_run(self, *, applied: bool = False) -> RunRecord | None:
+        query = "SELECT * FROM runs WHERE result = ? ORDER BY id DESC LIMIT 1" if applied else "SELECT * FROM runs ORDER BY id DESC LIMIT 1"
+        with self._lock:
+            row = self._db.execute(query, (RunResult.APPLIED,) if applied else ()).fetchone()
+        return self._run(row) if row else None
+
+    @staticmethod
+    def _run(row: sqlite3.Row) -> RunRecord:
+        return RunRecord(row["id"], row["revision"], row["started"], row["ended"], RunResult(row["result"]),
+                         row["message"], json.loads(row["plan"]), row["resumed_from"])
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def begin_step(self, run_id: int, *, seq: int, phase: str, address: str, action: str,
+                   intent: Mapping[str, Any], before: Mapping[str, Any] | None) -> int:
+        """Write the intent (and the state to restore) before the step touches anything."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO steps (run_id, seq, phase, address, action, intent, before, started, outcome)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, seq, phase, address, action, json.dumps(intent), json.dumps(before) if before is not None else None,
+                 time.time(), StepOutcome.PENDING),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def end_step(self, step_id: int, outcome: StepOutcome, *, error: str | None = None,
+                 health: list[dict[str, Any]] | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE steps SET ended = ?, outcome = ?, error = ?, health = COALESCE(?, health) WHERE id = ?",
+                       (time.time(), outcome, error, json.dumps(health) if health is not None else None, step_id))
+
+    def steps(self, run_id: int) -> list[StepRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY seq, id", (run_id,)).fetchall()
+        return [
+            StepRecord(row["id"], row["run_id"], row["seq"], row["phase"], row["address"], row["action"],
+                       json.loads(row["intent"]), json.loads(row["before"]) if row["before"] else None,
+                       StepOutcome(row["outcome"]), row["error"], json.loads(row["health"]) if row["health"] else None)
+            for row in rows
+        ]
+
+    # ---- inventory and failed revisions ----------------------------------------------------------
+
+    def record_owned(self, address: str, *, resource: str, backend: str, spec_hash: str | None, protected: bool,
+                     run_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO inventory (address, resource, backend, spec_hash, protected, run_id, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET resource = excluded.resource,"
+                " backend = excluded.backend, spec_hash = excluded.spec_hash, protected = excluded.protected,"
+                " run_id = excluded.run_id, updated = excluded.updated",
+                (address, resource, backend, spec_hash, int(protected), run_id, time.time()),
+            )
+
+    def forget(self, address: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM inventory WHERE address = ?", (address,))
+
+    def inventory(self) -> Inventory:
+        with self._lock:
+            rows = self._db.execute("SELECT resource, address, spec_hash, protected FROM inventory").fetchall()
+        return Inventory(
+            spec_hashes={row["resource"]: row["spec_hash"] for row in rows if row["spec_hash"]},
+            protected=frozenset(row["address"] for row in rows if row["protected"]),
+        )
+
+    def mark_failed(self, revision: str, *, run_id: int, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO failed_revisions (revision, run_id, reason, at) VALUES (?, ?, ?, ?)",
+                       (revision, run_id, reason, time.time()))
+
+    def clear_failed(self, revision: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM failed_revisions WHERE revision = ?", (revision,))
+
+    def failed_revision(self, revision: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT reason FROM failed_revisions WHERE revision = ?", (revision,)).fetchone()
+        return str(row["reason"]) if row else None

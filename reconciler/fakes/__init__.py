@@ -1,0 +1,1 @@
+"""Fakes of real components, for tests and the demo."""

@@ -1,0 +1,378 @@
+"""NvmlBackend over the real nvidia-ml-py bindings and the fake libnvidia-ml.so.1 (tests/support/nvml.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import shutil
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reconciler.backends.nvml import NvmlBackend
+from reconciler.errors import PermanentError, PermissionDenied, TemporaryError
+from reconciler.fakes.nvml import FakeGpu, FakeProcess
+from reconciler.planning.observed import GpuProcess, NvmlObservation, ObservedGpu
+from tests.support.nvml import FakeNvml, fake_nvml_fixture  # noqa: F401 - the fake_nvml fixture
+
+pytestmark = pytest.mark.nvml
+
+GIB = 1024**3
+MIB = 1024**2
+
+RTX_5070_TI = FakeGpu(
+    index=0,
+    uuid="GPU-6f1c2a9e-3b7d-4c52-9e0a-51d7b2c4e801",
+    pci_bus_id="0000:01:00.0",
+    name="NVIDIA GeForce RTX 5070 Ti",
+    memory_total=16 * GIB,
+    memory_used=9 * GIB,
+    memory_reserved=300 * MIB,
+    utilization=35,
+    temperature=52,
+    power_usage_w=87.5,
+    power_limit_w=300.0,
+    processes=(FakeProcess(pid=4242, used_memory=9 * GIB, name="/usr/bin/llama-server"),),
+)
+
+GTX_970 = FakeGpu(
+    index=1,
+    uuid="GPU-0b3e8d21-77aa-4f0c-8c1e-9d2f6a4b3c10",
+    pci_bus_id="0000:0A:00.0",
+    name="NVIDIA GeForce GTX 970",
+    memory_total=4 * GIB,
+    memory_used=0,
+    utilization=0,
+    temperature=34,
+    power_usage_w=13.25,
+    power_limit_w=145.0,
+)
+
+
+def test_two_mismatched_gpus_are_read_in_full(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, GTX_970, driver_version="580.105.08")
+
+    observed = fake_nvml.backend().observe()
+
+    assert observed == NvmlObservation(
+        available=True,
+        driver_version="580.105.08",
+        gpus=(
+            ObservedGpu(
+                index=0,
+                uuid="GPU-6f1c2a9e-3b7d-4c52-9e0a-51d7b2c4e801",
+                pci_bus_id="0000:01:00.0",
+                name="NVIDIA GeForce RTX 5070 Ti",
+                memory_total=16 * GIB,
+                memory_used=9 * GIB + 300 * MIB,  # reserved memory counts as used
+                memory_free=16 * GIB - 9 * GIB - 300 * MIB,
+                utilization=35,
+                temperature=52,
+                power_usage=87.5,
+                power_limit=300.0,
+                processes=(GpuProcess(pid=4242, used_memory=9 * GIB, name="/usr/bin/llama-server"),),
+            ),
+            ObservedGpu(
+                index=1,
+                uuid="GPU-0b3e8d21-77aa-4f0c-8c1e-9d2f6a4b3c10",
+                pci_bus_id="0000:0a:00.0",  # NVML says 00000000:0A:00.0
+                name="NVIDIA GeForce GTX 970",
+                memory_total=4 * GIB,
+                memory_used=0,
+                memory_free=4 * GIB,
+                utilization=0,
+                temperature=34,
+                power_usage=13.25,
+                power_limit=145.0,
+            ),
+        ),
+    )
+
+
+def test_free_memory_changed_between_observes_is_seen(fake_nvml: FakeNvml) -> None:
+    backend = fake_nvml.backend()
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    before = backend.observe()
+
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, memory_used=3 * GIB + 512 * MIB))
+    after = backend.observe()
+
+    assert before.gpus[1].memory_free == 4 * GIB
+    assert after.gpus[1].memory_free == 512 * MIB
+    assert after.gpus[1].memory_used == 3 * GIB + 512 * MIB
+    assert after.gpus[0] == before.gpus[0]
+
+
+def test_a_foreign_process_is_seen(fake_nvml: FakeNvml) -> None:
+    backend = fake_nvml.backend()
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    assert backend.observe().gpus[1].processes == ()
+
+    stranger = FakeProcess(pid=31337, used_memory=2 * GIB, name="/opt/game/bin/game.x86_64")
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, memory_used=2 * GIB, processes=(stranger,)))
+    gtx = backend.observe().gpus[1]
+
+    assert gtx.processes == (GpuProcess(pid=31337, used_memory=2 * GIB, name="/opt/game/bin/game.x86_64"),)
+    assert gtx.memory_free == 2 * GIB
+
+
+def test_process_without_memory_or_name_reads_as_none(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0, processes=(FakeProcess(pid=77, used_memory=None),)))
+
+    assert fake_nvml.backend().observe().gpus[0].processes == (GpuProcess(pid=77, used_memory=None, name=None),)
+
+
+def test_a_lost_gpu_is_reported_lost_and_the_other_reads_fine(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(RTX_5070_TI, lost=True), GTX_970)
+
+    observed = fake_nvml.backend().observe()
+
+    assert observed.available
+    rtx, gtx = observed.gpus
+    assert rtx.index == 0
+    assert rtx.lost
+    assert rtx.error is not None
+    assert "NVML_ERROR_GPU_IS_LOST" in rtx.error
+    assert (rtx.memory_total, rtx.processes) == (0, ())
+    assert not gtx.lost
+    assert gtx.error is None
+    assert (gtx.uuid, gtx.memory_free) == (GTX_970.uuid, 4 * GIB)
+
+
+def test_a_gpu_lost_after_its_handle_keeps_what_was_read(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, failures={"nvmlDeviceGetPowerUsage": 15}))
+
+    gtx = fake_nvml.backend().observe().gpus[1]
+
+    assert gtx.lost
+    assert (gtx.index, gtx.uuid, gtx.pci_bus_id, gtx.name) == (1, GTX_970.uuid, "0000:0a:00.0", GTX_970.name)
+    assert gtx.error is not None
+    assert "nvmlDeviceGetPowerUsage" in gtx.error
+
+
+def test_unsupported_readings_come_back_none(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0, utilization=None, temperature=None, power_usage_w=None, power_limit_w=None))
+
+    gtx = fake_nvml.backend().observe().gpus[0]
+
+    assert (gtx.utilization, gtx.temperature, gtx.power_usage, gtx.power_limit) == (None, None, None, None)
+    assert (gtx.memory_total, gtx.memory_free, gtx.lost, gtx.error) == (4 * GIB, 4 * GIB, False, None)
+
+
+def test_unsupported_memory_is_zero_with_an_error(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0, memory_total=None))
+
+    gtx = fake_nvml.backend().observe().gpus[0]
+
+    assert (gtx.memory_total, gtx.memory_used, gtx.memory_free, gtx.lost) == (0, 0, 0, False)
+    assert gtx.error is not None
+    assert "NOT_SUPPORTED" in gtx.error
+    assert gtx.temperature == 34
+
+
+def test_older_driver_without_v2_calls_falls_back(fake_nvml: FakeNvml) -> None:
+    missing_in_old_driver = {
+        "nvmlDeviceGetMemoryInfo_v2": 13,
+        "nvmlDeviceGetTemperatureV": 13,
+        "nvmlDeviceGetComputeRunningProcesses_v3": 13,
+    }
+    fake_nvml.set(replace(RTX_5070_TI, failures=missing_in_old_driver))
+
+    rtx = fake_nvml.backend().observe().gpus[0]
+
+    assert (rtx.memory_total, rtx.memory_used, rtx.memory_free) == (
+        16 * GIB,
+        9 * GIB + 300 * MIB,
+        16 * GIB - 9 * GIB - 300 * MIB,
+    )
+    assert rtx.temperature == 52
+    assert rtx.processes == (GpuProcess(pid=4242, used_memory=9 * GIB, name="/usr/bin/llama-server"),)
+
+
+def test_a_wrong_library_path_is_unavailable(fake_nvml: FakeNvml, tmp_path: Path) -> None:
+    fake_nvml.set(RTX_5070_TI)
+    path = tmp_path / "nowhere" / "libnvidia-ml.so.1"
+
+    observed = NvmlBackend(library=str(path)).observe()
+
+    assert not observed.available
+    assert observed.gpus == ()
+    assert observed.error is not None
+    assert str(path) in observed.error
+
+
+def test_a_library_that_is_not_nvml_is_unavailable_even_after_the_fake_was_used(fake_nvml: FakeNvml) -> None:
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to stand in for a wrong library")
+    fake_nvml.set(RTX_5070_TI)
+    assert fake_nvml.backend().observe().available  # the bindings now hold the fake's function pointers
+
+    observed = NvmlBackend(library=libm).observe()
+
+    assert not observed.available
+    assert observed.error is not None
+    assert "NVML_ERROR_FUNCTION_NOT_FOUND" in observed.error
+    assert fake_nvml.backend().observe().gpus[0].uuid == RTX_5070_TI.uuid
+
+
+def test_the_default_library_is_not_the_fake(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI)
+    assert fake_nvml.backend().observe().available
+
+    observed = NvmlBackend().observe()  # libnvidia-ml.so.1 by name: a real one, or none here
+
+    assert RTX_5070_TI.uuid not in {gpu.uuid for gpu in observed.gpus}
+    if ctypes.util.find_library("nvidia-ml") is None:
+        assert not observed.available
+        assert observed.error is not None
+        assert "NVML_ERROR_LIBRARY_NOT_FOUND" in observed.error
+
+
+def test_two_copies_of_the_library_take_turns(fake_nvml: FakeNvml, tmp_path: Path) -> None:
+    other = tmp_path / "other" / "libnvidia-ml.so.1"
+    other.parent.mkdir()
+    shutil.copy(fake_nvml.library, other)
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+
+    first = fake_nvml.backend().observe()
+    second = NvmlBackend(library=str(other)).observe()
+    third = fake_nvml.backend().observe()
+
+    assert first == second == third
+    assert len(first.gpus) == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(9, "NVML_ERROR_DRIVER_NOT_LOADED"), (18, "NVML_ERROR_LIB_RM_VERSION_MISMATCH"), (4, "NO_PERMISSION")],
+)
+def test_init_failures_meaning_no_nvml_are_unavailable(fake_nvml: FakeNvml, code: int, reason: str) -> None:
+    fake_nvml.set(RTX_5070_TI, failures={"nvmlInit": code})
+
+    observed = fake_nvml.backend().observe()
+
+    assert not observed.available
+    assert observed.error is not None
+    assert reason in observed.error
+
+
+def test_a_transient_init_failure_is_a_temporary_error(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, failures={"nvmlInit": 999})
+
+    with pytest.raises(TemporaryError) as raised:
+        fake_nvml.backend().observe()
+
+    assert raised.value.retryable
+    assert raised.value.resource == "nvml"
+
+
+def test_no_state_file_reads_as_no_driver(fake_nvml: FakeNvml) -> None:
+    fake_nvml.state.unlink()
+
+    observed = fake_nvml.backend().observe()
+
+    assert not observed.available
+    assert observed.error is not None
+    assert "NVML_ERROR_DRIVER_NOT_LOADED" in observed.error
+
+
+@pytest.mark.parametrize(
+    ("failures", "error"),
+    [
+        ({"nvmlDeviceGetMemoryInfo_v2": 10}, TemporaryError),
+        ({"nvmlDeviceGetComputeRunningProcesses_v3": 4}, PermissionDenied),
+        ({"nvmlDeviceGetUUID": 14}, PermanentError),
+    ],
+)
+def test_other_gpu_errors_are_translated_by_code(
+    fake_nvml: FakeNvml, failures: dict[str, int], error: type[Exception]
+) -> None:
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, failures=failures))
+
+    with pytest.raises(error) as raised:
+        fake_nvml.backend().observe()
+
+    assert getattr(raised.value, "resource", None) == "gpu/1"
+    assert next(iter(failures)) in str(raised.value)
+
+
+def _fake_init_count_is_zero(library: Path) -> bool:
+    """True when the fake library is not initialised: a device call answers NVML_ERROR_UNINITIALIZED."""
+    count = ctypes.c_uint(0)
+    return bool(ctypes.CDLL(str(library)).nvmlDeviceGetCount_v2(ctypes.byref(count)) == 1)
+
+
+def test_every_observe_shuts_nvml_down(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, failures={"nvmlDeviceGetMemoryInfo_v2": 10}))
+    with pytest.raises(TemporaryError):
+        fake_nvml.backend().observe()
+    assert _fake_init_count_is_zero(fake_nvml.library)
+
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    assert fake_nvml.backend().observe().available
+    assert _fake_init_count_is_zero(fake_nvml.library)
+
+
+def test_concurrent_observes_all_read_the_same(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    backends = [fake_nvml.backend() for _ in range(4)]
+    results: list[NvmlObservation] = []
+    lock = threading.Lock()
+
+    def observe(backend: NvmlBackend) -> None:
+        for _ in range(10):
+            observed = backend.observe()
+            with lock:
+                results.append(observed)
+
+    threads = [threading.Thread(target=observe, args=(backend,)) for backend in backends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(results) == 40
+    assert all(result == results[0] for result in results)
+    assert results[0].gpus[1].name == "NVIDIA GeForce GTX 970"
+    assert _fake_init_count_is_zero(fake_nvml.library)
+
+
+# The fake library itself, through ctypes: the NVML contract the bindings rely on.
+
+
+def test_fake_library_follows_the_nvml_contract(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    lib = ctypes.CDLL(str(fake_nvml.library))
+    lib.nvmlErrorString.restype = ctypes.c_char_p
+    handle = ctypes.c_void_p()
+    count = ctypes.c_uint(0)
+
+    assert lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) == 1  # UNINITIALIZED
+    assert lib.nvmlShutdown() == 1
+    assert lib.nvmlInit_v2() == 0
+    try:
+        assert lib.nvmlErrorString(15) == b"GPU is lost"
+        short = ctypes.create_string_buffer(8)
+        assert lib.nvmlSystemGetDriverVersion(short, 8) == 7  # INSUFFICIENT_SIZE
+        assert lib.nvmlDeviceGetHandleByIndex_v2(2, ctypes.byref(handle)) == 2  # INVALID_ARGUMENT
+        assert lib.nvmlDeviceGetHandleByUUID(b"GPU-nope", ctypes.byref(handle)) == 6  # NOT_FOUND
+        gtx = ctypes.c_void_p()
+        assert lib.nvmlDeviceGetHandleByPciBusId_v2(b"0a:00.0", ctypes.byref(gtx)) == 0
+        index = ctypes.c_uint(99)
+        assert lib.nvmlDeviceGetIndex(gtx, ctypes.byref(index)) == 0
+        assert index.value == 1
+        name = ctypes.create_string_buffer(8)
+        assert lib.nvmlDeviceGetName(gtx, name, 8) == 7
+        assert lib.nvmlDeviceGetHandleByUUID(RTX_5070_TI.uuid.encode(), ctypes.byref(handle)) == 0
+        assert lib.nvmlDeviceGetComputeRunningProcesses_v3(handle, ctypes.byref(count), None) == 7
+        assert count.value == 1
+        assert lib.nvmlDeviceGetTemperature(handle, 1, ctypes.byref(index)) == 2  # only the GPU sensor
+
+        fake_nvml.set(RTX_5070_TI)  # GPU 1 leaves while a handle to it is held
+        assert lib.nvmlDeviceGetIndex(gtx, ctypes.byref(index)) == 15  # GPU_IS_LOST
+        assert lib.nvmlDeviceGetHandleByPciBusId_v2(b"0000:0A:00.0", ctypes.byref(handle)) == 6
+    finally:
+        assert lib.nvmlShutdown() == 0
