@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m reconciler.demo
+	$(BIN)/reconciler demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -27,6 +27,7 @@ from reconciler.planning.observed import (
     ContainerVolume,
     DockerObservation,
     GuestType,
+    NvmlObservation,
     ObservedContainer,
     ObservedGuest,
     ObservedNode,
@@ -34,7 +35,7 @@ from reconciler.planning.observed import (
     ProxmoxObservation,
 )
 
-__all__ = ["MemoryDocker", "MemoryGuest", "MemoryProxmox"]
+__all__ = ["MemoryDocker", "MemoryGuest", "MemoryNvml", "MemoryProxmox"]
 
 GuestKind = Literal["lxc", "qemu"]
 _VOLUME_RE = re.compile(r"^([^:/\s]+):(\d+(?:\.\d+)?)$")
@@ -234,10 +235,12 @@ class MemoryProxmox:
             fields.setdefault("hwaddr", old.get("hwaddr") or self._mac())
             fields.setdefault("type", "veth")
             return pve.format_property(fields, None)
-        fields = pve.parse_property(value, "model")
+        fields = pve.parse_property(value, pve.default_key_for("qemu", "net0"))
+        old = pve.parse_property(existing, pve.default_key_for("qemu", "net0")) if existing else {}
         model = fields.pop("model", "virtio")
-        mac = fields.pop("macaddr", None) or self._mac()
-        return pve.format_property({"model": f"{model}={mac}", **fields}, "model")
+        mac = fields.pop("macaddr", None) or old.get("macaddr") or self._mac()
+        rest = pve.format_property(fields, None)
+        return f"{model}={mac}" + (f",{rest}" if rest else "")
 
     def _mac(self) -> str:
         n = next(self._macs)
@@ -379,3 +382,13 @@ class ContainerSpecLike:  # pragma: no cover - a structural type, see backends.d
     shm_size: int | None
     ipc: str | None
     network_mode: str | None
+
+
+class MemoryNvml:
+    """NVML as a fixed observation, for a demo machine without a C compiler for the fake library."""
+
+    def __init__(self, observation: NvmlObservation) -> None:
+        self.observation = observation
+
+    def observe(self) -> NvmlObservation:
+        return self.observation

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from reconciler.cli.render import print_diagnostics, print_plan
+from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
 from reconciler.errors import ReconcilerError
 from reconciler.spec.diagnostics import Severity
 from reconciler.spec.loader import LoadResult
@@ -109,6 +109,105 @@ def plan(
     if not planned.applicable:
         raise typer.Exit(EXIT_ERROR)
     raise typer.Exit(EXIT_OK if planned.empty else EXIT_CHANGES)
+
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="RECONCILER_STATE_DIR", help="journal and lock (default: the user's state dir)"),
+]
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    import platformdirs
+
+    return state_dir or Path(platformdirs.user_state_dir("reconciler"))
+
+
+@app.command()
+def apply(
+    path: SpecPath = Path("specs"),
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="execute this saved plan exactly")] = None,
+    auto_approve: Annotated[bool, typer.Option("--auto-approve", help="do not ask for confirmation")] = False,
+    allow_delete: Annotated[bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")] = False,
+    retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for another apply to finish")] = 0.0,
+    health_timeout: Annotated[float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Apply the spec: show the plan, confirm, apply in order, verify health, roll back on failure.
+
+    Exit 0: applied and healthy (or nothing to do); 1: failed and rolled back (or an error before any change);
+    3: failed and the rollback did not complete.
+    """
+    from reconciler.engine.apply import HealthPolicy
+    from reconciler.engine.connect import connect, docker_settings
+    from reconciler.engine.journal import Journal
+    from reconciler.engine.lock import state_lock
+    from reconciler.engine.run import ApplyOptions, apply_pass
+    from reconciler.planning.plan import Plan
+
+    result = _load(path, as_json=False)
+    if not result.ok:
+        raise typer.Exit(EXIT_ERROR)
+    saved = Plan.from_json(json.loads(plan_file.read_text(encoding="utf-8"))) if plan_file else None
+    folder = _state_dir(state_dir)
+
+    def confirm(planned: Plan) -> bool:
+        print_plan(console, planned)
+        if auto_approve or saved is not None:
+            return True
+        return typer.confirm("Apply these changes?", default=False)
+
+    options = ApplyOptions(allow_delete=allow_delete, retry=retry, health=HealthPolicy(max_timeout=health_timeout))
+    try:
+        with state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
+            journal = Journal(folder / "journal.sqlite")
+            endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
+            planned, report = apply_pass(
+                result.state, backends, proxmox=backends.proxmox, docker=backends.docker, journal=journal,
+                env=os.environ, docker_endpoints=endpoints, options=options, saved_plan=saved, confirm=confirm,
+                on_step=lambda step: print_step(console, step),
+            )
+            journal.close()
+    except ReconcilerError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(EXIT_ERROR) from None
+    if report is None:
+        if not planned.applicable:
+            print_plan(console, planned)
+            raise typer.Exit(EXIT_ERROR)
+        console.print("Nothing to do." if planned.empty else "Not applied.")
+        raise typer.Exit(EXIT_OK)
+    print_report(console, report)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def history(limit: Annotated[int, typer.Option(help="how many runs")] = 20, state_dir: StateDir = None) -> None:
+    """List recent apply runs from the journal."""
+    from reconciler.engine.journal import Journal
+
+    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+    print_history(console, journal.runs(limit))
+    journal.close()
+
+
+@app.command()
+def status(state_dir: StateDir = None) -> None:
+    """The last applied and the last attempted revision, and how that attempt ended."""
+    from reconciler.engine.journal import Journal
+
+    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+    print_status(console, journal.last_run(applied=True), journal.last_run())
+    journal.close()
+
+
+@app.command()
+def demo() -> None:
+    """Run the embedded demo lab (specs/) against in-memory Proxmox and Docker and the fake NVML library."""
+    from reconciler.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(console))
 
 
 def main() -> None:

@@ -14,10 +14,12 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from reconciler.engine.apply import ApplyReport, StepReport
+from reconciler.engine.journal import RunRecord, RunResult
 from reconciler.planning.plan import SENSITIVE, Action, Change, Plan, Timing
 from reconciler.spec.diagnostics import Diagnostic, Severity
 
-__all__ = ["print_diagnostics", "print_plan"]
+__all__ = ["print_diagnostics", "print_history", "print_plan", "print_report", "print_status", "print_step"]
 
 _MARK: dict[Action, tuple[str, str]] = {
     Action.CREATE: ("+", "green"),
@@ -107,3 +109,45 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     return json.dumps(value, default=str)
+
+
+def print_step(console: Console, step: StepReport) -> None:
+    mark = "[green]ok[/]" if step.ok else "[red]FAILED[/]"
+    detail = f" [dim]{escape(step.detail)}[/]" if step.detail else ""
+    console.print(f"  {step.phase:<9} {escape(step.address)} {escape(step.action)}: {mark}{detail}", highlight=False)
+
+
+def print_report(console: Console, report: ApplyReport) -> None:
+    match report.result:
+        case RunResult.APPLIED | RunResult.NOTHING:
+            console.print(f"[green]Applied[/] (run {report.run_id}): every change made, every health check passed.")
+        case RunResult.ROLLED_BACK:
+            console.print(f"[yellow]Rolled back[/] (run {report.run_id}): {escape(report.failure or '')}")
+            console.print("Every applied step was undone; the revision is marked failed until something changes.")
+        case _:
+            console.print(f"[bold red]ROLLBACK INCOMPLETE[/] (run {report.run_id}): {escape(report.failure or '')}")
+            for error in report.rollback_errors:
+                console.print(f"  [red]{escape(error)}[/]", highlight=False)
+            console.print("[bold red]The lab is in a mixed state and needs a person: see `reconciler history`.[/]")
+
+
+def print_history(console: Console, runs: Iterable[RunRecord]) -> None:
+    import datetime as dt
+
+    for run in runs:
+        started = dt.datetime.fromtimestamp(run.started, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        took = f"{run.ended - run.started:.1f}s" if run.ended else "-"
+        summary = run.plan.get("summary", "")
+        message = f" ({run.message})" if run.message else ""
+        console.print(f"{run.id:>5}  {started}  {run.result!s:<16} {took:>8}  {run.revision or '-'}  {escape(summary)}"
+                      f"{escape(message)}", highlight=False)
+
+
+def print_status(console: Console, applied: RunRecord | None, last: RunRecord | None) -> None:
+    console.print(f"last applied revision:   {applied.revision if applied else '(none)'}"
+                  + (f" (run {applied.id})" if applied else ""), highlight=False)
+    if last is None:
+        console.print("last attempted revision: (none)")
+        return
+    console.print(f"last attempted revision: {last.revision} (run {last.id}): {last.result}"
+                  + (f": {escape(last.message)}" if last.message else ""), highlight=False)

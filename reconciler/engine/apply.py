@@ -134,6 +134,7 @@ class Applier:
         container_run: Callable[[Mapping[str, Any], Mapping[str, str]], Any] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
+        prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
     ) -> None:
         self.proxmox = proxmox
         self.docker = docker
@@ -144,6 +145,7 @@ class Applier:
         self.container_run = container_run or _default_run
         self.sleep = sleep
         self.on_step = on_step
+        self.prober = prober  # replaces network probes (the demo's in-memory containers answer them)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -427,6 +429,8 @@ class Applier:
         return poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
 
     def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
+        if self.prober is not None:
+            return self.prober(host, probe)
         address = endpoint_address(self.endpoints.get(host, "unix:///"))
         if probe.get("http"):
             url = str(probe["http"])
@@ -502,12 +506,12 @@ class Applier:
                 continue
             resource = desired.find(change.resource)
             if resource is not None:
-                self._own(run_id, change, resource)
+                self._own(run_id, change, resource, desired)
         # Resources already in step have their current spec hash recorded, so later differences read as drift.
         for resource in desired.resources:
             if resource.kind in ("Lxc", "Vm", "Container", "Model"):
                 self.journal.record_owned(_address_of(resource), resource=resource.ref, backend=_backend_of(resource),
-                                          spec_hash=spec_hash(resource), protected=resource.protect, run_id=run_id)
+                                          spec_hash=spec_hash(resource, desired), protected=resource.protect, run_id=run_id)
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
@@ -523,7 +527,7 @@ class Applier:
 
     def _own(self, run_id: int, change: Change, resource: Resource) -> None:
         self.journal.record_owned(change.address, resource=resource.ref, backend=change.backend,
-                                  spec_hash=spec_hash(resource), protected=resource.protect, run_id=run_id)
+                                  spec_hash=spec_hash(resource, desired), protected=resource.protect, run_id=run_id)
 
 
 def _address_of(resource: Resource) -> str:

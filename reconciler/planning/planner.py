@@ -32,7 +32,7 @@ from reconciler.planning.observed import (
 )
 from reconciler.planning.order import order_changes
 from reconciler.planning.plan import Action, Change, FieldChange, Plan, Problem, Timing
-from reconciler.spec.models import DriftPolicy, Gpu, GpuRole, Lxc, PowerState, Resource, Vm, Workload
+from reconciler.spec.models import DriftPolicy, ExclusiveGroup, Gpu, GpuRole, Lxc, PowerState, Resource, Vm, Workload
 from reconciler.spec.placement import member_of, place_role
 from reconciler.spec.state import DesiredState
 
@@ -62,9 +62,17 @@ class Inventory:
     protected: frozenset[str] = frozenset()  # addresses never to delete
 
 
-def spec_hash(resource: Resource) -> str:
-    """Fingerprint of a resource's spec, to tell a spec edit from drift."""
+def spec_hash(resource: Resource, desired: DesiredState) -> str:
+    """Fingerprint of what the spec asks of a resource, to tell a spec edit from drift.
+
+    It covers the group switch too: making another member active changes what
+    is asked of every member, though their own documents stay the same.
+    """
     body = resource.model_dump(mode="json", exclude={"description"})
+    membership = getattr(resource, "exclusive", None)
+    if membership is not None:
+        group = next((g for g in desired.of(ExclusiveGroup) if g.name == membership.group), None)
+        body["_active"] = group.active if group else None
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,7 +111,7 @@ class _Planner:
         self.owner = self.lab.owner_tag
         self.gpus = {g.name: g for g in self.desired.of(Gpu)}
         self.roles = {r.name: r for r in self.desired.of(GpuRole)}
-        self.active = {g.name: g.active for g in self.desired.resources if g.kind == "ExclusiveGroup"}  # type: ignore[attr-defined]
+        self.active = {g.name: g.active for g in self.desired.of(ExclusiveGroup)}
         self.guest_changes: dict[str, Change] = {}
 
     # ---- shared ------------------------------------------------------------------------
@@ -116,7 +124,7 @@ class _Planner:
         return resource.state
 
     def is_drift(self, resource: Resource) -> bool:
-        return self.inventory.spec_hashes.get(resource.ref) == spec_hash(resource)
+        return self.inventory.spec_hashes.get(resource.ref) == spec_hash(resource, self.desired)
 
     def keep(self, change: Change, resource: Resource) -> None:
         """Record a change, unless it is drift the resource's policy says to leave alone."""

@@ -227,6 +227,7 @@ class PveServer:
         self.token_id = TOKEN_ID
         self.token_secret = str(uuid.uuid4())
         pve.apitokens[f"{USER}!{TOKEN_ID}"] = self.token_secret
+        self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, name="fakepve-server", daemon=True)
         self._thread.start()
@@ -296,6 +297,10 @@ class PveServer:
         self.call(self.pve.requests.clear)
 
     def stop(self) -> None:
+        """Stop serving (a test may do it early, to see what clients do without a server); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self.run(_settle())
             self.run(self.pve.stop())

@@ -1,0 +1,83 @@
+"""A whole lab in memory, seeded from a spec: for the demo and for engine tests that need no server.
+
+Proxmox gets the spec's nodes and one NVIDIA PCI device per declared GPU;
+Docker gets every Docker host of the spec; NVML reports the declared GPUs
+(through the fake libnvidia-ml when a C compiler is there, else in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler.backends.memory import MemoryDocker, MemoryNvml, MemoryProxmox
+from reconciler.engine.health import ProbeResult
+from reconciler.engine.observe import NvmlReader, Readers
+from reconciler.fakes.nvml import FakeGpu, FakeNvmlBuildError, build_library, write_state
+from reconciler.planning.observed import NvmlObservation, ObservedGpu
+from reconciler.spec.models import Gpu
+from reconciler.spec.state import DesiredState
+
+__all__ = ["MemoryLab", "fake_gpus", "fake_uuid", "memory_lab"]
+
+
+def fake_uuid(gpu: Gpu) -> str:
+    """A stable NVML-style UUID for a declared GPU that has none."""
+    if gpu.uuid:
+        return gpu.uuid
+    digest = hashlib.sha256(f"{gpu.node}/{gpu.pci}".encode()).hexdigest()
+    return f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def fake_gpus(desired: DesiredState) -> list[FakeGpu]:
+    gpus = sorted(desired.of(Gpu), key=lambda g: (g.node, g.pci_function0 or ""))
+    return [
+        FakeGpu(index=i, uuid=fake_uuid(g), pci_bus_id=g.pci_function0 or f"0000:{i + 1:02x}:00.0",
+                name=f"NVIDIA GeForce {g.model or g.name}", memory_total=g.vram)
+        for i, g in enumerate(gpus)
+    ]
+
+
+@dataclass
+class MemoryLab:
+    proxmox: MemoryProxmox
+    docker: MemoryDocker
+    nvml: NvmlReader
+    nvml_note: str
+
+    @property
+    def readers(self) -> Readers:
+        return Readers(proxmox=self.proxmox, docker=self.docker, nvml=self.nvml)
+
+    def probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
+        """In memory, a container answers its probe when it runs."""
+        port = probe.get("port")
+        for container in self.docker.containers.get(host, {}).values():
+            if container.status == "running" and any(p.host == port for p in container.ports):
+                return ProbeResult(True, f"{host}:{port} answers (in memory)")
+        return ProbeResult(False, f"nothing answers on {host}:{port}")
+
+
+def memory_lab(desired: DesiredState, *, work_dir: Path) -> MemoryLab:
+    proxmox = MemoryProxmox(desired.lab.nodes or ("pve1",))
+    for gpu in desired.of(Gpu):
+        if gpu.pci_function0:
+            proxmox.add_nvidia_gpu(gpu.node, gpu.pci_function0, name=f"GeForce {gpu.model or gpu.name}")
+    docker = MemoryDocker(desired.docker_hosts(), owner_label=desired.lab.owner_tag)
+    gpus = fake_gpus(desired)
+    try:
+        library = build_library(work_dir / "fake-nvml")
+    except FakeNvmlBuildError as exc:
+        observed = NvmlObservation(True, driver_version="580.105.08", gpus=tuple(
+            ObservedGpu(g.index, g.uuid, g.pci_bus_id, g.name, g.memory_total or 0, 0, g.memory_total or 0) for g in gpus))
+        return MemoryLab(proxmox, docker, MemoryNvml(observed), f"NVML in memory ({exc})")
+    from reconciler.backends.nvml import NvmlBackend
+
+    state = work_dir / "fake-nvml" / "gpus.state"
+    write_state(state, gpus)
+    os.environ["FAKE_NVML_STATE"] = str(state)
+    return MemoryLab(proxmox, docker, NvmlBackend(library=str(library)), f"NVML through the fake {library}")
