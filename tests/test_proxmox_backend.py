@@ -645,6 +645,7 @@ def test_the_secret_stays_out_of_logs(pve_server: PveServer, caplog: pytest.LogC
 
 
 @pytest.mark.fakepve
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # the point of VERIFY_TLS=0
 def test_an_untrusted_certificate_is_a_config_error(pve_server: PveServer) -> None:
     env = {k: v for k, v in pve_server.env("token").items() if k != ENV_CA}
     with ProxmoxBackend(settings_from(None, env)) as backend, pytest.raises(ConfigError, match="TLS") as caught:

@@ -13,7 +13,11 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 def test_committed_schemas_are_current() -> None:
     rendered = render_schemas()
-    stale = [name for name, text in rendered.items() if not (SCHEMAS / name).is_file() or (SCHEMAS / name).read_text() != text]
+    stale = [
+        name
+        for name, text in rendered.items()
+        if not (SCHEMAS / name).is_file() or (SCHEMAS / name).read_text() != text
+    ]
     assert not stale, f"schemas/ is stale for {stale}: run `make schemas` and commit the result"
     extra = {p.name for p in SCHEMAS.glob("*.json")} - set(rendered)
     assert not extra, f"schemas/ holds files no model generates: {sorted(extra)}"

@@ -55,7 +55,7 @@ class MemoryGuest:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()  # noqa: S324 - as PVE does
+        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
 
 
 class MemoryProxmox:
@@ -74,7 +74,9 @@ class MemoryProxmox:
     # ---- seeding -----------------------------------------------------------------------
 
     def add_nvidia_gpu(self, node: str, address: str, *, device: str = "0x2c05", name: str = "NVIDIA GPU") -> None:
-        self.pci_devices.append(ObservedPciDevice(node, address, "0x10de", device, "NVIDIA Corporation", name, len(self.pci_devices) + 10))
+        self.pci_devices.append(
+            ObservedPciDevice(node, address, "0x10de", device, "NVIDIA Corporation", name, len(self.pci_devices) + 10)
+        )
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -82,8 +84,9 @@ class MemoryProxmox:
         with self._lock:
             self.requests.append(("GET", "observe"))
             guests = tuple(self._view(g) for g in sorted(self.guests.values(), key=lambda g: g.vmid))
-            return ProxmoxObservation(self.version, tuple(ObservedNode(n, True) for n in self.nodes), guests,
-                                      tuple(self.pci_devices), ())
+            return ProxmoxObservation(
+                self.version, tuple(ObservedNode(n, True) for n in self.nodes), guests, tuple(self.pci_devices), ()
+            )
 
     def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest:
         with self._lock:
@@ -96,9 +99,17 @@ class MemoryProxmox:
     @staticmethod
     def _view(g: MemoryGuest) -> ObservedGuest:
         return ObservedGuest(
-            type=GuestType(g.type), vmid=g.vmid, node=g.node, name=g.config.get("hostname") or g.config.get("name", ""),
-            status=g.status, tags=pve.normalise_tags(g.config.get("tags", "")), config=dict(g.config),
-            pending=dict(g.pending), pending_delete=frozenset(g.pending_delete), digest=g.digest, lock=g.lock,
+            type=GuestType(g.type),
+            vmid=g.vmid,
+            node=g.node,
+            name=g.config.get("hostname") or g.config.get("name", ""),
+            status=g.status,
+            tags=pve.normalise_tags(g.config.get("tags", "")),
+            config=dict(g.config),
+            pending=dict(g.pending),
+            pending_delete=frozenset(g.pending_delete),
+            digest=g.digest,
+            lock=g.lock,
         )
 
     # ---- writing ---------------------------------------------------------------------------
@@ -109,8 +120,16 @@ class MemoryProxmox:
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
         self._create("qemu", node, vmid, config)
 
-    def update_config(self, guest_type: GuestKind, node: str, vmid: int, *, config: Mapping[str, str],
-                      delete: Sequence[str] = (), digest: str | None = None) -> None:
+    def update_config(
+        self,
+        guest_type: GuestKind,
+        node: str,
+        vmid: int,
+        *,
+        config: Mapping[str, str],
+        delete: Sequence[str] = (),
+        digest: str | None = None,
+    ) -> None:
         self._fault("update_config")
         if not config and not delete:
             return
@@ -118,14 +137,16 @@ class MemoryProxmox:
             self.requests.append(("PUT", f"{guest_type}/{vmid}/config"))
             guest = self._guest(guest_type, node, vmid)
             if digest is not None and digest != guest.digest:
-                raise TemporaryError("the config changed since it was read; update refused",
-                                     resource=f"{guest_type}/{vmid}")
+                raise TemporaryError(
+                    "the config changed since it was read; update refused", resource=f"{guest_type}/{vmid}"
+                )
             running = guest.status == "running"
             for key, value in self._stored(guest_type, vmid, config, guest.config).items():
                 timing = pve.classify(guest_type, key, running, new=key not in guest.config)
                 if timing is pve.ChangeTiming.REPLACE:
-                    raise PermanentError(f"parameter '{key}' cannot be changed on an existing guest",
-                                         resource=f"{guest_type}/{vmid}")
+                    raise PermanentError(
+                        f"parameter '{key}' cannot be changed on an existing guest", resource=f"{guest_type}/{vmid}"
+                    )
                 if timing is pve.ChangeTiming.RESTART:
                     guest.pending[key] = value
                 else:
@@ -146,8 +167,9 @@ class MemoryProxmox:
             self._apply_pending(guest)
             guest.status = "running"
 
-    def shutdown(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0,
-                 force_stop_after: bool = True) -> None:
+    def shutdown(
+        self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0, force_stop_after: bool = True
+    ) -> None:
         self.stop(guest_type, node, vmid)
 
     def stop(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
@@ -189,17 +211,26 @@ class MemoryProxmox:
         with self._lock:
             self.requests.append(("POST", f"{guest_type}/{vmid}"))
             if vmid in self.guests:
-                raise PermanentError(f"unable to create {guest_type} {vmid}: config file already exists",
-                                     resource=f"{guest_type}/{vmid}")
+                raise PermanentError(
+                    f"unable to create {guest_type} {vmid}: config file already exists", resource=f"{guest_type}/{vmid}"
+                )
             if node not in self.nodes:
                 raise NotFoundError(f"no such node {node!r}", resource=f"{guest_type}/{vmid}")
             stored = self._stored(guest_type, vmid, config, {})
-            stored.update({"arch": "amd64", "ostype": "debian"} if guest_type == "lxc" else
-                          {"meta": "creation-qemu=9.2.0,ctime=1700000000", "vmgenid": f"{vmid:08x}-0000-4000-8000-000000000000",
-                           "smbios1": f"uuid={vmid:08x}-0000-4000-8000-000000000000"})
+            stored.update(
+                {"arch": "amd64", "ostype": "debian"}
+                if guest_type == "lxc"
+                else {
+                    "meta": "creation-qemu=9.2.0,ctime=1700000000",
+                    "vmgenid": f"{vmid:08x}-0000-4000-8000-000000000000",
+                    "smbios1": f"uuid={vmid:08x}-0000-4000-8000-000000000000",
+                }
+            )
             self.guests[vmid] = MemoryGuest(guest_type, vmid, node, stored)
 
-    def _stored(self, guest_type: GuestKind, vmid: int, config: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
+    def _stored(
+        self, guest_type: GuestKind, vmid: int, config: Mapping[str, str], current: Mapping[str, str]
+    ) -> dict[str, str]:
         """What PVE writes to the config file for these parameters."""
         stored: dict[str, str] = {}
         disks = itertools.count(sum(1 for k in current if _is_volume_key(k)))
@@ -279,7 +310,9 @@ class MemoryDocker:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def observe(self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()) -> dict[str, DockerObservation]:
+    def observe(
+        self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()
+    ) -> dict[str, DockerObservation]:
         managed = f"{self.owner_label}.managed"
         result: dict[str, DockerObservation] = {}
         with self._lock:
@@ -310,11 +343,24 @@ class MemoryDocker:
                 raise PermanentError(f"container name {spec.name!r} is already in use", resource=f"{host}/{spec.name}")
             container_id = f"{next(self._ids):064x}"
             containers[spec.name] = ObservedContainer(
-                host=host, id=container_id, name=spec.name, image=spec.image, image_id=f"sha256:{hashlib.sha256(spec.image.encode()).hexdigest()}",
-                command=spec.command, entrypoint=spec.entrypoint, env={**_IMAGE_ENV, **spec.env},
+                host=host,
+                id=container_id,
+                name=spec.name,
+                image=spec.image,
+                image_id=f"sha256:{hashlib.sha256(spec.image.encode()).hexdigest()}",
+                command=spec.command,
+                entrypoint=spec.entrypoint,
+                env={**_IMAGE_ENV, **spec.env},
                 labels={**spec.labels, f"{self.owner_label}.managed": "true"},
-                ports=tuple(spec.ports), volumes=tuple(spec.volumes), gpus=tuple(spec.gpus), devices=tuple(spec.devices),
-                restart=spec.restart, status="created", health=None, shm_size=spec.shm_size, ipc=spec.ipc,
+                ports=tuple(spec.ports),
+                volumes=tuple(spec.volumes),
+                gpus=tuple(spec.gpus),
+                devices=tuple(spec.devices),
+                restart=spec.restart,
+                status="created",
+                health=None,
+                shm_size=spec.shm_size,
+                ipc=spec.ipc,
                 network_mode=spec.network_mode,
             )
             return container_id

@@ -63,14 +63,18 @@ def validate(path: SpecPath = Path("specs"), as_json: JsonFlag = False) -> None:
         warnings = len(result.diagnostics) - errors
         count = len(result.state.resources)
         if result.ok:
-            console.print(f"[green]valid[/]: {count} resources in {path}" + (f", {warnings} warning(s)" if warnings else ""))
+            console.print(
+                f"[green]valid[/]: {count} resources in {path}" + (f", {warnings} warning(s)" if warnings else "")
+            )
         else:
             console.print(f"[red]invalid[/]: {errors} error(s), {warnings} warning(s) in {path}")
     raise typer.Exit(EXIT_OK if result.ok else EXIT_ERROR)
 
 
 @app.command()
-def schema(out: Annotated[Path, typer.Option(help="folder to write the JSON Schema files into")] = Path("schemas")) -> None:
+def schema(
+    out: Annotated[Path, typer.Option(help="folder to write the JSON Schema files into")] = Path("schemas"),
+) -> None:
     """Write the JSON Schema of every kind (generated from the models)."""
     for written in write_schemas(out):
         console.print(str(written))
@@ -128,10 +132,14 @@ def apply(
     path: SpecPath = Path("specs"),
     plan_file: Annotated[Path | None, typer.Option("--plan", help="execute this saved plan exactly")] = None,
     auto_approve: Annotated[bool, typer.Option("--auto-approve", help="do not ask for confirmation")] = False,
-    allow_delete: Annotated[bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")] = False,
+    allow_delete: Annotated[
+        bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")
+    ] = False,
     retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before")] = False,
     wait: Annotated[float, typer.Option("--wait", help="seconds to wait for another apply to finish")] = 0.0,
-    health_timeout: Annotated[float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")] = None,
+    health_timeout: Annotated[
+        float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
+    ] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Apply the spec: show the plan, confirm, apply in order, verify health, roll back on failure.
@@ -164,8 +172,16 @@ def apply(
             journal = Journal(folder / "journal.sqlite")
             endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
             planned, report = apply_pass(
-                result.state, backends, proxmox=backends.proxmox, docker=backends.docker, journal=journal,
-                env=os.environ, docker_endpoints=endpoints, options=options, saved_plan=saved, confirm=confirm,
+                result.state,
+                backends,
+                proxmox=backends.proxmox,
+                docker=backends.docker,
+                journal=journal,
+                env=os.environ,
+                docker_endpoints=endpoints,
+                options=options,
+                saved_plan=saved,
+                confirm=confirm,
                 on_step=lambda step: print_step(console, step),
             )
             journal.close()

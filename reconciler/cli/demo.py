@@ -21,7 +21,9 @@ from reconciler.engine.apply import HealthPolicy
 from reconciler.engine.journal import Journal
 from reconciler.engine.run import ApplyOptions, apply_pass, plan_pass
 from reconciler.fakes.lab import memory_lab
-from reconciler.spec.models import ExclusiveGroup, Lxc, Vm
+from reconciler.planning.plan import Plan
+from reconciler.spec.models import ExclusiveGroup
+from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
 from reconciler.spec.validate import load_and_validate
 
@@ -49,10 +51,18 @@ def run_demo(console: Console, specs: Path = SPECS) -> int:
 
         def apply(state: DesiredState, title: str) -> int:
             console.print(Rule(title))
-            plan, report = apply_pass(state, lab.readers, proxmox=lab.proxmox, docker=lab.docker, journal=journal,
-                                      env={}, docker_endpoints=endpoints, options=options,
-                                      confirm=lambda p: (print_plan(console, p), True)[1],
-                                      on_step=lambda step: print_step(console, step))
+            plan, report = apply_pass(
+                state,
+                lab.readers,
+                proxmox=lab.proxmox,
+                docker=lab.docker,
+                journal=journal,
+                env={},
+                docker_endpoints=endpoints,
+                options=options,
+                confirm=lambda p: _show_and_approve(console, p),
+                on_step=lambda step: print_step(console, step),
+            )
             if report is None:
                 print_plan(console, plan)
                 return 0 if plan.applicable else 1
@@ -64,7 +74,7 @@ def run_demo(console: Console, specs: Path = SPECS) -> int:
         console.print(Rule("3. plan again: the live state matches the spec"))
         print_plan(console, plan_pass(desired, lab.readers, journal))
 
-        guest = next(iter((*desired.of(Lxc), *desired.of(Vm))), None)
+        guest = next(iter(desired.guests()), None)
         if guest is not None:
             console.print(Rule(f"4. someone changes {guest.ref}'s memory by hand in the Proxmox UI"))
             lab.proxmox.guests[guest.vmid].config["memory"] = "1024"
@@ -74,8 +84,14 @@ def run_demo(console: Console, specs: Path = SPECS) -> int:
 
         group = next(iter(desired.of(ExclusiveGroup)), None)
         if group is not None:
-            members = sorted({getattr(r, "exclusive").member or r.name for r in desired.resources
-                              if getattr(getattr(r, "exclusive", None), "group", None) == group.name} - {group.active})
+            members = sorted(
+                {
+                    member_of(r)
+                    for r in (*desired.guests(), *desired.workloads())
+                    if r.exclusive and r.exclusive.group == group.name
+                }
+                - {group.active}
+            )
             if members:
                 switched = _switch(desired, group, members[0])
                 if apply(switched, f"6. one edit in git: {group.name}.active: {group.active} -> {members[0]}") != 0:
@@ -84,6 +100,11 @@ def run_demo(console: Console, specs: Path = SPECS) -> int:
         print_history(console, journal.runs(10))
         journal.close()
     return 0
+
+
+def _show_and_approve(console: Console, plan: Plan) -> bool:
+    print_plan(console, plan)
+    return True
 
 
 def _switch(desired: DesiredState, group: ExclusiveGroup, member: str) -> DesiredState:

@@ -46,12 +46,17 @@ def print_diagnostics(console: Console, diagnostics: Iterable[Diagnostic]) -> No
 def print_plan(console: Console, plan: Plan) -> None:
     for change in plan.changes:
         _print_change(console, change)
-    for title, problems, colour in (("Conflict", plan.conflicts, "red"), ("Blocked", plan.blockers, "red"),
-                                    ("Warning", plan.warnings, "yellow")):
+    for title, problems, colour in (
+        ("Conflict", plan.conflicts, "red"),
+        ("Blocked", plan.blockers, "red"),
+        ("Warning", plan.warnings, "yellow"),
+    ):
         for problem in problems:
             hint = f"\n    [dim]{escape(problem.hint)}[/]" if problem.hint else ""
-            console.print(f"[{colour}]{title}:[/] {escape(str(problem.resource))}: {escape(problem.message)}{hint}",
-                          highlight=False)
+            console.print(
+                f"[{colour}]{title}:[/] {escape(str(problem.resource))}: {escape(problem.message)}{hint}",
+                highlight=False,
+            )
     console.print(f"\n[bold]{escape(plan.summary())}[/]", highlight=False)
     if not plan.applicable:
         console.print("[red]This plan cannot be applied until the problems above are resolved.[/]", highlight=False)
@@ -81,8 +86,10 @@ def _print_change(console: Console, change: Change) -> None:
             note = " [dim](after restart)[/]"
         elif field.timing is Timing.REPLACE and change.backend == "proxmox":
             note = " [magenta](forces replacement)[/]"
-        console.print(f"    [yellow]~ {escape(field.path)}[/]: {escape(_show(before))} -> {escape(_show(after))}{note}",
-                      highlight=False)
+        console.print(
+            f"    [yellow]~ {escape(field.path)}[/]: {escape(_show(before))} -> {escape(_show(after))}{note}",
+            highlight=False,
+        )
     console.print()
 
 
@@ -139,15 +146,24 @@ def print_history(console: Console, runs: Iterable[RunRecord]) -> None:
         took = f"{run.ended - run.started:.1f}s" if run.ended else "-"
         summary = run.plan.get("summary", "")
         message = f" ({run.message})" if run.message else ""
-        console.print(f"{run.id:>5}  {started}  {run.result!s:<16} {took:>8}  {run.revision or '-'}  {escape(summary)}"
-                      f"{escape(message)}", highlight=False)
+        console.print(
+            f"{run.id:>5}  {started}  {run.result!s:<16} {took:>8}  {run.revision or '-'}  {escape(summary)}"
+            f"{escape(message)}",
+            highlight=False,
+        )
 
 
 def print_status(console: Console, applied: RunRecord | None, last: RunRecord | None) -> None:
-    console.print(f"last applied revision:   {applied.revision if applied else '(none)'}"
-                  + (f" (run {applied.id})" if applied else ""), highlight=False)
+    console.print(
+        f"last applied revision:   {applied.revision if applied else '(none)'}"
+        + (f" (run {applied.id})" if applied else ""),
+        highlight=False,
+    )
     if last is None:
         console.print("last attempted revision: (none)")
         return
-    console.print(f"last attempted revision: {last.revision} (run {last.id}): {last.result}"
-                  + (f": {escape(last.message)}" if last.message else ""), highlight=False)
+    console.print(
+        f"last attempted revision: {last.revision} (run {last.id}): {last.result}"
+        + (f": {escape(last.message)}" if last.message else ""),
+        highlight=False,
+    )

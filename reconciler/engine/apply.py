@@ -48,11 +48,20 @@ class GuestBackend(Protocol):
     def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest: ...
     def create_lxc(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None: ...
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None: ...
-    def update_config(self, guest_type: GuestKind, node: str, vmid: int, *, config: Mapping[str, str],
-                      delete: list[str] | tuple[str, ...] = (), digest: str | None = None) -> None: ...
+    def update_config(
+        self,
+        guest_type: GuestKind,
+        node: str,
+        vmid: int,
+        *,
+        config: Mapping[str, str],
+        delete: list[str] | tuple[str, ...] = (),
+        digest: str | None = None,
+    ) -> None: ...
     def start(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None: ...
-    def shutdown(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0,
-                 force_stop_after: bool = True) -> None: ...
+    def shutdown(
+        self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0, force_stop_after: bool = True
+    ) -> None: ...
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
 
 
@@ -187,13 +196,18 @@ class Applier:
         """Refuse before touching anything: secrets that are not set, a backend that is not configured."""
         for change in plan.changes:
             if change.backend == "docker" and self.docker is None:
-                raise ConfigError("the plan changes containers but no Docker host is configured", resource=change.address)
+                raise ConfigError(
+                    "the plan changes containers but no Docker host is configured", resource=change.address
+                )
             if change.backend == "proxmox" and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
             for variable in (change.after or {}).get("secret_env", {}).values():
                 if variable not in self.env:
-                    raise ConfigError(f"the secret variable {variable} is not set", resource=change.resource,
-                                      hint="export it in the reconciler's environment")
+                    raise ConfigError(
+                        f"the secret variable {variable} is not set",
+                        resource=change.resource,
+                        hint="export it in the reconciler's environment",
+                    )
 
     def _take_over_interrupted(self) -> tuple[list[_Done], int | None]:
         inherited: list[_Done] = []
@@ -214,8 +228,15 @@ class Applier:
     def _step(self, run_id: int, change: Change, report: ApplyReport) -> _Done:
         before = self._capture(change)
         self.seq += 1
-        step_id = self.journal.begin_step(run_id, seq=self.seq, phase="apply", address=change.address,
-                                          action=str(change.action), intent=change.to_json(), before=before)
+        step_id = self.journal.begin_step(
+            run_id,
+            seq=self.seq,
+            phase="apply",
+            address=change.address,
+            action=str(change.action),
+            intent=change.to_json(),
+            before=before,
+        )
         done = _Done(change, before, step_id)
         try:
             if change.backend == "proxmox":
@@ -236,10 +257,19 @@ class Applier:
         if result is None:
             return
         self.seq += 1
-        step_id = self.journal.begin_step(run_id, seq=self.seq, phase="verify", address=change.address,
-                                          action="health", intent={"address": change.address}, before=None)
+        step_id = self.journal.begin_step(
+            run_id,
+            seq=self.seq,
+            phase="verify",
+            address=change.address,
+            action="health",
+            intent={"address": change.address},
+            before=None,
+        )
         outcome = StepOutcome.OK if result.healthy else StepOutcome.FAILED
-        self.journal.end_step(step_id, outcome, error=None if result.healthy else result.detail, health=[result.to_json()])
+        self.journal.end_step(
+            step_id, outcome, error=None if result.healthy else result.detail, health=[result.to_json()]
+        )
         self._emit(report, StepReport(change.address, "health", "verify", result.healthy, result.detail))
         if not result.healthy:
             raise _StepFailed(f"{change.address}: health check failed: {result.detail}", change)
@@ -264,8 +294,14 @@ class Applier:
                 restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
                 if restart:  # stop, set, start: a GPU is released before anything else claims it
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
-                self.proxmox.update_config(kind, node, vmid, config=config, delete=after.get("delete", []),
-                                           digest=None if restart else before.get("digest"))
+                self.proxmox.update_config(
+                    kind,
+                    node,
+                    vmid,
+                    config=config,
+                    delete=after.get("delete", []),
+                    digest=None if restart else before.get("digest"),
+                )
                 if running and (restart or before.get("status") != "running"):
                     self.proxmox.start(kind, node, vmid)
                 elif not running and before.get("status") == "running":
@@ -393,8 +429,12 @@ class Applier:
             status = self.proxmox.observe_guest(kind, node, vmid).status  # type: ignore[union-attr]
             return ProbeResult(status == "running", f"{kind}/{vmid} is {status}")
 
-        return poll(check, timeout=self.health.cap(self.health.guest_timeout), interval=self.health.interval or 2.0,
-                    sleep=self.sleep)
+        return poll(
+            check,
+            timeout=self.health.cap(self.health.guest_timeout),
+            interval=self.health.interval or 2.0,
+            sleep=self.sleep,
+        )
 
     def _container_healthy(self, change: Change, probe: Mapping[str, Any] | None) -> ProbeResult:
         assert self.docker is not None
@@ -446,8 +486,15 @@ class Applier:
         for item in reversed(done):
             change = item.change
             self.seq += 1
-            step_id = self.journal.begin_step(run_id, seq=self.seq, phase="rollback", address=change.address,
-                                              action=f"undo {change.action}", intent=change.to_json(), before=item.before)
+            step_id = self.journal.begin_step(
+                run_id,
+                seq=self.seq,
+                phase="rollback",
+                address=change.address,
+                action=f"undo {change.action}",
+                intent=change.to_json(),
+                before=item.before,
+            )
             try:
                 if change.backend == "proxmox":
                     self._undo_guest(item)
@@ -464,7 +511,9 @@ class Applier:
                 message = f"{change.address}: restored but not healthy: {restored.detail}"
                 report.rollback_errors.append(message)
                 self.journal.end_step(step_id, StepOutcome.FAILED, error=message, health=[restored.to_json()])
-                self._emit(report, StepReport(change.address, f"undo {change.action}", "rollback", False, restored.detail))
+                self._emit(
+                    report, StepReport(change.address, f"undo {change.action}", "rollback", False, restored.detail)
+                )
                 continue
             self.journal.end_step(step_id, StepOutcome.UNDONE, health=[restored.to_json()] if restored else None)
             if item.step_id is not None:
@@ -489,8 +538,15 @@ class Applier:
                 continue
             host, name = _host_and_name(item.change)
             self.seq += 1
-            step_id = self.journal.begin_step(run_id, seq=self.seq, phase="finalize", address=item.change.address,
-                                              action="remove old", intent={"container": name + OLD_SUFFIX}, before=None)
+            step_id = self.journal.begin_step(
+                run_id,
+                seq=self.seq,
+                phase="finalize",
+                address=item.change.address,
+                action="remove old",
+                intent={"container": name + OLD_SUFFIX},
+                before=None,
+            )
             try:
                 self.docker.remove_container(host, name + OLD_SUFFIX, force=True)
             except ReconcilerError as exc:
@@ -500,18 +556,21 @@ class Applier:
             self.journal.end_step(step_id, StepOutcome.OK)
 
     def _record_inventory(self, run_id: int, plan: Plan, desired: DesiredState) -> None:
+        """What this run leaves owned, with the spec it was applied from (later differences read as drift)."""
         for change in plan.changes:
             if change.action is Action.DELETE:
                 self.journal.forget(change.address)
-                continue
-            resource = desired.find(change.resource)
-            if resource is not None:
-                self._own(run_id, change, resource, desired)
-        # Resources already in step have their current spec hash recorded, so later differences read as drift.
         for resource in desired.resources:
             if resource.kind in ("Lxc", "Vm", "Container", "Model"):
-                self.journal.record_owned(_address_of(resource), resource=resource.ref, backend=_backend_of(resource),
-                                          spec_hash=spec_hash(resource, desired), protected=resource.protect, run_id=run_id)
+                self.journal.record_owned(
+                    _address_of(resource),
+                    resource=resource.ref,
+                    backend=_backend_of(resource),
+                    spec_hash=spec_hash(resource, desired),
+                    protected=resource.protect,
+                    run_id=run_id,
+                    vmid=getattr(resource, "vmid", None),
+                )
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
@@ -522,12 +581,13 @@ class Applier:
         state = self.docker.container_state(host, name)
         if state is None:
             return None
-        return {"status": state.status, "health": state.health, "image": state.image, "id": state.id,
-                "restart_count": state.restart_count}
-
-    def _own(self, run_id: int, change: Change, resource: Resource) -> None:
-        self.journal.record_owned(change.address, resource=resource.ref, backend=change.backend,
-                                  spec_hash=spec_hash(resource, desired), protected=resource.protect, run_id=run_id)
+        return {
+            "status": state.status,
+            "health": state.health,
+            "image": state.image,
+            "id": state.id,
+            "restart_count": state.restart_count,
+        }
 
 
 def _address_of(resource: Resource) -> str:
@@ -581,8 +641,15 @@ def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_
         shm_size=after.get("shm_size"),
         ipc=after.get("ipc"),
         network_mode=after.get("network_mode"),
-        healthcheck=health_type(test=tuple(health["test"]), interval=health["interval"], timeout=health["timeout"],
-                                retries=health["retries"], start_period=health["start_period"]) if health else None,
+        healthcheck=health_type(
+            test=tuple(health["test"]),
+            interval=health["interval"],
+            timeout=health["timeout"],
+            retries=health["retries"],
+            start_period=health["start_period"],
+        )
+        if health
+        else None,
     )
 
 

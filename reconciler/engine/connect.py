@@ -28,9 +28,9 @@ __all__ = ["Backends", "connect", "docker_settings"]
 class Backends(Readers):
     """The readers, which are also the writers the applier uses."""
 
-    proxmox: ProxmoxBackend | None  # type: ignore[assignment]
-    docker: DockerBackend | None  # type: ignore[assignment]
-    nvml: NvmlBackend | None  # type: ignore[assignment]
+    proxmox: ProxmoxBackend | None
+    docker: DockerBackend | None
+    nvml: NvmlBackend | None
 
 
 def docker_settings(desired: DesiredState, env: Mapping[str, str]) -> dict[str, DockerHostSettings]:

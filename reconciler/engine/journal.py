@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS inventory (
     backend TEXT NOT NULL,
     spec_hash TEXT,
     protected INTEGER NOT NULL DEFAULT 0,
+    vmid INTEGER,
     run_id INTEGER,
     updated REAL NOT NULL
 );
@@ -156,11 +157,16 @@ class Journal:
 
     def end_run(self, run_id: int, result: RunResult, message: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("UPDATE runs SET ended = ?, result = ?, message = ? WHERE id = ?",
-                       (time.time(), result, message, run_id))
+            db.execute(
+                "UPDATE runs SET ended = ?, result = ?, message = ? WHERE id = ?",
+                (time.time(), result, message, run_id),
+            )
 
     def unfinished_runs(self) -> list[RunRecord]:
-        return [self._run(row) for row in self._db.execute("SELECT * FROM runs WHERE result = ? ORDER BY id", (RunResult.RUNNING,))]
+        return [
+            self._run(row)
+            for row in self._db.execute("SELECT * FROM runs WHERE result = ? ORDER BY id", (RunResult.RUNNING,))
+        ]
 
     def runs(self, limit: int = 20) -> list[RunRecord]:
         with self._lock:
@@ -173,57 +179,114 @@ class Journal:
         return self._run(row) if row else None
 
     def last_run(self, *, applied: bool = False) -> RunRecord | None:
-        query = "SELECT * FROM runs WHERE result = ? ORDER BY id DESC LIMIT 1" if applied else "SELECT * FROM runs ORDER BY id DESC LIMIT 1"
+        query = (
+            "SELECT * FROM runs WHERE result = ? ORDER BY id DESC LIMIT 1"
+            if applied
+            else "SELECT * FROM runs ORDER BY id DESC LIMIT 1"
+        )
         with self._lock:
             row = self._db.execute(query, (RunResult.APPLIED,) if applied else ()).fetchone()
         return self._run(row) if row else None
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
-        return RunRecord(row["id"], row["revision"], row["started"], row["ended"], RunResult(row["result"]),
-                         row["message"], json.loads(row["plan"]), row["resumed_from"])
+        return RunRecord(
+            row["id"],
+            row["revision"],
+            row["started"],
+            row["ended"],
+            RunResult(row["result"]),
+            row["message"],
+            json.loads(row["plan"]),
+            row["resumed_from"],
+        )
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def begin_step(self, run_id: int, *, seq: int, phase: str, address: str, action: str,
-                   intent: Mapping[str, Any], before: Mapping[str, Any] | None) -> int:
+    def begin_step(
+        self,
+        run_id: int,
+        *,
+        seq: int,
+        phase: str,
+        address: str,
+        action: str,
+        intent: Mapping[str, Any],
+        before: Mapping[str, Any] | None,
+    ) -> int:
         """Write the intent (and the state to restore) before the step touches anything."""
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO steps (run_id, seq, phase, address, action, intent, before, started, outcome)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, seq, phase, address, action, json.dumps(intent), json.dumps(before) if before is not None else None,
-                 time.time(), StepOutcome.PENDING),
+                (
+                    run_id,
+                    seq,
+                    phase,
+                    address,
+                    action,
+                    json.dumps(intent),
+                    json.dumps(before) if before is not None else None,
+                    time.time(),
+                    StepOutcome.PENDING,
+                ),
             )
             return int(cursor.lastrowid or 0)
 
-    def end_step(self, step_id: int, outcome: StepOutcome, *, error: str | None = None,
-                 health: list[dict[str, Any]] | None = None) -> None:
+    def end_step(
+        self,
+        step_id: int,
+        outcome: StepOutcome,
+        *,
+        error: str | None = None,
+        health: list[dict[str, Any]] | None = None,
+    ) -> None:
         with self._tx() as db:
-            db.execute("UPDATE steps SET ended = ?, outcome = ?, error = ?, health = COALESCE(?, health) WHERE id = ?",
-                       (time.time(), outcome, error, json.dumps(health) if health is not None else None, step_id))
+            db.execute(
+                "UPDATE steps SET ended = ?, outcome = ?, error = ?, health = COALESCE(?, health) WHERE id = ?",
+                (time.time(), outcome, error, json.dumps(health) if health is not None else None, step_id),
+            )
 
     def steps(self, run_id: int) -> list[StepRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY seq, id", (run_id,)).fetchall()
         return [
-            StepRecord(row["id"], row["run_id"], row["seq"], row["phase"], row["address"], row["action"],
-                       json.loads(row["intent"]), json.loads(row["before"]) if row["before"] else None,
-                       StepOutcome(row["outcome"]), row["error"], json.loads(row["health"]) if row["health"] else None)
+            StepRecord(
+                row["id"],
+                row["run_id"],
+                row["seq"],
+                row["phase"],
+                row["address"],
+                row["action"],
+                json.loads(row["intent"]),
+                json.loads(row["before"]) if row["before"] else None,
+                StepOutcome(row["outcome"]),
+                row["error"],
+                json.loads(row["health"]) if row["health"] else None,
+            )
             for row in rows
         ]
 
     # ---- inventory and failed revisions ----------------------------------------------------------
 
-    def record_owned(self, address: str, *, resource: str, backend: str, spec_hash: str | None, protected: bool,
-                     run_id: int) -> None:
+    def record_owned(
+        self,
+        address: str,
+        *,
+        resource: str,
+        backend: str,
+        spec_hash: str | None,
+        protected: bool,
+        run_id: int,
+        vmid: int | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO inventory (address, resource, backend, spec_hash, protected, run_id, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET resource = excluded.resource,"
+                "INSERT INTO inventory (address, resource, backend, spec_hash, protected, vmid, run_id, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET resource = excluded.resource,"
                 " backend = excluded.backend, spec_hash = excluded.spec_hash, protected = excluded.protected,"
-                " run_id = excluded.run_id, updated = excluded.updated",
-                (address, resource, backend, spec_hash, int(protected), run_id, time.time()),
+                " vmid = excluded.vmid, run_id = excluded.run_id, updated = excluded.updated",
+                (address, resource, backend, spec_hash, int(protected), vmid, run_id, time.time()),
             )
 
     def forget(self, address: str) -> None:
@@ -232,16 +295,19 @@ class Journal:
 
     def inventory(self) -> Inventory:
         with self._lock:
-            rows = self._db.execute("SELECT resource, address, spec_hash, protected FROM inventory").fetchall()
+            rows = self._db.execute("SELECT resource, address, spec_hash, protected, vmid FROM inventory").fetchall()
         return Inventory(
             spec_hashes={row["resource"]: row["spec_hash"] for row in rows if row["spec_hash"]},
             protected=frozenset(row["address"] for row in rows if row["protected"]),
+            protected_vmids=frozenset(row["vmid"] for row in rows if row["protected"] and row["vmid"] is not None),
         )
 
     def mark_failed(self, revision: str, *, run_id: int, reason: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO failed_revisions (revision, run_id, reason, at) VALUES (?, ?, ?, ?)",
-                       (revision, run_id, reason, time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO failed_revisions (revision, run_id, reason, at) VALUES (?, ?, ?, ?)",
+                (revision, run_id, reason, time.time()),
+            )
 
     def clear_failed(self, revision: str) -> None:
         with self._tx() as db:

@@ -34,8 +34,11 @@ def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iter
                 if time.monotonic() >= deadline:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"
-                    raise TemporaryError(f"another apply is running ({holder})", resource=str(path),
-                                         hint="wait for it, or pass --wait SECONDS") from None
+                    raise TemporaryError(
+                        f"another apply is running ({holder})",
+                        resource=str(path),
+                        hint="wait for it, or pass --wait SECONDS",
+                    ) from None
                 time.sleep(poll)
         handle.seek(0)
         handle.truncate()

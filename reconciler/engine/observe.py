@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from reconciler.planning.observed import DockerObservation, NvmlObservation, Observed, ProxmoxObservation
-from reconciler.spec.models import Container, Lxc, Model, Vm
 from reconciler.spec.state import DesiredState
 
 __all__ = ["DockerReader", "NvmlReader", "ProxmoxReader", "Readers", "observe"]
@@ -26,7 +25,9 @@ class ProxmoxReader(Protocol):
 
 
 class DockerReader(Protocol):
-    def observe(self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()) -> dict[str, DockerObservation]: ...
+    def observe(
+        self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()
+    ) -> dict[str, DockerObservation]: ...
 
 
 class NvmlReader(Protocol):
@@ -43,9 +44,9 @@ class Readers:
 def observe(desired: DesiredState, readers: Readers) -> Observed:
     """Read everything the spec talks about, concurrently."""
     names: dict[str, set[str]] = {}
-    for workload in (*desired.of(Container), *desired.of(Model)):
+    for workload in desired.workloads():
         names.setdefault(workload.host, set()).add(workload.name)
-    nodes = sorted({*desired.lab.nodes, *(g.node for g in (*desired.of(Lxc), *desired.of(Vm)))})
+    nodes = sorted({*desired.lab.nodes, *(g.node for g in desired.guests())})
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="observe") as pool:
         proxmox = pool.submit(readers.proxmox.observe, nodes=nodes or None) if readers.proxmox else None
         docker = pool.submit(readers.docker.observe, names) if readers.docker else None

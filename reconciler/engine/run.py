@@ -8,11 +8,11 @@ plan from the same revision (otherwise it is stale and refused).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.engine.health import ProbeResult
 from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, GuestBackend, HealthPolicy, StepReport
+from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal
 from reconciler.engine.observe import Readers, observe
 from reconciler.errors import PlanError
@@ -27,7 +27,7 @@ __all__ = ["ApplyOptions", "apply_pass", "plan_pass"]
 class ApplyOptions:
     allow_delete: bool = False
     retry: bool = False
-    health: HealthPolicy = HealthPolicy()
+    health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
 
 
@@ -54,28 +54,51 @@ def apply_pass(
     if desired.revision and not options.retry:
         failed = journal.failed_revision(desired.revision)
         if failed is not None:
-            raise PlanError(f"revision {desired.revision} failed before ({failed}); it is not retried until something changes",
-                            hint="commit a fix, or pass --retry to try it again")
+            raise PlanError(
+                f"revision {desired.revision} failed before ({failed}); it is not retried until something changes",
+                hint="commit a fix, or pass --retry to try it again",
+            )
     plan = plan_pass(desired, readers, journal)
     if saved_plan is not None:
         if saved_plan.revision != plan.revision:
-            raise PlanError(f"the saved plan is for revision {saved_plan.revision}, the spec is at {plan.revision}",
-                            hint="run `reconciler plan --out` again")
+            raise PlanError(
+                f"the saved plan is for revision {saved_plan.revision}, the spec is at {plan.revision}",
+                hint="run `reconciler plan --out` again",
+            )
         if saved_plan.observed_digest != plan.observed_digest:
-            raise PlanError("the live state changed since the plan was saved (stale plan)", hint="run `reconciler plan --out` again")
+            raise PlanError(
+                "the live state changed since the plan was saved (stale plan)", hint="run `reconciler plan --out` again"
+            )
         plan = saved_plan
-    destructive = sum(1 for c in plan.changes if c.action is Action.DELETE or (c.action is Action.REPLACE and c.backend == "proxmox"))
+    destructive = sum(
+        1 for c in plan.changes if c.action is Action.DELETE or (c.action is Action.REPLACE and c.backend == "proxmox")
+    )
     if destructive > desired.lab.max_deletes and not options.allow_delete:
-        raise PlanError(f"the plan deletes or recreates {destructive} resources; the lab allows {desired.lab.max_deletes}",
-                        hint="review the plan, then pass --allow-delete")
+        raise PlanError(
+            f"the plan deletes or recreates {destructive} resources; the lab allows {desired.lab.max_deletes}",
+            hint="review the plan, then pass --allow-delete",
+        )
     for change in plan.changes:
         resource = desired.find(change.resource)
-        if resource is not None and resource.protect and change.action in (Action.DELETE, Action.REPLACE) and change.backend == "proxmox":
+        if (
+            resource is not None
+            and resource.protect
+            and change.action in (Action.DELETE, Action.REPLACE)
+            and change.backend == "proxmox"
+        ):
             raise PlanError(f"{change.address} is protected and the plan would recreate it", resource=change.resource)
     if not plan.applicable:
         return plan, None
     if plan.empty or not confirm(plan):
         return plan, None
-    applier = Applier(proxmox=proxmox, docker=docker, journal=journal, env=env, docker_endpoints=docker_endpoints,
-                      health=options.health, on_step=on_step, prober=options.prober)
+    applier = Applier(
+        proxmox=proxmox,
+        docker=docker,
+        journal=journal,
+        env=env,
+        docker_endpoints=docker_endpoints,
+        health=options.health,
+        on_step=on_step,
+        prober=options.prober,
+    )
     return plan, applier.apply(plan, desired)

@@ -36,8 +36,13 @@ def fake_uuid(gpu: Gpu) -> str:
 def fake_gpus(desired: DesiredState) -> list[FakeGpu]:
     gpus = sorted(desired.of(Gpu), key=lambda g: (g.node, g.pci_function0 or ""))
     return [
-        FakeGpu(index=i, uuid=fake_uuid(g), pci_bus_id=g.pci_function0 or f"0000:{i + 1:02x}:00.0",
-                name=f"NVIDIA GeForce {g.model or g.name}", memory_total=g.vram)
+        FakeGpu(
+            index=i,
+            uuid=fake_uuid(g),
+            pci_bus_id=g.pci_function0 or f"0000:{i + 1:02x}:00.0",
+            name=f"NVIDIA GeForce {g.model or g.name}",
+            memory_total=g.vram,
+        )
         for i, g in enumerate(gpus)
     ]
 
@@ -72,8 +77,14 @@ def memory_lab(desired: DesiredState, *, work_dir: Path) -> MemoryLab:
     try:
         library = build_library(work_dir / "fake-nvml")
     except FakeNvmlBuildError as exc:
-        observed = NvmlObservation(True, driver_version="580.105.08", gpus=tuple(
-            ObservedGpu(g.index, g.uuid, g.pci_bus_id, g.name, g.memory_total or 0, 0, g.memory_total or 0) for g in gpus))
+        observed = NvmlObservation(
+            True,
+            driver_version="580.105.08",
+            gpus=tuple(
+                ObservedGpu(g.index, g.uuid, g.pci_bus_id, g.name, g.memory_total or 0, 0, g.memory_total or 0)
+                for g in gpus
+            ),
+        )
         return MemoryLab(proxmox, docker, MemoryNvml(observed), f"NVML in memory ({exc})")
     from reconciler.backends.nvml import NvmlBackend
 

@@ -171,7 +171,9 @@ def _plain(spec: Container) -> dict[str, Any]:
 def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
     image = model.image or getattr(lab.images, model.engine.value)
     served = model.served_name or model.name
-    volume_root = model.models_dir or (posixpath.dirname(model.source) if model.engine is Engine.LLAMACPP else model.source)
+    volume_root = model.models_dir or (
+        posixpath.dirname(model.source) if model.engine is Engine.LLAMACPP else model.source
+    )
     volumes: tuple[tuple[str, str, bool], ...] = ()
     if model.engine is not Engine.OLLAMA:
         volumes = ((volume_root, volume_root, True),)
@@ -249,7 +251,9 @@ def _http_probe(model: Model, path: str) -> dict[str, Any]:
     return {"http": path, "tcp": None, "status": 200, "body": None, "timeout": 900.0, "interval": 5.0}
 
 
-def _probe(workload: Workload, preset: dict[str, Any] | None, ports: tuple[tuple[str, int, int, str], ...]) -> dict[str, Any] | None:
+def _probe(
+    workload: Workload, preset: dict[str, Any] | None, ports: tuple[tuple[str, int, int, str], ...]
+) -> dict[str, Any] | None:
     """The declared probe, else the engine's; a path-only HTTP probe gets the port it is joined to."""
     probe = workload.probe.model_dump(mode="json") if workload.probe else preset
     if probe is None:

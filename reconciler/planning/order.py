@@ -55,7 +55,12 @@ def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Cha
             continue
         if change.action in _STARTING and guest.action in _STARTING:
             edge(guest, change)
-        if change.action in _STOPPING and guest.action in (Action.STOP, Action.DELETE, Action.REPLACE, Action.UPDATE_RESTART):
+        if change.action in _STOPPING and guest.action in (
+            Action.STOP,
+            Action.DELETE,
+            Action.REPLACE,
+            Action.UPDATE_RESTART,
+        ):
             edge(change, guest)
 
     _group_edges(items, desired, edge)
@@ -116,7 +121,9 @@ def _gpus_held(change: Change, desired: DesiredState, names_by_uuid: Mapping[str
     return set()
 
 
-def _topological(items: list[Change], edges: Mapping[str, set[str]], by_address: Mapping[str, Change]) -> tuple[Change, ...]:
+def _topological(
+    items: list[Change], edges: Mapping[str, set[str]], by_address: Mapping[str, Change]
+) -> tuple[Change, ...]:
     incoming: dict[str, set[str]] = defaultdict(set)
     for first, thens in edges.items():
         for then in thens:

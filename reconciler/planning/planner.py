@@ -22,7 +22,6 @@ from typing import Any, Literal
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.observed import (
-    DockerObservation,
     GuestType,
     NvmlObservation,
     Observed,
@@ -60,6 +59,7 @@ class Inventory:
 
     spec_hashes: Mapping[str, str] = field(default_factory=dict)  # "Lxc/llm" -> spec_hash at last apply
     protected: frozenset[str] = frozenset()  # addresses never to delete
+    protected_vmids: frozenset[int] = frozenset()  # guests never to delete, whatever they are called now
 
 
 def spec_hash(resource: Resource, desired: DesiredState) -> str:
@@ -153,14 +153,26 @@ class _Planner:
         for vmid, seen in sorted(live.items()):
             if vmid in wanted or self.owner not in pve.normalise_tags(";".join(seen.tags)):
                 continue
-            address = f"{seen.type}/{vmid}"
-            if address in self.inventory.protected:
+            address = f"{seen.type}/{seen.name or vmid}"
+            if vmid in self.inventory.protected_vmids or address in self.inventory.protected:
                 self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
                 continue
             self.changes.append(
-                Change(address, Action.DELETE, address, "proxmox",
-                       before={"type": str(seen.type), "node": seen.node, "vmid": vmid, "name": seen.name, "status": seen.status},
-                       after=None, reason="owned by the reconciler and no longer in the spec")
+                Change(
+                    address,
+                    Action.DELETE,
+                    address,
+                    "proxmox",
+                    before={
+                        "type": str(seen.type),
+                        "node": seen.node,
+                        "vmid": vmid,
+                        "name": seen.name,
+                        "status": seen.status,
+                    },
+                    after=None,
+                    reason="owned by the reconciler and no longer in the spec",
+                )
             )
 
     def plan_guest(self, guest: Lxc | Vm, seen: ObservedGuest | None, proxmox: ProxmoxObservation) -> None:
@@ -171,24 +183,41 @@ class _Planner:
         if config is None:
             return
         if seen is None:
-            change = Change(address, Action.CREATE, guest.ref, "proxmox", before=None,
-                            after=self.guest_after(guest, kind, config, power, create=True),
-                            reason=f"{guest.ref} does not exist")
+            change = Change(
+                address,
+                Action.CREATE,
+                guest.ref,
+                "proxmox",
+                before=None,
+                after=self.guest_after(guest, kind, config, power, create=True),
+                reason=f"{guest.ref} does not exist",
+            )
             self.guest_changes[guest.name] = change
             self.changes.append(change)
             return
         if seen.type is not GuestType(kind):
-            self.conflicts.append(Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}"))
+            self.conflicts.append(
+                Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}")
+            )
             return
         owned = self.owner in pve.normalise_tags(";".join(seen.tags))
         if not owned and not guest.adopt:
-            self.conflicts.append(Problem(
-                guest.ref, f"vmid {guest.vmid} exists ({seen.name} on {seen.node}) and is not managed by the reconciler",
-                "set 'adopt: true' to take it over, or choose another vmid"))
+            self.conflicts.append(
+                Problem(
+                    guest.ref,
+                    f"vmid {guest.vmid} exists ({seen.name} on {seen.node}) and is not managed by the reconciler",
+                    "set 'adopt: true' to take it over, or choose another vmid",
+                )
+            )
             return
         if seen.node != guest.node:
-            self.blockers.append(Problem(guest.ref, f"is on node {seen.node!r}, the spec says {guest.node!r}",
-                                         "migrate it by hand or change 'node'"))
+            self.blockers.append(
+                Problem(
+                    guest.ref,
+                    f"is on node {seen.node!r}, the spec says {guest.node!r}",
+                    "migrate it by hand or change 'node'",
+                )
+            )
             return
         running = seen.status == "running"
         effective = {**seen.config, **seen.pending}
@@ -200,21 +229,32 @@ class _Planner:
         for diff in diffs:
             timing = _timing(pve.classify(kind, diff.key, running=running))
             if diff.fields:
-                fields.extend(FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields)
+                fields.extend(
+                    FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
+                )
             else:
                 fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
         pending_restart = running and any(key in desired_cfg for key in (*seen.pending, *seen.pending_delete))
         if pending_restart and not fields:
-            fields = [FieldChange(key, seen.config.get(key), seen.pending.get(key), Timing.RESTART)
-                      for key in sorted({*seen.pending, *seen.pending_delete}) if key in desired_cfg]
+            fields = [
+                FieldChange(key, seen.config.get(key), seen.pending.get(key), Timing.RESTART)
+                for key in sorted({*seen.pending, *seen.pending_delete})
+                if key in desired_cfg
+            ]
         drift = self.is_drift(guest)
         if not owned:
             fields.append(FieldChange("tags", list(seen.tags), [*seen.tags, self.owner], Timing.LIVE))
         power_change = (power is PowerState.RUNNING) != running
         if not fields and not power_change:
             return
-        before = {"type": kind, "node": seen.node, "vmid": seen.vmid, "status": seen.status, "digest": seen.digest,
-                  "config": {k: seen.config.get(k) for k in sorted(desired_cfg) if k in seen.config}}
+        before = {
+            "type": kind,
+            "node": seen.node,
+            "vmid": seen.vmid,
+            "status": seen.status,
+            "digest": seen.digest,
+            "config": {k: seen.config.get(k) for k in sorted(desired_cfg) if k in seen.config},
+        }
         after = self.guest_after(guest, kind, desired_cfg, power, create=False)
         if fields:
             action = _guest_action(fields, running)
@@ -227,14 +267,30 @@ class _Planner:
         else:
             action = Action.START if power is PowerState.RUNNING else Action.STOP
             reason = f"is {seen.status}, should be {power}"
-        change = Change(address, action, guest.ref, "proxmox", before=before, after=after, fields=tuple(fields),
-                        reason=reason, drift=drift)
+        change = Change(
+            address,
+            action,
+            guest.ref,
+            "proxmox",
+            before=before,
+            after=after,
+            fields=tuple(fields),
+            reason=reason,
+            drift=drift,
+        )
         self.guest_changes[guest.name] = change
         self.keep(change, guest)
 
-    def guest_after(self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool) -> dict[str, Any]:
-        after: dict[str, Any] = {"type": kind, "node": guest.node, "vmid": guest.vmid, "state": str(power),
-                                 "config": dict(sorted(config.items()))}
+    def guest_after(
+        self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool
+    ) -> dict[str, Any]:
+        after: dict[str, Any] = {
+            "type": kind,
+            "node": guest.node,
+            "vmid": guest.vmid,
+            "state": str(power),
+            "config": dict(sorted(config.items())),
+        }
         if not create:
             after["delete"] = []
         return after
@@ -246,23 +302,34 @@ class _Planner:
             devices = self.lxc_devices(tagged, proxmox)
             config = pve.lxc_config(tagged, gpu_devices=devices)
         else:
-            config = pve.vm_config(tagged, hostpci=self.hostpci(tagged))  # type: ignore[arg-type]
+            config = pve.vm_config(tagged, hostpci=self.hostpci(tagged))
         return {k: v for k, v in config.items() if not any(_key_matches(k, p) for p in ignored)}
 
     def lxc_devices(self, lxc: Lxc, proxmox: ProxmoxObservation) -> list[str]:
-        """/dev/nvidiaN for each GPU (N = its rank by PCI address among the node's NVIDIA GPUs), then the shared nodes."""
+        """/dev/nvidiaN per GPU (N: its rank by PCI address among the node's NVIDIA GPUs), then the shared nodes."""
         if not lxc.gpus:
             return []
-        seen = sorted({d.address.rsplit(".", 1)[0] for d in proxmox.pci_devices if d.node == lxc.node and d.vendor == NVIDIA_VENDOR})
-        declared = sorted({g.pci_function0.rsplit(".", 1)[0] for g in self.gpus.values() if g.node == lxc.node and g.pci_function0})
+        seen = sorted(
+            {
+                d.address.rsplit(".", 1)[0]
+                for d in proxmox.pci_devices
+                if d.node == lxc.node and d.vendor == NVIDIA_VENDOR
+            }
+        )
+        declared = sorted(
+            {g.pci_function0.rsplit(".", 1)[0] for g in self.gpus.values() if g.node == lxc.node and g.pci_function0}
+        )
         order = seen or declared
         devices = []
         for name in lxc.gpus:
             gpu = self.gpus[name]
             address = gpu.pci_function0.rsplit(".", 1)[0] if gpu.pci_function0 else None
             if address is None or address not in order:
-                self.blockers.append(Problem(lxc.ref, f"cannot tell the /dev/nvidia number of Gpu {name!r}",
-                                             "give the Gpu its 'pci' address"))
+                self.blockers.append(
+                    Problem(
+                        lxc.ref, f"cannot tell the /dev/nvidia number of Gpu {name!r}", "give the Gpu its 'pci' address"
+                    )
+                )
                 continue
             devices.append(f"/dev/nvidia{order.index(address)}")
         return devices + list(NVIDIA_SHARED_DEVICES)
@@ -290,11 +357,17 @@ class _Planner:
         wanted: dict[str, set[str]] = {}
         for workload in workloads:
             names = self.gpus_for(workload, available)
-            container = desired_container(workload, lab=self.lab, gpu_names=names, gpu_uuids=resolved,
-                                          revision=self.desired.revision)
+            container = desired_container(
+                workload, lab=self.lab, gpu_names=names, gpu_uuids=resolved, revision=self.desired.revision
+            )
             for name in container.unresolved_gpus:
-                self.blockers.append(Problem(workload.ref, f"Gpu {name!r} could not be resolved to an NVML UUID: {problems[name]}",
-                                             "give the Gpu its 'uuid', or run where NVML sees it"))
+                self.blockers.append(
+                    Problem(
+                        workload.ref,
+                        f"Gpu {name!r} could not be resolved to an NVML UUID: {problems[name]}",
+                        "give the Gpu its 'uuid', or run where NVML sees it",
+                    )
+                )
             power = self.desired_power(workload)
             if power is not container.state:
                 container = _with_state(container, power)
@@ -313,8 +386,17 @@ class _Planner:
                 if address in self.inventory.protected:
                     self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
                     continue
-                self.changes.append(Change(address, Action.DELETE, address, "docker", before=_container_view(live),
-                                           after=None, reason="owned by the reconciler and no longer in the spec"))
+                self.changes.append(
+                    Change(
+                        address,
+                        Action.DELETE,
+                        address,
+                        "docker",
+                        before=_container_view(live),
+                        after=None,
+                        reason="owned by the reconciler and no longer in the spec",
+                    )
+                )
 
     def plan_container(self, workload: Workload, container: DesiredContainer) -> None:
         host = self.observed.docker.get(workload.host)
@@ -322,22 +404,50 @@ class _Planner:
         guest_change = self.guest_changes.get(workload.host)
         if host is None or not host.reachable:
             if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
-                self.changes.append(Change(container.address, Action.CREATE, workload.ref, "docker", before=None,
-                                           after=after, reason=f"its host {workload.host!r} is being created or started"))
+                self.changes.append(
+                    Change(
+                        container.address,
+                        Action.CREATE,
+                        workload.ref,
+                        "docker",
+                        before=None,
+                        after=after,
+                        reason=f"its host {workload.host!r} is being created or started",
+                    )
+                )
                 return
             why = host.error if host is not None and host.error else "not observed"
-            self.blockers.append(Problem(workload.ref, f"Docker host {workload.host!r} is unreachable: {why}",
-                                         "check the host's docker endpoint"))
+            self.blockers.append(
+                Problem(
+                    workload.ref,
+                    f"Docker host {workload.host!r} is unreachable: {why}",
+                    "check the host's docker endpoint",
+                )
+            )
             return
         live = next((c for c in host.containers if c.name == container.name), None)
         if live is None:
-            self.changes.append(Change(container.address, Action.CREATE, workload.ref, "docker", before=None, after=after,
-                                       reason=f"{workload.ref} has no container on {workload.host!r}"))
+            self.changes.append(
+                Change(
+                    container.address,
+                    Action.CREATE,
+                    workload.ref,
+                    "docker",
+                    before=None,
+                    after=after,
+                    reason=f"{workload.ref} has no container on {workload.host!r}",
+                )
+            )
             return
         keys = label_keys(self.owner)
         if live.labels.get(keys["managed"]) != "true" and not workload.adopt:
-            self.conflicts.append(Problem(workload.ref, f"container {live.name!r} on {workload.host!r} exists and is not "
-                                          "managed by the reconciler", "set 'adopt: true' to replace it, or rename"))
+            self.conflicts.append(
+                Problem(
+                    workload.ref,
+                    f"container {live.name!r} on {workload.host!r} exists and is not managed by the reconciler",
+                    "set 'adopt: true' to replace it, or rename",
+                )
+            )
             return
         fields = _container_fields(container, live, keys, ignored=set(workload.ignore))
         running = live.status in ("running", "restarting")
@@ -346,14 +456,32 @@ class _Planner:
         before = _container_view(live)
         if fields:
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
-            change = Change(container.address, Action.REPLACE, workload.ref, "docker", before=before, after=after,
-                            fields=tuple(fields), reason=f"{'drift' if drift else 'spec'}: {why} (containers are recreated)",
-                            drift=drift)
+            change = Change(
+                container.address,
+                Action.REPLACE,
+                workload.ref,
+                "docker",
+                before=before,
+                after=after,
+                fields=tuple(fields),
+                reason=f"{'drift' if drift else 'spec'}: {why} (containers are recreated)",
+                drift=drift,
+            )
         elif want_running != running or (want_running and live.health == "unhealthy"):
             action = Action.START if want_running else Action.STOP
-            reason = f"is {live.status}" + (f" ({live.health})" if live.health else "") + f", should be {container.state}"
-            change = Change(container.address, action, workload.ref, "docker", before=before, after=after, reason=reason,
-                            drift=drift)
+            reason = (
+                f"is {live.status}" + (f" ({live.health})" if live.health else "") + f", should be {container.state}"
+            )
+            change = Change(
+                container.address,
+                action,
+                workload.ref,
+                "docker",
+                before=before,
+                after=after,
+                reason=reason,
+                drift=drift,
+            )
         else:
             return
         self.keep(change, workload)
@@ -367,7 +495,9 @@ class _Planner:
         placed = place_role(role, self.gpus.values(), available=available)
         if not placed:
             placed = place_role(role, self.gpus.values())
-            self.warnings.append(Problem(workload.ref, f"no available GPU for role {role.name!r}; planned on {', '.join(placed)}"))
+            self.warnings.append(
+                Problem(workload.ref, f"no available GPU for role {role.name!r}; planned on {', '.join(placed)}")
+            )
         elif placed != place_role(role, self.gpus.values()):
             self.warnings.append(Problem(workload.ref, f"role {role.name!r} failed over to {', '.join(placed)}"))
         return placed
@@ -386,8 +516,12 @@ class _Planner:
 
     def _inside_vm_only(self, gpu_name: str) -> bool:
         # A GPU passed through to a VM stays available to workloads that run in that VM.
-        return any(w.host == vm.name for vm in self.desired.of(Vm) for w in self.desired.resources
-                   if isinstance(w, Workload) and any(p.gpu == gpu_name for p in vm.gpus))
+        return any(
+            w.host == vm.name
+            for vm in self.desired.of(Vm)
+            for w in self.desired.resources
+            if isinstance(w, Workload) and any(p.gpu == gpu_name for p in vm.gpus)
+        )
 
     def resolve_gpus(self) -> tuple[dict[str, str], dict[str, str]]:
         """GPU name -> NVML UUID, from the spec or from NVML by PCI address; and why the others failed."""
@@ -399,7 +533,9 @@ class _Planner:
             if gpu.uuid:
                 resolved[gpu.name] = gpu.uuid
                 if seen is not None and seen.uuid.lower() != gpu.uuid.lower():
-                    self.warnings.append(Problem(gpu.ref, f"NVML reports {seen.uuid} at {seen.pci_bus_id}, the spec says {gpu.uuid}"))
+                    self.warnings.append(
+                        Problem(gpu.ref, f"NVML reports {seen.uuid} at {seen.pci_bus_id}, the spec says {gpu.uuid}")
+                    )
             elif seen is not None and not seen.lost:
                 resolved[gpu.name] = seen.uuid
             elif seen is not None:
@@ -445,7 +581,7 @@ def _ignored_prefixes(resource: Resource) -> list[str]:
 
 
 def _key_matches(key: str, prefix: str) -> bool:
-    return key == prefix or (key.startswith(prefix) and key[len(prefix):].isdigit())
+    return key == prefix or (key.startswith(prefix) and key[len(prefix) :].isdigit())
 
 
 def _with_state(container: DesiredContainer, state: PowerState) -> DesiredContainer:
@@ -456,18 +592,24 @@ def _with_state(container: DesiredContainer, state: PowerState) -> DesiredContai
 
 def _container_view(live: ObservedContainer) -> dict[str, Any]:
     return {
-        "host": live.host, "name": live.name, "id": live.id[:12], "image": live.image, "status": live.status,
-        "health": live.health, "spec_hash": None,
+        "host": live.host,
+        "name": live.name,
+        "id": live.id[:12],
+        "image": live.image,
+        "status": live.status,
+        "health": live.health,
+        "spec_hash": None,
     }
 
 
-def _container_fields(desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str], *,
-                      ignored: set[str]) -> list[FieldChange]:
+def _container_fields(
+    desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str], *, ignored: set[str]
+) -> list[FieldChange]:
     """Field differences between the container wanted and the one running (declared fields only)."""
     changes: list[FieldChange] = []
 
     def compare(path: str, before: Any, after: Any, *, sensitive: bool = False) -> None:
-        if path.split(".")[0] not in ignored and before != after:
+        if path.split(".", maxsplit=1)[0] not in ignored and before != after:
             changes.append(FieldChange(path, before, after, Timing.REPLACE, sensitive))
 
     compare("image", live.image, desired.image)
@@ -498,4 +640,3 @@ def _container_fields(desired: DesiredContainer, live: ObservedContainer, keys: 
     if not changes and live.labels.get(keys["spec_hash"]) != desired.labels.get(keys["spec_hash"]):
         compare("spec", live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"]))
     return changes
-

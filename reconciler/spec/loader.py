@@ -82,7 +82,9 @@ class _Converter:
         self.budget -= 1
         if self.budget < 0:
             raise _DocumentError(
-                f"document expands to more than {MAX_NODES} values", node, "YAML aliases may not be used to inflate a spec"
+                f"document expands to more than {MAX_NODES} values",
+                node,
+                "YAML aliases may not be used to inflate a spec",
             )
         if len(path) > MAX_DEPTH:
             raise _DocumentError(f"nested more than {MAX_DEPTH} levels deep", node)
@@ -131,7 +133,9 @@ def load_tree(root: Path) -> LoadResult:
                 continue
             files.append(SpecFile(shown, path.read_bytes()))
         except OSError as exc:
-            diagnostics.append(Diagnostic(Severity.ERROR, f"cannot read file: {exc.strerror or exc}", Position(shown, 1, 1)))
+            diagnostics.append(
+                Diagnostic(Severity.ERROR, f"cannot read file: {exc.strerror or exc}", Position(shown, 1, 1))
+            )
     result = load_files(files, revision=content_revision(files), empty_hint=str(root))
     return LoadResult(result.state, (*diagnostics, *result.diagnostics))
 
@@ -162,7 +166,9 @@ def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_
                     Diagnostic(
                         Severity.ERROR,
                         f"duplicate {resource.kind} named {resource.name!r} (first defined at {first})",
-                        origin.position, resource.kind, resource.name,
+                        origin.position,
+                        resource.kind,
+                        resource.name,
                         hint="names are unique per kind",
                     )
                 )
@@ -177,7 +183,9 @@ def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_
     labs = [r for r in resources if isinstance(r, Lab)]
     for extra in labs[1:]:
         diagnostics.append(
-            Diagnostic(Severity.ERROR, "a spec tree has exactly one Lab", origins[extra.ref].position, "Lab", extra.name)
+            Diagnostic(
+                Severity.ERROR, "a spec tree has exactly one Lab", origins[extra.ref].position, "Lab", extra.name
+            )
         )
     return LoadResult(DesiredState(tuple(resources), origins, revision=revision), tuple(diagnostics))
 
@@ -191,10 +199,18 @@ def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | 
     except UnicodeDecodeError as exc:
         line = spec_file.data[: exc.start].count(b"\n") + 1
         column = exc.start - (spec_file.data.rfind(b"\n", 0, exc.start) + 1) + 1
-        yield None, None, [
-            Diagnostic(Severity.ERROR, f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})",
-                       Position(spec_file.path, line, column), hint="save the file as UTF-8")
-        ]
+        yield (
+            None,
+            None,
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})",
+                    Position(spec_file.path, line, column),
+                    hint="save the file as UTF-8",
+                )
+            ],
+        )
         return
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -228,9 +244,7 @@ def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | N
     if data is None:
         return None, None, []
     if not isinstance(data, dict):
-        return None, None, [
-            Diagnostic(Severity.ERROR, "a spec document must be a mapping with a 'kind'", start)
-        ]
+        return None, None, [Diagnostic(Severity.ERROR, "a spec document must be a mapping with a 'kind'", start)]
     kind = data.get("kind")
     name = data.get("name") if isinstance(data.get("name"), str) else None
     if not isinstance(kind, str) or kind not in KINDS:
@@ -251,13 +265,19 @@ def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | N
     return resource, origin, []
 
 
-def _from_pydantic(error: Mapping[str, Any], cls: type[BaseModel], origin: Origin, kind: str, name: str | None) -> Diagnostic:
+def _from_pydantic(
+    error: Mapping[str, Any], cls: type[BaseModel], origin: Origin, kind: str, name: str | None
+) -> Diagnostic:
     loc: Path_ = tuple(part for part in error["loc"] if isinstance(part, str | int))
     field_path = ".".join(str(part) for part in loc) or kind
     if error["type"] == "extra_forbidden" and loc:
         known = _fields_at(cls, loc[:-1])
         return Diagnostic(
-            Severity.ERROR, f"unknown field {field_path!r}", origin.key_position(loc), kind, name,
+            Severity.ERROR,
+            f"unknown field {field_path!r}",
+            origin.key_position(loc),
+            kind,
+            name,
             _did_you_mean(str(loc[-1]), known) or (f"known fields: {', '.join(sorted(known))}" if known else None),
         )
     message = str(error["msg"]).removeprefix("Value error, ")

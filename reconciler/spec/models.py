@@ -204,7 +204,9 @@ class Lab(Resource):
     proxmox: ProxmoxConnection | None = None
     nvml: NvmlSettings = NvmlSettings()
     images: EngineImages = EngineImages()
-    owner_tag: str = Field("reconciler", pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="tag/label marking owned resources")
+    owner_tag: str = Field(
+        "reconciler", pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="tag/label marking owned resources"
+    )
     max_deletes: int = Field(3, ge=0, description="refuse plans deleting more, unless --allow-delete")
 
 

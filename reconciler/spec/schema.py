@@ -45,6 +45,11 @@ def write_schemas(folder: Path) -> list[Path]:
 
 
 def _dump(schema: dict[str, Any], name: str, title: str) -> str:
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": _BASE_URI + name,
-              "title": schema.pop("title", title), "description": title, **schema}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": _BASE_URI + name,
+        "title": schema.pop("title", title),
+        "description": title,
+        **schema,
+    }
     return json.dumps(schema, indent=2, sort_keys=False) + "\n"

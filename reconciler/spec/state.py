@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from reconciler.spec.diagnostics import Position
-from reconciler.spec.models import DockerHost, Lab, Lxc, Resource, Vm
+from reconciler.spec.models import Container, DockerHost, Lab, Lxc, Model, Resource, Vm
 
 __all__ = ["DesiredState", "Origin"]
 
@@ -63,6 +63,12 @@ class DesiredState:
         found = self._index.get(f"{cls.model_fields['kind'].default}/{name}")
         return found if isinstance(found, cls) else None
 
+    def guests(self) -> tuple[Lxc | Vm, ...]:
+        return tuple(r for r in self.resources if isinstance(r, Lxc | Vm))
+
+    def workloads(self) -> tuple[Container | Model, ...]:
+        return tuple(r for r in self.resources if isinstance(r, Container | Model))
+
     def find(self, ref: str) -> Resource | None:
         """The resource named "Kind/name", if the spec has it."""
         return self._index.get(ref)
@@ -77,7 +83,7 @@ class DesiredState:
     def docker_hosts(self) -> dict[str, DockerHost | Lxc | Vm]:
         """Every Docker engine of the lab by name: DockerHosts and guests that run one."""
         hosts: dict[str, DockerHost | Lxc | Vm] = {h.name: h for h in self.of(DockerHost)}
-        for guest in (*self.of(Lxc), *self.of(Vm)):
+        for guest in self.guests():
             if guest.docker is not None:
                 hosts.setdefault(guest.name, guest)
         return hosts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +74,8 @@ class _Checker:
         self.roles = {r.name: r for r in self.state.of(GpuRole)}
         self.groups = {g.name: g for g in self.state.of(ExclusiveGroup)}
         self.hosts = self.state.docker_hosts()
-        self.guests: list[Lxc | Vm] = [*self.state.of(Lxc), *self.state.of(Vm)]
-        self.workloads: list[Workload] = [*self.state.of(Container), *self.state.of(Model)]
+        self.guests: list[Lxc | Vm] = list(self.state.guests())
+        self.workloads: list[Workload] = list(self.state.workloads())
         self._ignore_fields()
         self._vmids()
         self._nodes()
@@ -93,13 +93,19 @@ class _Checker:
     def warning(self, resource: Resource, message: str, *path: str | int, hint: str | None = None) -> None:
         self._add(Severity.WARNING, resource, message, path, hint)
 
-    def _add(self, severity: Severity, resource: Resource, message: str, path: tuple[str | int, ...], hint: str | None) -> None:
+    def _add(
+        self, severity: Severity, resource: Resource, message: str, path: tuple[str | int, ...], hint: str | None
+    ) -> None:
         position: Position | None = self.state.position(resource, *path)
         self.found.append(Diagnostic(severity, message, position, resource.kind, resource.name, hint))
 
     def _missing(self, resource: Resource, what: str, name: str, known: Mapping[str, object], *path: str | int) -> None:
         close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else (f"known: {', '.join(sorted(known))}" if known else f"no {what} is declared")
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else (f"known: {', '.join(sorted(known))}" if known else f"no {what} is declared")
+        )
         self.error(resource, f"{what} {name!r} is not declared", *path, hint=hint)
 
     # ---- identity and references ------------------------------------------------------
@@ -116,7 +122,12 @@ class _Checker:
         for guest in self.guests:
             first = seen.setdefault(guest.vmid, guest)
             if first is not guest:
-                self.error(guest, f"vmid {guest.vmid} is also used by {first.ref}", "vmid", hint="vmids are unique in a cluster")
+                self.error(
+                    guest,
+                    f"vmid {guest.vmid} is also used by {first.ref}",
+                    "vmid",
+                    hint="vmids are unique in a cluster",
+                )
 
     def _nodes(self) -> None:
         nodes = set(self.lab.nodes)
@@ -127,11 +138,20 @@ class _Checker:
             if node is None:
                 continue
             if not nodes:
-                self.error(resource, f"node {node!r} is not declared", "node", hint="list the Proxmox nodes in the Lab's 'nodes'")
+                self.error(
+                    resource,
+                    f"node {node!r} is not declared",
+                    "node",
+                    hint="list the Proxmox nodes in the Lab's 'nodes'",
+                )
             elif node not in nodes:
                 self._missing(resource, "node", node, dict.fromkeys(nodes), "node")
         if self.guests and self.lab.proxmox is None:
-            self.error(self.guests[0], "guests are declared but the Lab has no 'proxmox' connection", hint="add proxmox: {url: ...} to the Lab")
+            self.error(
+                self.guests[0],
+                "guests are declared but the Lab has no 'proxmox' connection",
+                hint="add proxmox: {url: ...} to the Lab",
+            )
 
     def _gpu_references(self) -> None:
         for gpu in self.gpus.values():
@@ -145,41 +165,50 @@ class _Checker:
         self._unique_identity("uuid", lambda g: g.uuid.lower() if g.uuid else None)
         for lxc in self.state.of(Lxc):
             for index, name in enumerate(lxc.gpus):
-                gpu = self.gpus.get(name)
-                if gpu is None:
+                given = self.gpus.get(name)
+                if given is None:
                     self._missing(lxc, "Gpu", name, self.gpus, "gpus", index)
-                elif gpu.node != lxc.node:
-                    self.error(lxc, f"Gpu {name!r} is in node {gpu.node!r}, not {lxc.node!r}", "gpus", index)
+                elif given.node != lxc.node:
+                    self.error(lxc, f"Gpu {name!r} is in node {given.node!r}, not {lxc.node!r}", "gpus", index)
         for vm in self.state.of(Vm):
             seen: set[str] = set()
             for index, passthrough in enumerate(vm.gpus):
-                gpu = self.gpus.get(passthrough.gpu)
+                passed = self.gpus.get(passthrough.gpu)
                 if passthrough.gpu in seen:
                     self.error(vm, f"Gpu {passthrough.gpu!r} is passed through twice", "gpus", index)
                 seen.add(passthrough.gpu)
-                if gpu is None:
+                if passed is None:
                     self._missing(vm, "Gpu", passthrough.gpu, self.gpus, "gpus", index, "gpu")
-                elif gpu.node != vm.node:
-                    self.error(vm, f"Gpu {gpu.name!r} is in node {gpu.node!r}, not {vm.node!r}", "gpus", index)
-                elif gpu.pci is None and gpu.mapping is None:
-                    self.error(vm, f"Gpu {gpu.name!r} has neither 'pci' nor 'mapping'", "gpus", index,
-                               hint="passthrough needs a PCI address or a PCI resource mapping")
+                elif passed.node != vm.node:
+                    self.error(vm, f"Gpu {passed.name!r} is in node {passed.node!r}, not {vm.node!r}", "gpus", index)
+                elif passed.pci is None and passed.mapping is None:
+                    self.error(
+                        vm,
+                        f"Gpu {passed.name!r} has neither 'pci' nor 'mapping'",
+                        "gpus",
+                        index,
+                        hint="passthrough needs a PCI address or a PCI resource mapping",
+                    )
         for workload in self.workloads:
             for index, name in enumerate(workload.gpus):
                 if name not in self.gpus:
                     self._missing(workload, "Gpu", name, self.gpus, "gpus", index)
             if workload.role is not None:
-                role = self.roles.get(workload.role)
-                if role is None:
+                wanted = self.roles.get(workload.role)
+                if wanted is None:
                     self._missing(workload, "GpuRole", workload.role, self.roles, "role")
-                elif not place_role(role, self.gpus.values()):
-                    self.error(workload, f"no Gpu can serve role {role.name!r}", "role",
-                               hint="give a Gpu this role, or list failover GPUs in the role")
+                elif not place_role(wanted, self.gpus.values()):
+                    self.error(
+                        workload,
+                        f"no Gpu can serve role {wanted.name!r}",
+                        "role",
+                        hint="give a Gpu this role, or list failover GPUs in the role",
+                    )
 
-    def _unique_identity(self, what: str, key_of: object) -> None:
+    def _unique_identity(self, what: str, key_of: Callable[[Gpu], object]) -> None:
         seen: dict[object, Gpu] = {}
         for gpu in self.gpus.values():
-            key = key_of(gpu)  # type: ignore[operator]
+            key = key_of(gpu)
             if key is None:
                 continue
             first = seen.setdefault(key, gpu)
@@ -192,14 +221,19 @@ class _Checker:
             if host is None:
                 self._missing(workload, "Docker host", workload.host, self.hosts, "host")
                 continue
-            if isinstance(host, Lxc | Vm) and host.state is PowerState.STOPPED and workload.state is PowerState.RUNNING:
-                if workload.exclusive is None:
-                    self.error(workload, f"runs on {host.ref}, which is declared stopped", "host")
+            stopped_host = isinstance(host, Lxc | Vm) and host.state is PowerState.STOPPED
+            if stopped_host and workload.state is PowerState.RUNNING and workload.exclusive is None:
+                self.error(workload, f"runs on {host.ref}, which is declared stopped", "host")
             for index, name in enumerate(workload.gpus):
                 gpu = self.gpus.get(name)
                 if gpu is not None and not self._host_reaches(host, gpu):
-                    self.error(workload, f"Gpu {name!r} is not available on host {host.name!r}", "gpus", index,
-                               hint=self._reach_hint(host))
+                    self.error(
+                        workload,
+                        f"Gpu {name!r} is not available on host {host.name!r}",
+                        "gpus",
+                        index,
+                        hint=self._reach_hint(host),
+                    )
             if isinstance(workload, Model):
                 self._model(workload)
 
@@ -258,14 +292,23 @@ class _Checker:
         who = f"{connection.user} with an API token" if connection.auth == "token" else connection.user
         for lxc in self.state.of(Lxc):
             if lxc.gpus:
-                self.error(lxc, f"GPU device entries (devN) can only be set by root@pam; the lab logs in as {who}", "gpus",
-                           hint="use auth: password with user root@pam for this lab")
+                self.error(
+                    lxc,
+                    f"GPU device entries (devN) can only be set by root@pam; the lab logs in as {who}",
+                    "gpus",
+                    hint="use auth: password with user root@pam for this lab",
+                )
         for vm in self.state.of(Vm):
             for index, passthrough in enumerate(vm.gpus):
                 gpu = self.gpus.get(passthrough.gpu)
                 if gpu is not None and gpu.mapping is None:
-                    self.error(vm, f"raw PCI passthrough of {gpu.name!r} can only be set by root@pam; the lab logs in as {who}",
-                               "gpus", index, hint=f"give Gpu {gpu.name!r} a PCI resource 'mapping' (Mapping.Use), or log in as root@pam")
+                    self.error(
+                        vm,
+                        f"raw PCI passthrough of {gpu.name!r} can only be set by root@pam; the lab logs in as {who}",
+                        "gpus",
+                        index,
+                        hint=f"give Gpu {gpu.name!r} a PCI resource 'mapping' (Mapping.Use), or log in as root@pam",
+                    )
 
     def _within_resources(self) -> None:
         for lxc in self.state.of(Lxc):
@@ -316,8 +359,12 @@ class _Checker:
                 taken = published[(workload.host, protocol, port)]
                 for other_bind, other in taken:
                     if other is not workload and (bind == other_bind or "0.0.0.0" in (bind, other_bind)):
-                        self.error(workload, f"port {port}/{protocol} on host {workload.host!r} is also published by {other.ref}",
-                                   *path, hint="give one of them another port, or put them in an exclusive group")
+                        self.error(
+                            workload,
+                            f"port {port}/{protocol} on host {workload.host!r} is also published by {other.ref}",
+                            *path,
+                            hint="give one of them another port, or put them in an exclusive group",
+                        )
                         break
                 taken.append((bind, workload))
 
@@ -327,19 +374,32 @@ class _Checker:
             for index, passthrough in enumerate(vm.gpus):
                 first = owner.setdefault(passthrough.gpu, vm)
                 if first is not vm:
-                    self.error(vm, f"Gpu {passthrough.gpu!r} is passed through to {first.ref}, which runs at the same time",
-                               "gpus", index, hint="stop one, or put both in an exclusive group")
+                    self.error(
+                        vm,
+                        f"Gpu {passthrough.gpu!r} is passed through to {first.ref}, which runs at the same time",
+                        "gpus",
+                        index,
+                        hint="stop one, or put both in an exclusive group",
+                    )
         for lxc in (g for g in guests if isinstance(g, Lxc)):
             for index, name in enumerate(lxc.gpus):
                 if name in owner:
-                    self.error(lxc, f"Gpu {name!r} is passed through to {owner[name].ref}, which runs at the same time",
-                               "gpus", index, hint="a GPU passed through to a VM is gone from the host")
+                    self.error(
+                        lxc,
+                        f"Gpu {name!r} is passed through to {owner[name].ref}, which runs at the same time",
+                        "gpus",
+                        index,
+                        hint="a GPU passed through to a VM is gone from the host",
+                    )
         for workload in running:
             for index, name in enumerate(self._gpus_of(workload)):
-                vm = owner.get(name)
-                if vm is not None and workload.host != vm.name:
-                    self.error(workload, f"Gpu {name!r} is passed through to {vm.ref}, which runs at the same time",
-                               *(("gpus", index) if workload.gpus else ("role",)))
+                holder = owner.get(name)
+                if holder is not None and workload.host != holder.name:
+                    self.error(
+                        workload,
+                        f"Gpu {name!r} is passed through to {holder.ref}, which runs at the same time",
+                        *(("gpus", index) if workload.gpus else ("role",)),
+                    )
 
     def _gpu_sharing(self, running: list[Workload]) -> None:
         users: dict[str, list[Workload]] = defaultdict(list)
@@ -353,16 +413,24 @@ class _Checker:
             role = self.roles.get(gpu.role) if gpu.role else None
             if role is not None and role.sharing is Sharing.EXCLUSIVE and len(on_gpu) > 1:
                 names = ", ".join(w.ref for w in on_gpu)
-                self.error(on_gpu[1], f"Gpu {name!r} has exclusive role {role.name!r} but is used by {names} at the same time",
-                           "gpus", hint="make the role 'sharing: shared', or put them in an exclusive group")
+                self.error(
+                    on_gpu[1],
+                    f"Gpu {name!r} has exclusive role {role.name!r} but is used by {names} at the same time",
+                    "gpus",
+                    hint="make the role 'sharing: shared', or put them in an exclusive group",
+                )
             footprint = 0
             for workload in on_gpu:
                 footprint += _vram_of(workload, gpu)
             if footprint > gpu.vram:
                 names = ", ".join(w.ref for w in on_gpu)
-                self.error(on_gpu[-1], f"VRAM on Gpu {name!r} is over-committed: {_gib(footprint)} declared by {names}, "
-                           f"the GPU has {_gib(gpu.vram)}", "vram" if on_gpu[-1].vram else "gpus",
-                           hint="lower 'vram' or gpu_memory_utilization, or move a workload")
+                self.error(
+                    on_gpu[-1],
+                    f"VRAM on Gpu {name!r} is over-committed: {_gib(footprint)} declared by {names}, "
+                    f"the GPU has {_gib(gpu.vram)}",
+                    "vram" if on_gpu[-1].vram else "gpus",
+                    hint="lower 'vram' or gpu_memory_utilization, or move a workload",
+                )
 
     def _gpus_of(self, workload: Workload) -> tuple[str, ...]:
         if workload.gpus:
@@ -401,4 +469,3 @@ def _vram_of(workload: Workload, gpu: Gpu) -> int:
 
 def _gib(size: int) -> str:
     return f"{size / 1024**3:.1f}GiB"
-

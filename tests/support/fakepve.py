@@ -304,6 +304,7 @@ class PveServer:
         try:
             self.run(_settle())
             self.run(self.pve.stop())
+            self.run(_settle(0.05))  # let closed connections finish closing on this loop
         finally:
             self._halt()
 
@@ -314,9 +315,12 @@ class PveServer:
             self._loop.close()
 
 
-async def _settle() -> None:
+async def _settle(seconds: float = 0.0) -> None:
+    """Let spawned tasks and callbacks run: a few loop iterations, then `seconds` more."""
     for _ in range(3):
         await asyncio.sleep(0)
+    if seconds:
+        await asyncio.sleep(seconds)
 
 
 @pytest.fixture
