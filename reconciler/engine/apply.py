@@ -291,6 +291,8 @@ class Applier:
             case Action.UPDATE | Action.UPDATE_RESTART:
                 keys = sorted({f.path.split(".")[0] for f in change.fields} & set(after["config"]))
                 config = {k: after["config"][k] for k in keys}
+                if "tags" in {f.path for f in change.fields}:
+                    config["tags"] = after["config"]["tags"]
                 restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
                 if restart:  # stop, set, start: a GPU is released before anything else claims it
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
@@ -335,7 +337,7 @@ class Applier:
                     pass  # the create never happened
             case Action.UPDATE | Action.UPDATE_RESTART:
                 old = before.get("config", {})
-                keys = sorted({f.path.split(".")[0] for f in change.fields} & set(after.get("config", {})))
+                keys = sorted({f.path.split(".")[0] for f in change.fields})
                 restore = {k: old[k] for k in keys if k in old}
                 remove = [k for k in keys if k not in old]
                 restart = change.action is Action.UPDATE_RESTART and was_running

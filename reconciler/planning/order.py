@@ -25,7 +25,7 @@ from reconciler.spec.state import DesiredState
 __all__ = ["order_changes"]
 
 _STARTING = {Action.CREATE, Action.START, Action.REPLACE, Action.UPDATE, Action.UPDATE_RESTART}
-_STOPPING = {Action.STOP, Action.DELETE, Action.REPLACE}
+_STOPPING = {Action.STOP, Action.DELETE, Action.REPLACE}  # take down what runs inside first
 
 
 def _phase(change: Change) -> int:
@@ -84,6 +84,7 @@ def _group_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
 
 
 def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
+    """A change that lets go of a GPU goes before a change that takes it."""
     names_by_uuid = {g.uuid.lower(): g.name for g in desired.of(Gpu) if g.uuid}
     for change in items:
         after = change.after or {}
@@ -92,12 +93,12 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
     releases: dict[str, list[Change]] = defaultdict(list)
     claims: dict[str, list[Change]] = defaultdict(list)
     for change in items:
-        if change.action in _STOPPING:
-            for gpu in _gpus_held(change, desired, names_by_uuid, before=True):
-                releases[gpu].append(change)
-        if change.action in _STARTING:
-            for gpu in _gpus_held(change, desired, names_by_uuid, before=False):
-                claims[gpu].append(change)
+        before = _held_before(change, desired, names_by_uuid)
+        after = _held_after(change, desired)
+        for gpu in before - after:
+            releases[gpu].append(change)
+        for gpu in after - before if change.action is not Action.REPLACE else after:
+            claims[gpu].append(change)
     for gpu, freeing in releases.items():
         for release in freeing:
             for claim in claims.get(gpu, ()):
@@ -105,20 +106,52 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
                     edge(release, claim)
 
 
-def _gpus_held(change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], *, before: bool) -> set[str]:
+def _held_before(change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str]) -> set[str]:
+    before = change.before or {}
+    if before.get("status") not in ("running", "restarting"):
+        return set()
     if change.backend == "docker":
-        state = change.before if before else change.after
-        if not state:
-            return set()
-        if not before and state.get("gpu_names"):
-            return set(state["gpu_names"])
-        return {names_by_uuid.get(str(u).lower(), str(u)) for u in state.get("gpus", ())}
+        return {names_by_uuid.get(str(u).lower(), str(u)) for u in before.get("gpus", ())}
+    held = _gpus_in_config(before, desired)
+    if change.action is Action.REPLACE:
+        held |= _held_after(change, desired)
+    return held
+
+
+def _held_after(change: Change, desired: DesiredState) -> set[str]:
+    after = change.after or {}
+    if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
+        return set()
+    if change.backend == "docker":
+        return set(after.get("gpu_names", ()))
     resource = _resource(desired, change.resource)
     if isinstance(resource, Vm):
         return {p.gpu for p in resource.gpus}
     if isinstance(resource, Lxc):
         return set(resource.gpus)
     return set()
+
+
+def _gpus_in_config(before: Mapping[str, Any] | None, desired: DesiredState) -> set[str]:
+    """The GPUs a guest holds now, read from its live config (hostpciN by address or mapping, devN by number)."""
+    if not before:
+        return set()
+    node = before.get("node")
+    gpus = sorted((g for g in desired.of(Gpu) if g.node == node), key=lambda g: g.pci_function0 or "")
+    held: set[str] = set()
+    for key, value in (before.get("config") or {}).items():
+        text = str(value)
+        if key.startswith("hostpci"):
+            for gpu in gpus:
+                if (gpu.mapping and f"mapping={gpu.mapping}" in text) or (
+                    gpu.pci_function0 and text.lower().startswith(gpu.pci_function0.rsplit(".", 1)[0].removeprefix("0000:"))
+                ) or (gpu.pci_function0 and gpu.pci_function0.rsplit(".", 1)[0] in text.lower()):
+                    held.add(gpu.name)
+        elif key.startswith("dev") and text.startswith("/dev/nvidia"):
+            number = text.removeprefix("/dev/nvidia").split(",")[0]
+            if number.isdigit() and int(number) < len(gpus):
+                held.add(gpus[int(number)].name)
+    return held
 
 
 def _topological(

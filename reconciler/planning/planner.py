@@ -227,13 +227,21 @@ class _Planner:
         diffs = pve.compare_config(kind, desired_cfg, effective)
         fields: list[FieldChange] = []
         for diff in diffs:
-            timing = _timing(pve.classify(kind, diff.key, running=running))
-            if diff.fields:
+            if diff.replace:
+                timing = Timing.REPLACE
+            else:
+                new, gone = diff.before is None, diff.after is None
+                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
+            if diff.fields and diff.before is not None and diff.after is not None:
                 fields.extend(
                     FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
                 )
             else:
                 fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        removed = _removed_keys(guest, desired_cfg, effective)
+        for key in removed:
+            timing = _timing(pve.classify(kind, key, running, delete=True))
+            fields.append(FieldChange(key, effective[key], None, timing))
         pending_restart = running and any(key in desired_cfg for key in (*seen.pending, *seen.pending_delete))
         if pending_restart and not fields:
             fields = [
@@ -253,9 +261,10 @@ class _Planner:
             "vmid": seen.vmid,
             "status": seen.status,
             "digest": seen.digest,
-            "config": {k: seen.config.get(k) for k in sorted(desired_cfg) if k in seen.config},
+            "config": {k: seen.config.get(k) for k in sorted({*desired_cfg, *removed}) if k in seen.config},
         }
         after = self.guest_after(guest, kind, desired_cfg, power, create=False)
+        after["delete"] = removed
         if fields:
             action = _guest_action(fields, running)
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
@@ -572,6 +581,23 @@ def _guest_action(fields: list[FieldChange], running: bool) -> Action:
     return Action.UPDATE
 
 
+# Spec fields whose Proxmox keys are a numbered family the spec owns as a whole once it sets the field:
+# a key of the family that the spec no longer renders is removed. Disks are never removed (data).
+_OWNED_FAMILIES: dict[str, dict[str, str]] = {
+    "Lxc": {"gpus": "dev", "mounts": "mp", "volumes": "mp", "network": "net"},
+    "Vm": {"gpus": "hostpci", "network": "net"},
+}
+
+
+def _removed_keys(guest: Lxc | Vm, desired: Mapping[str, str], live: Mapping[str, str]) -> list[str]:
+    families = {prefix for name, prefix in _OWNED_FAMILIES[guest.kind].items()
+                if name in guest.model_fields_set and name not in guest.ignore}
+    return sorted(
+        (key for key in live if key not in desired and any(_key_matches(key, p) and key != p for p in families)),
+        key=lambda k: (k.rstrip("0123456789"), int(k[len(k.rstrip("0123456789")):] or 0)),
+    )
+
+
 def _ignored_prefixes(resource: Resource) -> list[str]:
     prefixes: list[str] = []
     for name in resource.ignore:
@@ -598,7 +624,7 @@ def _container_view(live: ObservedContainer) -> dict[str, Any]:
         "image": live.image,
         "status": live.status,
         "health": live.health,
-        "spec_hash": None,
+        "gpus": list(live.gpus),
     }
 
 

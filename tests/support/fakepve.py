@@ -304,7 +304,7 @@ class PveServer:
         try:
             self.run(_settle())
             self.run(self.pve.stop())
-            self.run(_settle(0.05))  # let closed connections finish closing on this loop
+            self.run(_settle(0.3))  # let closed connections finish closing on this loop
         finally:
             self._halt()
 
