@@ -124,7 +124,9 @@ def test_container_env_drift_replaces_the_container(lab: tuple[Harness, Path]) -
     from dataclasses import replace
 
     live = harness.lab.docker.containers["llm"]["qwen-7b"]
-    harness.lab.docker.containers["llm"]["qwen-7b"] = replace(live, env={**live.env, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    harness.lab.docker.containers["llm"]["qwen-7b"] = replace(
+        live, env={**live.env, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    )
     plan = harness.plan(desired)
     assert actions(plan) == [("container/llm/qwen-7b", "replace")]
     assert [(f.path, f.before, f.after) for f in plan.changes[0].fields] == [
@@ -135,12 +137,18 @@ def test_container_env_drift_replaces_the_container(lab: tuple[Harness, Path]) -
 def test_adding_a_gpu_to_a_running_vm_is_update_with_restart_never_replace(lab: tuple[Harness, Path]) -> None:
     harness, folder = lab
     harness.apply(load(folder))
-    write_tree(folder, LLM_LXC.replace("gpus: [big]", "gpus: []").replace("gpus: [big]", "gpus: []")
-               + "---\n" + GAMING_VM.replace("gpus: []", "gpus: [{gpu: big, x_vga: true}]"))
+    write_tree(
+        folder,
+        LLM_LXC.replace("gpus: [big]", "gpus: []").replace("gpus: [big]", "gpus: []")
+        + "---\n"
+        + GAMING_VM.replace("gpus: []", "gpus: [{gpu: big, x_vga: true}]"),
+    )
     plan = harness.plan(load(folder))
     vm = next(c for c in plan.changes if c.address == "qemu/gaming")
     assert vm.action is Action.UPDATE_RESTART
-    assert [(f.path, f.after, f.timing) for f in vm.fields] == [("hostpci0", "0000:01:00,pcie=1,x-vga=1", Timing.RESTART)]
+    assert [(f.path, f.after, f.timing) for f in vm.fields] == [
+        ("hostpci0", "0000:01:00,pcie=1,x-vga=1", Timing.RESTART)
+    ]
     assert "2 needs restart" in plan.summary()  # the LXC loses its devN entries: a restart too
     # the GPU leaves the LXC (and its container) before the VM claims it
     order = [c.address for c in plan.changes]
@@ -261,12 +269,16 @@ def test_gpu_resolution_by_pci_and_the_blocker_when_nvml_cannot(tmp_path: Path) 
     lost = NvmlObservation(True, gpus=(ObservedGpu(0, "GPU-1234", "0000:01:00.0", "RTX", 1, 0, 1, lost=True),))
     blocked = make_plan(desired, Observed(proxmox=proxmox, nvml=lost))
     assert any("'big'" in b.message and "lost" in b.message for b in blocked.blockers)
-    missing = make_plan(desired, Observed(proxmox=proxmox, nvml=NvmlObservation(False, error="libnvidia-ml.so.1 not found")))
+    missing = make_plan(
+        desired, Observed(proxmox=proxmox, nvml=NvmlObservation(False, error="libnvidia-ml.so.1 not found"))
+    )
     assert any("NVML is not available" in b.message for b in missing.blockers)
 
 
 def test_vllm_tensor_parallel_follows_the_number_of_gpus(tmp_path: Path) -> None:
-    folder = write_tree(tmp_path / "spec", """\
+    folder = write_tree(
+        tmp_path / "spec",
+        """\
     kind: Vm
     name: infer
     node: pve1
@@ -284,7 +296,8 @@ def test_vllm_tensor_parallel_follows_the_number_of_gpus(tmp_path: Path) -> None
     port: 8000
     vram: 3GiB
     args: {gpu_memory_utilization: 0.2}
-    """)
+    """,
+    )
     harness = Harness(tmp_path, load(folder))
     plan = harness.plan(load(folder))
     after = plan.changes[-1].after

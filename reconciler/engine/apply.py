@@ -172,10 +172,10 @@ class Applier:
             for change in plan.changes:
                 if change in deferred:
                     continue
-                done.append(self._step(run_id, change, report))
+                self._step(run_id, change, report, done)
                 self._verify(run_id, change, report)
             for change in deferred:
-                self._step(run_id, change, report)
+                self._step(run_id, change, report, [])
         except _StepFailed as failure:
             report.failure = str(failure)
             self._rollback(run_id, done, report)
@@ -225,7 +225,8 @@ class Applier:
         if self.on_step is not None:
             self.on_step(entry)
 
-    def _step(self, run_id: int, change: Change, report: ApplyReport) -> _Done:
+    def _step(self, run_id: int, change: Change, report: ApplyReport, done: list[_Done]) -> None:
+        """Run one change. It joins `done` before it runs: a step that fails half-way is undone too."""
         before = self._capture(change)
         self.seq += 1
         step_id = self.journal.begin_step(
@@ -237,7 +238,7 @@ class Applier:
             intent=change.to_json(),
             before=before,
         )
-        done = _Done(change, before, step_id)
+        done.append(_Done(change, before, step_id))
         try:
             if change.backend == "proxmox":
                 self._guest(change)
@@ -250,7 +251,6 @@ class Applier:
             raise _StepFailed(f"{change.address}: {change.action} failed: {exc}", change) from exc
         self.journal.end_step(step_id, StepOutcome.OK)
         self._emit(report, StepReport(change.address, str(change.action), "apply", True))
-        return done
 
     def _verify(self, run_id: int, change: Change, report: ApplyReport) -> None:
         result = self._check(change)

@@ -89,7 +89,7 @@ def apply_pass(
             raise PlanError(f"{change.address} is protected and the plan would recreate it", resource=change.resource)
     if not plan.applicable:
         return plan, None
-    if plan.empty or not confirm(plan):
+    if (plan.empty and not journal.unfinished_runs()) or not confirm(plan):
         return plan, None
     applier = Applier(
         proxmox=proxmox,

@@ -255,7 +255,7 @@ def _probe(
     workload: Workload, preset: dict[str, Any] | None, ports: tuple[tuple[str, int, int, str], ...]
 ) -> dict[str, Any] | None:
     """The declared probe, else the engine's; a path-only HTTP probe gets the port it is joined to."""
-    probe = workload.probe.model_dump(mode="json") if workload.probe else preset
+    probe = workload.probe.model_dump(mode="python") if workload.probe else preset
     if probe is None:
         return None
     port = workload.port if isinstance(workload, Model) else next((p[1] for p in ports), None)

@@ -143,9 +143,14 @@ def _gpus_in_config(before: Mapping[str, Any] | None, desired: DesiredState) -> 
         text = str(value)
         if key.startswith("hostpci"):
             for gpu in gpus:
-                if (gpu.mapping and f"mapping={gpu.mapping}" in text) or (
-                    gpu.pci_function0 and text.lower().startswith(gpu.pci_function0.rsplit(".", 1)[0].removeprefix("0000:"))
-                ) or (gpu.pci_function0 and gpu.pci_function0.rsplit(".", 1)[0] in text.lower()):
+                if (
+                    (gpu.mapping and f"mapping={gpu.mapping}" in text)
+                    or (
+                        gpu.pci_function0
+                        and text.lower().startswith(gpu.pci_function0.rsplit(".", 1)[0].removeprefix("0000:"))
+                    )
+                    or (gpu.pci_function0 and gpu.pci_function0.rsplit(".", 1)[0] in text.lower())
+                ):
                     held.add(gpu.name)
         elif key.startswith("dev") and text.startswith("/dev/nvidia"):
             number = text.removeprefix("/dev/nvidia").split(",")[0]

@@ -590,11 +590,14 @@ _OWNED_FAMILIES: dict[str, dict[str, str]] = {
 
 
 def _removed_keys(guest: Lxc | Vm, desired: Mapping[str, str], live: Mapping[str, str]) -> list[str]:
-    families = {prefix for name, prefix in _OWNED_FAMILIES[guest.kind].items()
-                if name in guest.model_fields_set and name not in guest.ignore}
+    families = {
+        prefix
+        for name, prefix in _OWNED_FAMILIES[guest.kind].items()
+        if name in guest.model_fields_set and name not in guest.ignore
+    }
     return sorted(
         (key for key in live if key not in desired and any(_key_matches(key, p) and key != p for p in families)),
-        key=lambda k: (k.rstrip("0123456789"), int(k[len(k.rstrip("0123456789")):] or 0)),
+        key=lambda k: (k.rstrip("0123456789"), int(k[len(k.rstrip("0123456789")) :] or 0)),
     )
 
 

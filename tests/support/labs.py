@@ -69,8 +69,16 @@ class Harness:
     def apply(self, desired: DesiredState, **options: object):  # type: ignore[no-untyped-def]
         opts = ApplyOptions(**{**self.options.__dict__, **options})  # type: ignore[arg-type]
         endpoints = {name: "unix:///memory.sock" for name in desired.docker_hosts()}
-        return apply_pass(desired, self.lab.readers, proxmox=self.lab.proxmox, docker=self.lab.docker,
-                          journal=self.journal, env={}, docker_endpoints=endpoints, options=opts)
+        return apply_pass(
+            desired,
+            self.lab.readers,
+            proxmox=self.lab.proxmox,
+            docker=self.lab.docker,
+            journal=self.journal,
+            env={},
+            docker_endpoints=endpoints,
+            options=opts,
+        )
 
     def writes(self) -> int:
         requests = [*self.lab.proxmox.requests, *self.lab.docker.requests]

@@ -1,0 +1,258 @@
+"""Apply, verify and roll back on the in-memory lab; assertions are on the lab's state and the journal.
+
+The same applier runs against fakepve and a real Docker engine in
+test_apply_real.py; here the faults are cheap to inject and exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from reconciler.engine.apply import Applier, HealthPolicy
+from reconciler.engine.journal import RunResult, StepOutcome
+from reconciler.engine.lock import state_lock
+from reconciler.errors import ConfigError, PlanError, TaskFailed, TemporaryError
+from reconciler.planning.plan import Action
+from tests.support.labs import Harness, load, write_tree
+
+SPEC = """\
+kind: Lxc
+name: llm
+node: pve1
+vmid: 955
+template: local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst
+cores: 8
+memory: 32GiB
+rootfs: {storage: local-lvm, size: 64GiB}
+network: [{name: eth0, bridge: vmbr0, ip: dhcp}]
+features: {nesting: true}
+gpus: [big]
+docker: {endpoint: "ssh://root@llm.lan"}
+---
+kind: Model
+name: qwen-7b
+engine: vllm
+host: llm
+gpus: [big]
+source: /models/Qwen2.5-7B-Instruct
+port: 8000
+probe: {http: /health, timeout: 2s, interval: 10ms}
+---
+kind: Container
+name: router
+host: llm
+image: ghcr.io/example/router:1
+ports: ["9000:9000"]
+"""
+
+
+def snapshot(harness: Harness) -> tuple[object, object]:
+    guests = {vmid: (g.status, dict(g.config), dict(g.pending)) for vmid, g in harness.lab.proxmox.guests.items()}
+    containers = {
+        host: {n: (c.image, c.status, dict(c.env)) for n, c in cs.items()}
+        for host, cs in harness.lab.docker.containers.items()
+    }
+    return copy.deepcopy(guests), copy.deepcopy(containers)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    folder = write_tree(tmp_path / "spec", SPEC)
+    return Harness(tmp_path, load(folder))
+
+
+def test_apply_from_empty_converges_and_the_journal_tells_the_story(harness: Harness, tmp_path: Path) -> None:
+    desired = load(tmp_path / "spec")
+    plan, report = harness.apply(desired)
+    assert report is not None and report.result is RunResult.APPLIED and report.exit_code == 0
+    assert harness.lab.proxmox.guests[955].status == "running"
+    assert {n: c.status for n, c in harness.lab.docker.containers["llm"].items()} == {
+        "qwen-7b": "running",
+        "router": "running",
+    }
+    steps = harness.journal.steps(report.run_id)
+    assert [(s.phase, s.address) for s in steps if s.phase == "apply"] == [(c.phase, c.address) for c in []] or [
+        s.address for s in steps if s.phase == "apply"
+    ] == [c.address for c in plan.changes]
+    assert all(s.outcome is StepOutcome.OK for s in steps)
+    assert any(s.phase == "verify" and s.health and s.health[0]["healthy"] for s in steps)
+    run = harness.journal.last_run()
+    assert run is not None and run.result is RunResult.APPLIED and run.plan["summary"] == plan.summary()
+    assert harness.plan(desired).empty
+
+
+def test_a_failing_step_rolls_back_everything_applied_before_it(harness: Harness, tmp_path: Path) -> None:
+    desired = load(tmp_path / "spec")
+    harness.apply(desired)
+    before = snapshot(harness)
+    write_tree(tmp_path / "spec", SPEC.replace("cores: 8", "cores: 4").replace("router:1", "router:2"))
+    changed = load(tmp_path / "spec")
+    harness.lab.docker.fail_create = True  # type: ignore[attr-defined]
+    original = harness.lab.docker.create_container
+
+    def broken(host: str, spec: object) -> str:
+        raise TemporaryError("engine answered 500", resource=f"{host}/x")
+
+    harness.lab.docker.create_container = broken  # type: ignore[method-assign]
+    plan, report = harness.apply(changed)
+    harness.lab.docker.create_container = original  # type: ignore[method-assign]
+    assert [c.action for c in plan.changes] == [Action.UPDATE, Action.REPLACE]
+    assert report is not None and report.result is RunResult.ROLLED_BACK and report.exit_code == 1
+    assert snapshot(harness) == before, "the lab is exactly as it was"
+    assert harness.journal.failed_revision(changed.revision or "") is not None
+    rollback = [s for s in harness.journal.steps(report.run_id) if s.phase == "rollback"]
+    assert [s.address for s in rollback] == ["container/llm/router", "lxc/llm"]
+    assert all(s.outcome is StepOutcome.UNDONE for s in rollback)
+    with pytest.raises(PlanError, match="failed before"):
+        harness.apply(changed)
+    _, retried = harness.apply(changed, retry=True)
+    assert retried is not None and retried.result is RunResult.APPLIED
+
+
+def test_a_health_check_that_fails_restores_the_previous_container(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    old_id = harness.lab.docker.containers["llm"]["qwen-7b"].id
+    write_tree(tmp_path / "spec", SPEC.replace("port: 8000", "port: 8001"))
+    harness.options = type(harness.options)(
+        health=HealthPolicy(max_timeout=0.2, interval=0.01),
+        prober=lambda host, probe: harness.lab.probe(host, {**probe, "port": 1}),
+    )
+    _, report = harness.apply(load(tmp_path / "spec"))
+    assert report is not None and report.result is RunResult.ROLLED_BACK
+    restored = harness.lab.docker.containers["llm"]
+    assert set(restored) == {"qwen-7b", "router"}
+    assert restored["qwen-7b"].id == old_id and restored["qwen-7b"].status == "running"
+    assert "health check failed" in (report.failure or "")
+
+
+def test_a_rollback_that_cannot_complete_says_so(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", SPEC.replace("cores: 8", "cores: 4").replace("router:1", "router:2"))
+    harness.lab.proxmox.fail_next["update_config"] = TemporaryError("can't lock file", resource="lxc/955")
+    _, report = harness.apply(load(tmp_path / "spec"))
+    assert report is not None and report.result is RunResult.ROLLED_BACK  # the failed first step had nothing to undo
+    harness.lab.proxmox.fail_next["start"] = TaskFailed(
+        "TASK ERROR: startup for container '955' failed", resource="lxc/955"
+    )
+
+    def broken(host: str, spec: object) -> str:
+        raise TemporaryError("engine answered 500", resource=host)
+
+    harness.lab.docker.create_container = broken  # type: ignore[method-assign]
+    _, report = harness.apply(load(tmp_path / "spec"), retry=True)
+    assert report is not None and report.result is RunResult.ROLLBACK_FAILED and report.exit_code == 3
+    assert report.rollback_errors and "lxc/llm" in report.rollback_errors[0]
+
+
+def test_an_interrupted_run_is_resumed_and_its_steps_can_still_be_undone(harness: Harness, tmp_path: Path) -> None:
+    desired = load(tmp_path / "spec")
+    harness.apply(desired)
+    before = snapshot(harness)
+    write_tree(tmp_path / "spec", SPEC.replace("cores: 8", "cores: 4").replace("port: 8000", "port: 8001"))
+    changed = load(tmp_path / "spec")
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: nothing after it runs, not even the rollback."""
+
+    def killed(host: str, spec: object) -> str:
+        raise Killed
+
+    original = harness.lab.docker.create_container
+    harness.lab.docker.create_container = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        harness.apply(changed)
+    harness.lab.docker.create_container = original  # type: ignore[method-assign]
+    (unfinished,) = harness.journal.unfinished_runs()
+    assert harness.lab.proxmox.guests[955].config["cores"] == "4", "the first step had happened"
+    assert "qwen-7b" not in harness.lab.docker.containers["llm"], "the old container was set aside"
+    # The resumed run fails its health check: the interrupted run's steps are undone as well.
+    harness.options = type(harness.options)(
+        health=HealthPolicy(max_timeout=0.1, interval=0.01),
+        prober=lambda host, probe: harness.lab.probe(host, {**probe, "port": 1}),
+    )
+    plan, report = harness.apply(changed)
+    assert [(c.address, c.action) for c in plan.changes] == [("container/llm/qwen-7b", Action.CREATE)]
+    assert report is not None and report.result is RunResult.ROLLED_BACK
+    assert snapshot(harness) == before
+    interrupted = harness.journal.run(unfinished.id)
+    assert interrupted is not None and interrupted.result is RunResult.INTERRUPTED
+    resumed = harness.journal.last_run()
+    assert resumed is not None and resumed.resumed_from == unfinished.id
+
+
+def test_a_resumed_run_that_succeeds_cleans_up_what_the_interrupted_one_set_aside(
+    harness: Harness, tmp_path: Path
+) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", SPEC.replace("router:1", "router:2"))
+    changed = load(tmp_path / "spec")
+
+    class Killed(BaseException):
+        pass
+
+    original = harness.lab.docker.start_container
+
+    def killed(host: str, name: str) -> None:
+        raise Killed
+
+    harness.lab.docker.start_container = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        harness.apply(changed)
+    harness.lab.docker.start_container = original  # type: ignore[method-assign]
+    assert set(harness.lab.docker.containers["llm"]) == {"qwen-7b", "router", "router-reconciler-old"}
+    plan, report = harness.apply(changed)
+    assert [(c.address, c.action) for c in plan.changes] == [("container/llm/router", Action.START)]
+    assert report is not None and report.result is RunResult.APPLIED
+    assert set(harness.lab.docker.containers["llm"]) == {"qwen-7b", "router"}
+    assert harness.lab.docker.containers["llm"]["router"].image.endswith("router:2")
+    assert harness.plan(changed).empty
+
+
+def test_guard_rails_refuse_mass_deletion_and_missing_secrets(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", "kind: DockerHost\nname: other\nendpoint: unix:///x.sock\n")
+    lab = tmp_path / "spec" / "lab.yaml"
+    lab.write_text(lab.read_text().replace("name: test\n", "name: test\nmax_deletes: 2\n", 1))
+    with pytest.raises(PlanError, match="deletes or recreates 3"):
+        harness.apply(load(tmp_path / "spec"))
+    assert 955 in harness.lab.proxmox.guests
+    write_tree(tmp_path / "spec", SPEC + "secret_env: {TOKEN: RECONCILER_TEST_UNSET_TOKEN}\n")
+    with pytest.raises(ConfigError, match="RECONCILER_TEST_UNSET_TOKEN"):
+        harness.apply(load(tmp_path / "spec"))
+
+
+def test_secrets_reach_the_container_but_not_the_journal(tmp_path: Path) -> None:
+    folder = write_tree(tmp_path / "spec", SPEC + "secret_env: {API_KEY: RECONCILER_TEST_KEY}\n")
+    harness = Harness(tmp_path, load(folder))
+    desired = load(folder)
+    plan = harness.plan(desired)
+    applier = Applier(
+        proxmox=harness.lab.proxmox,
+        docker=harness.lab.docker,
+        journal=harness.journal,
+        env={"RECONCILER_TEST_KEY": "s3cr3t-value"},
+        docker_endpoints={},
+        health=HealthPolicy(max_timeout=1, interval=0.01),
+        prober=harness.lab.probe,
+    )
+    report = applier.apply(plan, desired)
+    assert report.result is RunResult.APPLIED
+    assert harness.lab.docker.containers["llm"]["router"].env["API_KEY"] == "s3cr3t-value"
+    harness.journal.close()
+    assert b"s3cr3t-value" not in Path(harness.journal.path).read_bytes()
+    for wal in Path(harness.journal.path).parent.glob("*-wal"):
+        assert b"s3cr3t-value" not in wal.read_bytes()
+
+
+def test_one_apply_at_a_time(tmp_path: Path) -> None:
+    with (
+        state_lock(tmp_path),
+        pytest.raises(TemporaryError, match="another apply is running"),
+        state_lock(tmp_path, wait=0.2),
+    ):
+        pass
+    with state_lock(tmp_path):
+        pass  # released on exit
