@@ -87,17 +87,17 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
     """A change that lets go of a GPU goes before a change that takes it."""
     names_by_uuid = {g.uuid.lower(): g.name for g in desired.of(Gpu) if g.uuid}
     for change in items:
-        after = change.after or {}
-        for name, uuid in zip(after.get("gpu_names", ()), after.get("gpus", ()), strict=False):
+        planned = change.after or {}
+        for name, uuid in zip(planned.get("gpu_names", ()), planned.get("gpus", ()), strict=False):
             names_by_uuid.setdefault(str(uuid).lower(), name)
     releases: dict[str, list[Change]] = defaultdict(list)
     claims: dict[str, list[Change]] = defaultdict(list)
     for change in items:
-        before = _held_before(change, desired, names_by_uuid)
-        after = _held_after(change, desired)
-        for gpu in before - after:
+        held_before = _held_before(change, desired, names_by_uuid)
+        held_after = _held_after(change, desired)
+        for gpu in held_before - held_after:
             releases[gpu].append(change)
-        for gpu in after - before if change.action is not Action.REPLACE else after:
+        for gpu in held_after if change.action is Action.REPLACE else held_after - held_before:
             claims[gpu].append(change)
     for gpu, freeing in releases.items():
         for release in freeing:
