@@ -46,7 +46,9 @@ def _expected(case: Path) -> list[Expected]:
         match = LINE.match(raw)
         assert match, f"{case.name}/expected.txt:{number}: not 'file:line:col: severity: text': {raw!r}"
         found.append(
-            Expected(match["file"], int(match["line"]), int(match["column"]), Severity(match["severity"]), match["text"])
+            Expected(
+                match["file"], int(match["line"]), int(match["column"]), Severity(match["severity"]), match["text"]
+            )
         )
     return found
 
@@ -119,5 +121,8 @@ def test_tree_of_empty_and_comment_only_files_is_empty(tmp_path: Path) -> None:
 def test_missing_tree_is_a_diagnostic(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     result = load_and_validate(missing)
-    assert (f"{missing}:1:1", "no such file or folder") == (str(result.diagnostics[0].position), result.diagnostics[0].message)
+    assert (f"{missing}:1:1", "no such file or folder") == (
+        str(result.diagnostics[0].position),
+        result.diagnostics[0].message,
+    )
     assert all(d.message.startswith("no spec documents found") for d in result.diagnostics[1:])

@@ -254,7 +254,12 @@ def test_four_gpu_phases_place_every_role_on_the_gpus_of_the_phase(phase_file: P
     gpus = state.of(Gpu)
     roles = {r.name: r for r in state.of(GpuRole)}
     assert set(roles) == {"main-reasoning", "specialist-pool", "sensors", "safety"}
-    assert [roles[name].priority for name in ("main-reasoning", "safety", "sensors", "specialist-pool")] == [100, 90, 60, 40]
+    assert [roles[name].priority for name in ("main-reasoning", "safety", "sensors", "specialist-pool")] == [
+        100,
+        90,
+        60,
+        40,
+    ]
     assert roles["sensors"].sharing == "shared"
     expected_gpus = {"phase-0": 1, "phase-2": 3, "phase-8": 4}.get(_phase_name(phase_file))
     if expected_gpus is not None:
@@ -274,7 +279,13 @@ def test_four_gpu_phases_place_every_role_on_the_gpus_of_the_phase(phase_file: P
         ("n8n", 101), ("reasoning", 102), ("memory", 103),
         ("llm-main", 111), ("llm-specialists", 112), ("audio", 113), ("vision", 114), ("safety", 115),
     }  # fmt: skip
-    assert {c.name for c in state.of(Container) if c.role is None} == {"n8n", "reasoning-loop", "redis", "postgres", "qdrant"}
+    assert {c.name for c in state.of(Container) if c.role is None} == {
+        "n8n",
+        "reasoning-loop",
+        "redis",
+        "postgres",
+        "qdrant",
+    }
     main = state.get(Model, "main")
     assert main is not None and main.engine is Engine.LLAMACPP and main.role == "main-reasoning"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import stat
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -126,18 +127,30 @@ def load_tree(root: Path) -> LoadResult:
         if problem:
             diagnostics.append(Diagnostic(Severity.ERROR, problem, Position(shown, 1, 1)))
             continue
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                diagnostics.append(_too_large(shown, size))
-                continue
-            files.append(SpecFile(shown, path.read_bytes()))
-        except OSError as exc:
-            diagnostics.append(
-                Diagnostic(Severity.ERROR, f"cannot read file: {exc.strerror or exc}", Position(shown, 1, 1))
-            )
+        data, problem = _read_spec_file(path)
+        if problem:
+            diagnostics.append(Diagnostic(Severity.ERROR, problem, Position(shown, 1, 1)))
+        elif data is not None:
+            files.append(SpecFile(shown, data))
     result = load_files(files, revision=content_revision(files), empty_hint=str(root))
     return LoadResult(result.state, (*diagnostics, *result.diagnostics))
+
+
+def _read_spec_file(path: Path) -> tuple[bytes | None, str | None]:
+    """A regular file's bytes, never more than the limit (a FIFO or /dev/zero named *.yaml is refused)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file"
+        if info.st_size > MAX_FILE_BYTES:
+            return None, _too_large(str(path), info.st_size).message
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        return None, f"cannot read file: {exc.strerror or exc}"
+    if len(data) > MAX_FILE_BYTES:
+        return None, _too_large(str(path), len(data)).message
+    return data, None
 
 
 def content_revision(files: Iterable[SpecFile]) -> str:
@@ -215,12 +228,16 @@ def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | 
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
+        _check_depth(text)
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
+        return
+    except _TooDeep as exc:
+        yield None, None, [Diagnostic(Severity.ERROR, str(exc), Position(spec_file.path, exc.line, exc.column))]
         return
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))]
@@ -229,6 +246,24 @@ def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | 
         if node is None:
             continue
         yield _load_document(spec_file.path, index, node)
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__(f"nested more than {MAX_DEPTH} levels deep")
+        self.line, self.column = line, column
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting from the event stream, before libyaml's recursive composer can overflow the C stack."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep(event.start_mark.line + 1, event.start_mark.column + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | None, Origin | None, list[Diagnostic]]:
@@ -313,8 +348,9 @@ def _model_in(annotation: Any) -> Any:
 
 
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else None
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean {by_lower[close[0]]!r}?" if close else None
 
 
 def _too_large(path: str, size: int) -> Diagnostic:

@@ -152,7 +152,10 @@ class Probe(_Strict):
         if (self.http is None) == (self.tcp is None):
             raise ValueError("give exactly one of 'http' or 'tcp'")
         if self.body is not None:
-            re.compile(self.body)
+            try:
+                re.compile(self.body)
+            except re.error as exc:
+                raise ValueError(f"'body' is not a valid regular expression: {exc}") from None
         return self
 
 

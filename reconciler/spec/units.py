@@ -7,7 +7,9 @@ for sizes: "memory: 32" could mean MiB (Proxmox) or bytes (Docker).
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -39,8 +41,10 @@ def parse_size(value: object) -> int:
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB)")
-    result = float(number) * factor
-    if result != int(result):
+    if len(number) > 24:
+        raise ValueError(f"{value!r} is too large to be a size")
+    result = Fraction(number) * factor  # exact: "1.5GiB" is a whole number of bytes, "0.1B" is not
+    if result.denominator != 1:
         raise ValueError(f"{value!r} is not a whole number of bytes")
     return int(result)
 
@@ -58,6 +62,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a duration: {value!r}")
         if value < 0:
             raise ValueError(f"a duration cannot be negative: {value!r}")
         return float(value)
@@ -67,7 +73,10 @@ def parse_duration(value: object) -> float:
     parts = _DURATION_PART_RE.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"not a duration: {value!r} (write it like '90s', '10m' or '1h30m')")
-    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is too long to be a duration")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -14,7 +14,7 @@ Fixtures:
   (`hold_config_lock`, `backup`) on the server's loop.
 - Requests: fakepve records every request it sees (secrets redacted). `pve_server.requests` lists them as
   `(method, path)` with the `/api2/json` prefix removed, `pve_server.clear_requests()` starts a new count,
-  `pve_server.writes()` lists the non-GET ones.
+  `pve_server.writes()` lists the non-GET ones (a password login, POST /access/ticket, is not one).
 
 `LabPve` adds to FakePve what these tests need and real PVE has:
 
@@ -290,8 +290,12 @@ class PveServer:
         return seen
 
     def writes(self) -> list[tuple[str, str]]:
-        """The requests that were not GETs."""
-        return [(method, path) for method, path in self.requests if method not in ("GET", "HEAD")]
+        """The requests that were not GETs, except password logins (POST /access/ticket), which change nothing."""
+        return [
+            (method, path)
+            for method, path in self.requests
+            if method not in ("GET", "HEAD") and not (method == "POST" and path == "/access/ticket")
+        ]
 
     def clear_requests(self) -> None:
         self.call(self.pve.requests.clear)
