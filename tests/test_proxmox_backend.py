@@ -422,6 +422,44 @@ def test_a_stale_digest_is_refused(pve_server: PveServer, token_backend: Proxmox
 
 
 @pytest.mark.fakepve
+def test_an_update_rendered_by_update_value_keeps_the_mac_and_the_volume(
+    pve_server: PveServer, root_backend: ProxmoxBackend
+) -> None:
+    root_backend.create_lxc("pve1", 955, config=props.lxc_config(_lxc(), gpu_devices=GPU_DEVICES))
+    before = root_backend.observe_guest("lxc", "pve1", 955)
+    volumes = set(pve_server.pve.storages["local-lvm"].get("volumes", {}))
+    desired = props.lxc_config(
+        _lxc().model_copy(update={"network": (_lxc().network[0].model_copy(update={"bridge": "vmbr1"}),),
+                                  "volumes": (_lxc().volumes[0].model_copy(update={"path": "/srv"}),)}),
+        gpu_devices=GPU_DEVICES,
+    )  # fmt: skip
+    desired = {k: v for k, v in desired.items() if k not in props.CREATE_ONLY["lxc"]}
+    diffs = props.compare_config("lxc", desired, _effective(before))
+    assert sorted(d.key for d in diffs) == ["mp1", "net0"]
+    update = {d.key: props.update_value("lxc", d.key, desired[d.key], before.config.get(d.key)) for d in diffs}
+    root_backend.update_config("lxc", "pve1", 955, config=update, digest=before.digest)
+
+    after = root_backend.observe_guest("lxc", "pve1", 955)
+    assert props.compare_config("lxc", desired, _effective(after)) == []
+    net = props.parse_property(after.config["net0"], None)
+    assert net["hwaddr"] == props.parse_property(before.config["net0"], None)["hwaddr"]
+    assert props.parse_property(after.config["mp1"], "volume")["volume"] == "local-lvm:vm-955-disk-1"
+    assert set(pve_server.pve.storages["local-lvm"].get("volumes", {})) == volumes
+
+
+@pytest.mark.fakepve
+def test_create_only_keys_are_refused_on_update(pve_server: PveServer, token_backend: ProxmoxBackend) -> None:
+    pve_server.pve.add_ct(955, "llm")
+    pve_server.clear_requests()
+    with pytest.raises(PermanentError, match="unprivileged") as caught:
+        token_backend.update_config("lxc", "pve1", 955, config={"unprivileged": "0", "cores": "2"})
+    assert caught.value.hint == "recreate the guest"
+    with pytest.raises(PermanentError, match="ostemplate"):
+        token_backend.update_config("lxc", "pve1", 955, config={"ostemplate": TEMPLATE})
+    assert pve_server.requests == []
+
+
+@pytest.mark.fakepve
 def test_an_invalid_value_is_a_permanent_error_with_pves_field_errors(
     pve_server: PveServer, token_backend: ProxmoxBackend
 ) -> None:

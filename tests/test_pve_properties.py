@@ -452,6 +452,42 @@ def test_compare_config_is_fast_for_two_thousand_guests() -> None:
     assert time.perf_counter() - started < 1.0
 
 
+# ---- update values ------------------------------------------------------------------------
+
+
+def test_an_update_keeps_what_pve_added() -> None:
+    live = "name=eth0,bridge=vmbr0,firewall=1,hwaddr=BC:24:11:2E:4F:01,ip=dhcp,type=veth"
+    assert pve.update_value("lxc", "net0", "name=eth0,bridge=vmbr1,ip=dhcp", live) == (
+        "name=eth0,bridge=vmbr1,firewall=1,hwaddr=BC:24:11:2E:4F:01,ip=dhcp,type=veth"
+    )
+    assert pve.update_value("qemu", "net0", "e1000,bridge=vmbr0", "virtio=BC:24:11:00:00:01,bridge=vmbr0") == (
+        "e1000=BC:24:11:00:00:01,bridge=vmbr0"
+    )
+
+
+def test_an_update_of_a_volume_keeps_the_volume() -> None:
+    live = "local-lvm:vm-955-disk-1,mp=/data,size=8G"
+    assert pve.update_value("lxc", "mp1", "local-lvm:8,mp=/srv", live) == "local-lvm:vm-955-disk-1,mp=/srv,size=8G"
+    assert pve.update_value("qemu", "scsi0", "local-lvm:32,ssd=1", "local-lvm:vm-200-disk-0,size=32G") == (
+        "local-lvm:vm-200-disk-0,size=32G,ssd=1"
+    )
+    assert pve.update_value("lxc", "mp1", "tank:8,mp=/data", live) == "tank:8,mp=/data"  # a replacement
+
+
+def test_an_update_of_a_plain_or_new_value_is_the_desired_value() -> None:
+    assert pve.update_value("lxc", "memory", "2048", "1024") == "2048"
+    assert pve.update_value("lxc", "mp2", "/tank/x,mp=/x,ro=1", None) == "/tank/x,mp=/x,ro=1"
+    assert pve.update_value("lxc", "net0", "name=eth0", "garbage") == "name=eth0"
+
+
+@given(bridge=st.sampled_from(["vmbr0", "vmbr1"]), tag=st.integers(1, 4094), firewall=st.booleans())
+def test_an_update_value_compares_equal_to_the_desired_one(bridge: str, tag: int, firewall: bool) -> None:
+    desired = f"name=eth0,bridge={bridge},tag={tag},firewall={int(firewall)}"
+    live = "name=eth0,bridge=vmbr9,hwaddr=BC:24:11:00:00:01,ip=dhcp,type=veth"
+    sent = pve.update_value("lxc", "net0", desired, live)
+    assert pve.compare_config("lxc", {"net0": desired}, {"net0": sent}) == []
+
+
 # ---- timing -------------------------------------------------------------------------------
 
 

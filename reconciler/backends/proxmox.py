@@ -611,6 +611,11 @@ class ProxmoxBackend:
     ) -> None:
         """Set and delete config keys (PUT .../config, synchronous). Nothing to change: no call.
 
+        Send only the keys that change, each as `planning.pve.update_value` renders
+        it (a desired value sent as it is can re-allocate a volume or change a MAC).
+        A create-only or replace key (`ostemplate`, `unprivileged`, `arch`) is
+        refused with PermanentError before anything is sent.
+
         With `digest` (from the observation), PVE refuses the update if the config
         changed since: that raises ConfigChanged (retryable: re-plan). On a running
         guest some keys go pending until a restart (see `planning.pve.classify`).
@@ -619,6 +624,14 @@ class ProxmoxBackend:
         ref = _ref(kind, vmid)
         if not config and not delete:
             return
+        pve_kind: pve.GuestKind = "lxc" if kind is GuestType.LXC else "qemu"
+        fixed = sorted(
+            k for k in (*config, *delete) if k in pve.CREATE_ONLY[pve_kind] or k in pve.REPLACE_KEYS[pve_kind]
+        )
+        if fixed:
+            raise PermanentError(
+                f"{', '.join(fixed)} cannot change on an existing guest", resource=ref, hint="recreate the guest"
+            )
         self._check_root_only(kind, config, resource=ref)
         params: dict[str, Any] = dict(config)
         if delete:

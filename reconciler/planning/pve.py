@@ -60,6 +60,7 @@ __all__ = [
     "parse_property",
     "parse_pve_size",
     "pci_address_key",
+    "update_value",
     "vm_config",
 ]
 
@@ -683,6 +684,36 @@ def compare_config(kind: GuestKind, desired: Mapping[str, str], live: Mapping[st
         elif not _same(spec.norm, wanted, compared):
             diffs.append(FieldDiff(key, current, wanted, replace=replace))
     return diffs
+
+
+def update_value(kind: GuestKind, key: str, desired: str, live: str | None) -> str:
+    """The value to send to change `key` of an existing guest from `live` towards `desired`.
+
+    Sending a desired property string as it is would lose what PVE added to the
+    live one: a container NIC without its `hwaddr` gets a new MAC (and a new DHCP
+    lease), and a volume in allocation syntax (`local-lvm:8,mp=/data`) allocates
+    a new, empty volume and leaves the old one unused. So the live sub-fields are
+    kept and the desired ones laid over them, and a volume to allocate on the
+    storage the live volume is on keeps the live volume id (its size changes
+    through PVE's resize call, not here). A plain value, a new key, a volume on
+    another storage (a replacement) or a value that does not parse is `desired`.
+    """
+    spec = _key_spec(kind, key)
+    if live is None or spec.norm is not None:
+        return desired
+    try:
+        want = parse_property(desired, spec.default_key)
+        merged = parse_property(live, spec.default_key)
+    except ValueError:
+        return desired
+    if spec.volume and spec.default_key in want and spec.default_key in merged:
+        allocate = _ALLOCATE_RE.match(want[spec.default_key])
+        if allocate is not None:
+            if _storage(merged[spec.default_key]) != allocate.group(1):
+                return desired
+            want.pop(spec.default_key)
+    merged.update(want)
+    return format_property(merged, spec.default_key)
 
 
 def _natural(key: str) -> tuple[str, int]:

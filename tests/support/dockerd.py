@@ -199,11 +199,24 @@ def _private_engine(log_dir: Path) -> Iterator[DockerEngine]:
     ]
     if has_bridge:
         command.append(f"--bridge={bridge}")
+    # The NVIDIA toolkit's OCI hook, faked: dockerd registers its "nvidia" device driver when the hook is on
+    # its PATH, so GPU device requests (by NVML UUID) are accepted and recorded as on a GPU host.
+    hooks = base / "hooks"
+    hooks.mkdir()
+    hook = hooks / "nvidia-container-runtime-hook"
+    hook.write_text("#!/bin/sh\ncat >/dev/null\nexit 0\n")
+    hook.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{hooks}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     started = time.monotonic()
     try:
         with log.open("wb") as log_file:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=environment,
             )
     except OSError as exc:
         if has_bridge:
@@ -294,10 +307,45 @@ def _rootfs_tar() -> bytes:
         for applet in applets:
             if applet != "busybox" and "/" not in applet:
                 _add_symlink(tar, f"bin/{applet}", "busybox")
+        _add_file(tar, "serve", ENGINE_SCRIPT.encode(), mode=0o755)
         _add_file(tar, "www/health", b"ok\n")
         _add_file(tar, "www/v1/models", models.encode())
         _add_file(tar, "www-broken/v1/models", models.encode())
     return buffer.getvalue()
+
+
+ENGINE_SCRIPT = """#!/bin/sh
+# Plays vLLM, llama-server or Ollama: serves /health and /v1/models on the port the engine's
+# arguments (--port N) or OLLAMA_HOST name, whatever else the arguments say.
+port=8000
+case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}";; esac
+while [ $# -gt 0 ]; do
+  case "$1" in --port) port="$2"; shift;; esac
+  shift
+done
+exec /bin/busybox httpd -f -p "$port" -h "${WWW:-/www}"
+"""
+
+
+@dataclass(frozen=True)
+class EngineImage:
+    """Images that take an engine's command line: `tag` answers /health, `broken` answers 404 there."""
+
+    tag: str = "reconciler-test/engine:1"
+    broken: str = "reconciler-test/engine:broken"
+
+
+@pytest.fixture(scope="session")
+def engine_image(docker_client: Any) -> EngineImage:
+    """Import the engine-shaped images; tests `docker tag` them as vllm/llama.cpp/ollama images."""
+    image = EngineImage()
+    rootfs = _rootfs_tar()
+    for tag, root in ((image.tag, "/www"), (image.broken, "/www-broken")):
+        repository, _, version = tag.rpartition(":")
+        changes = ['ENTRYPOINT ["/bin/sh", "/serve"]', "ENV PATH=/bin", f"ENV WWW={root}"]
+        docker_client.api.import_image_from_data(rootfs, repository=repository, tag=version, changes=changes)
+        docker_client.api.inspect_image(tag)
+    return image
 
 
 def _httpd_changes(root: str) -> list[str]:
