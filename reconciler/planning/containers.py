@@ -45,6 +45,7 @@ def label_keys(owner: str) -> dict[str, str]:
     return {
         "managed": f"{owner}.managed",
         "resource": f"{owner}.resource",
+        "host": f"{owner}.host",
         "spec_hash": f"{owner}.spec-hash",
         "env_keys": f"{owner}.env-keys",
         "revision": f"{owner}.revision",
@@ -128,6 +129,7 @@ def desired_container(
     labels = {**workload.labels, **run.pop("labels", {})}
     labels[keys["managed"]] = "true"
     labels[keys["resource"]] = workload.ref
+    labels[keys["host"]] = workload.host
     labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
     container = DesiredContainer(
         host=workload.host,

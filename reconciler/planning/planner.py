@@ -385,10 +385,12 @@ class _Planner:
         for host, seen in sorted(self.observed.docker.items()):
             if not seen.reachable:
                 continue
-            managed = label_keys(self.owner)["managed"]
+            keys = label_keys(self.owner)
             for live in seen.containers:
-                if live.labels.get(managed) != "true" or live.name in wanted.get(host, set()):
+                if live.labels.get(keys["managed"]) != "true" or live.name in wanted.get(host, set()):
                     continue
+                if live.labels.get(keys["host"], host) != host:
+                    continue  # one engine serving two hosts of the spec: the other host's container
                 if live.name.endswith(OLD_SUFFIX):
                     continue  # kept by an apply for its rollback; the apply removes it
                 address = f"container/{host}/{live.name}"
@@ -434,7 +436,15 @@ class _Planner:
                 )
             )
             return
-        live = next((c for c in host.containers if c.name == container.name), None)
+        host_label = label_keys(self.owner)["host"]
+        live = next(
+            (
+                c
+                for c in host.containers
+                if c.name == container.name and c.labels.get(host_label, workload.host) == workload.host
+            ),
+            None,
+        )
         if live is None:
             self.changes.append(
                 Change(

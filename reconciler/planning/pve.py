@@ -2,8 +2,10 @@
 
 Who calls it: the planner, to turn an `Lxc` or `Vm` spec into the config keys
 to send (`lxc_config`, `vm_config`), to compare them with what a guest holds
-(`compare_config`), and to say when a change takes effect (`classify`); the
-Proxmox backend, to normalise tags and PCI addresses the same way.
+(`compare_config`), to render the value that changes a key of an existing
+guest without losing what PVE added to it (`update_value`), and to say when a
+change takes effect (`classify`); the Proxmox backend, to normalise tags and
+PCI addresses the same way.
 
 Why fields and not strings: PVE stores property strings as they were sent
 (`net0: name=eth0,bridge=vmbr0` and `net0: bridge=vmbr0,name=eth0` are the same

@@ -131,7 +131,7 @@ def pve_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 if _fakepve is not None:
 
-    class LabPve(_fakepve.FakePve):  # type: ignore[misc, name-defined]
+    class LabPve(_fakepve.FakePve):
         """FakePve with NVIDIA GPUs, PCI mappings and the pending digest of real PVE (see the module docstring)."""
 
         def __init__(self, *args: Any, pending_digest: bool = True, **kwargs: Any) -> None:
