@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.dockerd", "tests.support.nvml"]
+pytest_plugins = ["tests.support.dockerd", "tests.support.nvml", "tests.support.fakepve", "tests.support.reallab"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

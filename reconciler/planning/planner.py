@@ -210,6 +210,15 @@ class _Planner:
                 )
             )
             return
+        if seen.status == "unknown":
+            self.blockers.append(
+                Problem(
+                    guest.ref,
+                    f"its node {seen.node!r} does not answer; it cannot be compared",
+                    "bring the node back, or wait",
+                )
+            )
+            return
         if seen.node != guest.node:
             self.blockers.append(
                 Problem(
@@ -263,7 +272,9 @@ class _Planner:
             "digest": seen.digest,
             "config": {k: seen.config.get(k) for k in sorted({*desired_cfg, *removed}) if k in seen.config},
         }
-        after = self.guest_after(guest, kind, desired_cfg, power, create=False)
+        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id).
+        to_send = {key: pve.update_value(kind, key, value, effective.get(key)) for key, value in desired_cfg.items()}
+        after = self.guest_after(guest, kind, to_send, power, create=False)
         after["delete"] = removed
         if fields:
             action = _guest_action(fields, running)
