@@ -42,8 +42,40 @@ SpecPath = Annotated[Path, typer.Argument(help="spec tree (a folder of YAML file
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 
-def _load(path: Path, *, as_json: bool) -> LoadResult:
-    result = load_and_validate(path)
+RefOption = Annotated[
+    str | None,
+    typer.Option("--ref", help="read the spec from this git commit, branch or tag (PATH is then inside the repo)"),
+]
+RepoOption = Annotated[
+    str | None, typer.Option("--repo", help="git repository (path or URL) for --ref; default: the one holding PATH")
+]
+
+
+def _read(path: Path, ref: str | None, repo: str | None, state_dir: Path | None = None) -> LoadResult:
+    """The spec at PATH: committed at `ref` when given (the normal case), else the folder as it is (a preview)."""
+    if ref is None:
+        return load_and_validate(path)
+    from reconciler.sources.git import load_commit
+
+    repository = repo or str(path if path.is_dir() else path.parent)
+    inside = "" if repo else _path_in_repo(path)
+    return load_commit(repository, ref=ref, path=str(path) if repo else inside, cache=_state_dir(state_dir))
+
+
+def _path_in_repo(path: Path) -> str:
+    import subprocess
+
+    top = subprocess.run(
+        ["git", "-C", str(path if path.is_dir() else path.parent), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return str(path.resolve().relative_to(Path(top).resolve())) if top else ""
+
+
+def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None = None) -> LoadResult:
+    result = _read(path, ref, repo)
     if as_json:
         return result
     if result.diagnostics:
@@ -52,9 +84,15 @@ def _load(path: Path, *, as_json: bool) -> LoadResult:
 
 
 @app.command()
-def validate(path: SpecPath = Path("specs"), as_json: JsonFlag = False) -> None:
+def validate(
+    path: SpecPath = Path("specs"), as_json: JsonFlag = False, ref: RefOption = None, repo: RepoOption = None
+) -> None:
     """Check a spec tree: syntax, fields, references, conflicts. Exit 0 when valid, 1 when not."""
-    result = load_and_validate(path)
+    try:
+        result = _read(path, ref, repo)
+    except ReconcilerError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(EXIT_ERROR) from None
     if as_json:
         console.print_json(json.dumps([d.to_json() for d in result.diagnostics]))
     else:
@@ -85,13 +123,19 @@ def plan(
     path: SpecPath = Path("specs"),
     as_json: JsonFlag = False,
     out: Annotated[Path | None, typer.Option("--out", help="save the plan for `apply --plan`")] = None,
+    ref: RefOption = None,
+    repo: RepoOption = None,
 ) -> None:
     """Show what would change on the live lab (a dry run). Exit 0: no changes, 2: changes, 1: error."""
     from reconciler.engine.connect import connect
     from reconciler.engine.observe import observe
     from reconciler.planning.planner import make_plan
 
-    result = _load(path, as_json=as_json)
+    try:
+        result = _load(path, as_json=as_json, ref=ref, repo=repo)
+    except ReconcilerError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(EXIT_ERROR) from None
     if not result.ok:
         if as_json:
             console.print_json(json.dumps({"diagnostics": [d.to_json() for d in result.diagnostics]}))
@@ -141,6 +185,8 @@ def apply(
         float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
     ] = None,
     state_dir: StateDir = None,
+    ref: RefOption = None,
+    repo: RepoOption = None,
 ) -> None:
     """Apply the spec: show the plan, confirm, apply in order, verify health, roll back on failure.
 
@@ -154,7 +200,11 @@ def apply(
     from reconciler.engine.run import ApplyOptions, apply_pass
     from reconciler.planning.plan import Plan
 
-    result = _load(path, as_json=False)
+    try:
+        result = _load(path, as_json=False, ref=ref, repo=repo)
+    except ReconcilerError as exc:
+        err.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(EXIT_ERROR) from None
     if not result.ok:
         raise typer.Exit(EXIT_ERROR)
     saved = Plan.from_json(json.loads(plan_file.read_text(encoding="utf-8"))) if plan_file else None

@@ -1,0 +1,1 @@
+"""Sources of desired state: a commit of a git repository (the normal case) or a folder (a preview)."""

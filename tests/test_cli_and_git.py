@@ -1,0 +1,133 @@
+"""The CLI's validate, schema and demo commands, and specs read from real git repositories.
+
+Runs `python -m reconciler` in a subprocess, as a user would, and asserts on
+exit codes and output; git repositories are real ones made in tmp_path, with
+a bare repository as the remote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.sources.git import load_commit, read_commit
+from tests.support.components import missing
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "inference-vm"
+
+
+def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+@pytest.fixture
+def git_bin() -> str:
+    found = shutil.which("git")
+    if found is None:
+        missing("git", "the git command is not on PATH")
+    return found
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            **os.environ,
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        },
+    ).stdout.strip()
+
+
+@pytest.fixture
+def lab_repo(tmp_path: Path, git_bin: str) -> Path:
+    repo = tmp_path / "lab"
+    shutil.copytree(EXAMPLE, repo / "specs")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "lab")
+    return repo
+
+
+def test_validate_exit_codes_and_file_line(tmp_path: Path) -> None:
+    assert run("validate", str(EXAMPLE)).returncode == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.yaml").write_text("kind: Gpu\nname: big\nnode: pve1\npci: '0000:01:00'\nvram: 16GiB\nmodle: x\n")
+    (broken / "b.yaml").write_text("kind: Lab\nname: l\nnodes: [pve1\n")
+    result = run("validate", str(broken))
+    assert result.returncode == 1
+    assert f"{broken}/a.yaml:6:1: Gpu/big: error: unknown field 'modle'" in result.stdout
+    assert "did you mean 'model'?" in result.stdout
+    assert f"{broken}/b.yaml:" in result.stdout and "YAML syntax error" in result.stdout
+    payload = json.loads(run("validate", str(broken), "--json").stdout)
+    assert {(d["file"], d["line"], d["severity"]) for d in payload} >= {(f"{broken}/a.yaml", 6, "error")}
+
+
+def test_schema_command_writes_what_is_committed(tmp_path: Path) -> None:
+    assert run("schema", "--out", str(tmp_path)).returncode == 0
+    for written in tmp_path.iterdir():
+        assert written.read_text() == (ROOT / "schemas" / written.name).read_text()
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = run("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No changes. The live state matches the spec." in result.stdout
+    assert "~ memory:" in result.stdout  # the drift the demo makes by hand is shown, then corrected
+    assert result.stdout.count("Applied (run") >= 3
+
+
+def test_a_commit_is_read_not_the_working_copy(lab_repo: Path) -> None:
+    sha = git(lab_repo, "rev-parse", "HEAD")
+    (lab_repo / "specs" / "vm.yaml").write_text("this: is [not committed\n")
+    commit = read_commit(str(lab_repo), ref="main", path="specs")
+    assert commit.sha == sha
+    result = load_commit(str(lab_repo), ref="main", path="specs")
+    assert result.ok and result.state.revision == sha
+    assert run("validate", str(lab_repo / "specs")).returncode == 1, "the working copy is broken"
+    assert run("validate", str(lab_repo / "specs"), "--ref", "main").returncode == 0, "the commit is not"
+
+
+def test_a_remote_branch_is_fetched_into_a_mirror(lab_repo: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(lab_repo), str(remote)], check=True)
+    url = f"file://{remote}"
+    cache = tmp_path / "state"
+    first = load_commit(url, ref="main", path="specs", cache=cache)
+    assert first.ok
+    models = lab_repo / "specs" / "mode.yaml"
+    models.write_text(models.read_text().replace("active: fast", "active: deep"))
+    git(lab_repo, "commit", "-q", "-am", "deep mode")
+    git(lab_repo, "push", "-q", str(remote), "main")
+    second = load_commit(url, ref="main", path="specs", cache=cache)
+    assert second.ok and second.state.revision != first.state.revision
+    group = next(r for r in second.state.resources if r.kind == "ExclusiveGroup")
+    assert group.active == "deep"  # type: ignore[attr-defined]
+
+
+def test_a_bad_ref_is_a_clear_error(lab_repo: Path) -> None:
+    result = run("validate", str(lab_repo / "specs"), "--ref", "no-such-branch")
+    assert result.returncode == 1
+    assert "no commit 'no-such-branch'" in result.stderr
+    assert "Traceback" not in result.stderr
