@@ -24,12 +24,7 @@ from reconciler.spec.validate import load_and_validate
 BROKEN = Path(__file__).resolve().parent / "specs" / "broken"
 CASES = sorted(path for path in BROKEN.iterdir() if path.is_dir())
 # Cases the validator does not catch yet: strict xfail, so a fix asks for the entry to be removed.
-KNOWN_GAPS = {
-    "role-gpu-not-in-lxc": "a workload placed by role on an LXC host is not checked against the LXC's devN GPUs "
-    "(only 'gpus:' lists are, in _host_references)",
-    "workload-on-inactive-guest": "a running workload on a guest that an exclusive-group switch stops is only "
-    "reported when the guest is declared stopped, not per scenario",
-}
+KNOWN_GAPS: dict[str, str] = {}
 LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<column>\d+): (?P<severity>error|warning): (?P<text>.+)$")
 
 

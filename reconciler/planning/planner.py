@@ -376,7 +376,7 @@ class _Planner:
         available = self.available_gpus()
         wanted: dict[str, set[str]] = {}
         for workload in workloads:
-            names = self.gpus_for(workload, available)
+            names = self.gpus_for(workload, available, quiet=self.desired_power(workload) is PowerState.STOPPED)
             container = desired_container(
                 workload, lab=self.lab, gpu_names=names, gpu_uuids=resolved, revision=self.desired.revision
             )
@@ -516,13 +516,16 @@ class _Planner:
             return
         self.keep(change, workload)
 
-    def gpus_for(self, workload: Workload, available: set[str]) -> tuple[str, ...]:
+    def gpus_for(self, workload: Workload, available: set[str], *, quiet: bool = False) -> tuple[str, ...]:
+        """GPU names for a workload; a role lands on the GPUs available now, failing over when it must."""
         if workload.gpus:
             return workload.gpus
         if workload.role is None or workload.role not in self.roles:
             return ()
         role = self.roles[workload.role]
         placed = place_role(role, self.gpus.values(), available=available)
+        if quiet:  # a workload kept stopped claims nothing now: no failover to report
+            return placed or place_role(role, self.gpus.values())
         if not placed:
             placed = place_role(role, self.gpus.values())
             self.warnings.append(

@@ -221,17 +221,14 @@ class _Checker:
             if host is None:
                 self._missing(workload, "Docker host", workload.host, self.hosts, "host")
                 continue
-            stopped_host = isinstance(host, Lxc | Vm) and host.state is PowerState.STOPPED
-            if stopped_host and workload.state is PowerState.RUNNING and workload.exclusive is None:
-                self.error(workload, f"runs on {host.ref}, which is declared stopped", "host")
-            for index, name in enumerate(workload.gpus):
+            for index, name in enumerate(self._gpus_of(workload)):
                 gpu = self.gpus.get(name)
                 if gpu is not None and not self._host_reaches(host, gpu):
+                    where = ("gpus", index) if workload.gpus else ("role",)
                     self.error(
                         workload,
                         f"Gpu {name!r} is not available on host {host.name!r}",
-                        "gpus",
-                        index,
+                        *where,
                         hint=self._reach_hint(host),
                     )
             if isinstance(workload, Model):
@@ -348,6 +345,7 @@ class _Checker:
         running_guests = [g for g in self.guests if self._runs(g, scenario)]
         running = [w for w in self.workloads if self._runs(w, scenario)]
         self._ports(running)
+        self._hosts_run(running_guests, running, scenario)
         self._passthrough(running_guests, running)
         self._gpu_sharing(running)
 
@@ -367,6 +365,25 @@ class _Checker:
                         )
                         break
                 taken.append((bind, workload))
+
+    def _hosts_run(self, guests: list[Lxc | Vm], running: list[Workload], scenario: Mapping[str, str]) -> None:
+        """A running workload needs its guest running in the same configuration."""
+        up = {g.name for g in guests}
+        for workload in running:
+            host = self.hosts.get(workload.host)
+            if not isinstance(host, Lxc | Vm) or host.name in up:
+                continue
+            if host.state is PowerState.STOPPED:
+                why = "which is declared stopped"
+            else:
+                group = host.exclusive.group if host.exclusive else ""
+                why = f"which is stopped while {group!r} has {scenario.get(group)!r} active"
+            self.error(
+                workload,
+                f"runs on {host.ref}, {why}",
+                "host",
+                hint="stop the workload too (put it in the same exclusive group), or move it",
+            )
 
     def _passthrough(self, guests: list[Lxc | Vm], running: list[Workload]) -> None:
         owner: dict[str, Vm] = {}
