@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import yaml.reader
 from pydantic import BaseModel, ValidationError
 
 from reconciler.spec.diagnostics import Diagnostic, Position, Severity
@@ -36,6 +37,7 @@ MAX_DEPTH = 64
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_CORE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null"))
 _scalar_constructor = yaml.SafeLoader("")
 
 Path_ = tuple[str | int, ...]
@@ -92,6 +94,12 @@ class _Converter:
         if id(node) in active:
             raise _DocumentError("a YAML alias refers to itself", node)
         self.values.setdefault(path, self.position(node))
+        if node.tag not in _CORE_TAGS:
+            raise _DocumentError(
+                f"YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')!r} is not allowed in specs",
+                node,
+                "write plain values",
+            )
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path, active | {id(node)})
         if isinstance(node, yaml.SequenceNode):
@@ -132,7 +140,7 @@ def load_tree(root: Path) -> LoadResult:
             diagnostics.append(Diagnostic(Severity.ERROR, problem, Position(shown, 1, 1)))
         elif data is not None:
             files.append(SpecFile(shown, data))
-    result = load_files(files, revision=content_revision(files), empty_hint=str(root))
+    result = load_files(files, revision=content_revision(files), empty_hint=str(root), report_empty=not diagnostics)
     return LoadResult(result.state, (*diagnostics, *result.diagnostics))
 
 
@@ -161,7 +169,9 @@ def content_revision(files: Iterable[SpecFile]) -> str:
     return "tree-" + digest.hexdigest()[:12]
 
 
-def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_hint: str = "") -> LoadResult:
+def load_files(
+    files: Iterable[SpecFile], *, revision: str | None = None, empty_hint: str = "", report_empty: bool = True
+) -> LoadResult:
     """Validate the documents of `files` into a DesiredState; collect every problem."""
     resources: list[Resource] = []
     origins: dict[str, Origin] = {}
@@ -188,7 +198,7 @@ def load_files(files: Iterable[SpecFile], *, revision: str | None = None, empty_
                 continue
             resources.append(resource)
             origins[resource.ref] = origin
-    if not resources and not diagnostics:
+    if not resources and not diagnostics and report_empty:
         where = f" in {empty_hint}" if empty_hint else ""
         diagnostics.append(
             Diagnostic(Severity.ERROR, f"no spec documents found{where}", None, hint="add YAML files with a 'kind'")
@@ -235,6 +245,23 @@ def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | 
         position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
+        return
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        yield (
+            None,
+            None,
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"unacceptable character {character} in YAML",
+                    Position(spec_file.path, line, column),
+                    hint="remove control characters from the file",
+                )
+            ],
+        )
         return
     except _TooDeep as exc:
         yield None, None, [Diagnostic(Severity.ERROR, str(exc), Position(spec_file.path, exc.line, exc.column))]

@@ -501,7 +501,11 @@ class Model(Workload):
     quantization: str | None = None
     args: dict[str, str | int | float | bool] = Field({}, description="engine flags, without the leading '--'")
     image: str | None = Field(None, description="overrides the lab's image for this engine")
-    models_dir: str | None = Field(None, pattern=r"^/", description="host folder mounted read-only at /models")
+    models_dir: str | None = Field(
+        None,
+        pattern=r"^/",
+        description="host folder of model files, mounted read-only at the same path (Ollama: its store)",
+    )
 
 
 Document: TypeAlias = Lab | DockerHost | Gpu | GpuRole | ExclusiveGroup | Lxc | Vm | Container | Model
