@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from deepdiff import DeepDiff
+
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.observed import (
@@ -655,41 +657,74 @@ def _container_view(live: ObservedContainer) -> dict[str, Any]:
     }
 
 
+# Container settings compared as a whole: an item added to a list is shown with the whole list.
+_WHOLE_FIELDS = frozenset({"command", "entrypoint", "ports", "volumes", "gpus", "devices"})
+
+
 def _container_fields(
     desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str], *, ignored: set[str]
 ) -> list[FieldChange]:
-    """Field differences between the container wanted and the one running (declared fields only)."""
-    changes: list[FieldChange] = []
+    """Field differences between the container wanted and the one running (declared fields only).
 
-    def compare(path: str, before: Any, after: Any, *, sensitive: bool = False) -> None:
-        if path.split(".", maxsplit=1)[0] not in ignored and before != after:
-            changes.append(FieldChange(path, before, after, Timing.REPLACE, sensitive))
+    Both sides become the same nested view, and deepdiff finds what differs, per env var and label.
+    """
+    before, after = _container_views(desired, live, keys)
+    for name in ignored:
+        before.pop(name, None)
+        after.pop(name, None)
+    if before == after:
+        if live.labels.get(keys["spec_hash"]) != desired.labels.get(keys["spec_hash"]):
+            # Nothing declared differs, yet the spec did (a health check, a removed setting).
+            old, new = live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"])
+            return [FieldChange("spec", old, new, Timing.REPLACE)]
+        return []
+    changes: dict[str, FieldChange] = {}
+    for levels in DeepDiff(before, after, ignore_order=True, view="tree").tree.values():
+        for level in levels:
+            path = [str(part) for part in level.path(output_format="list")]
+            if path[0] in _WHOLE_FIELDS or len(path) == 1:
+                key, old, new = path[0], before.get(path[0]), after.get(path[0])
+            else:
+                key, old, new = ".".join(path[:2]), before[path[0]].get(path[1]), after[path[0]].get(path[1])
+            sensitive = path[0] == "env" and len(path) > 1 and path[1] in desired.secret_env
+            changes.setdefault(key, FieldChange(key, old, new, Timing.REPLACE, sensitive))
+    return [changes[key] for key in sorted(changes)]
 
-    compare("image", live.image, desired.image)
-    if desired.command is not None:
-        compare("command", list(live.command or ()), list(desired.command))
-    if desired.entrypoint is not None:
-        compare("entrypoint", list(live.entrypoint or ()), list(desired.entrypoint))
+
+def _container_views(
+    desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the spec declares of a container, from the spec and from the live container, side by side."""
+    before: dict[str, Any] = {"image": live.image, "restart": live.restart or "no"}
+    after: dict[str, Any] = {"image": desired.image, "restart": desired.restart}
+    for name, wanted, seen in (
+        ("command", desired.command, live.command),
+        ("entrypoint", desired.entrypoint, live.entrypoint),
+    ):
+        if wanted is not None:
+            before[name], after[name] = list(seen or ()), list(wanted)
     previous_keys = {k for k in live.labels.get(keys["env_keys"], "").split(",") if k}
-    for key in sorted({*desired.env, *previous_keys} - set(desired.secret_env)):
-        compare(f"env.{key}", live.env.get(key), desired.env.get(key))
-    for key in sorted(desired.secret_env):
-        # Secret values are never compared (the planner does not read them); their presence is.
-        compare(f"env.{key}", "set" if key in live.env else None, "set", sensitive=True)
-    compare("ports", sorted((p.bind, p.host, p.container, p.protocol) for p in live.ports), sorted(desired.ports))
-    compare("volumes", sorted((v.host, v.path, v.readonly) for v in live.volumes), sorted(desired.volumes))
-    compare("gpus", sorted(live.gpus), sorted(desired.gpus))
-    compare("devices", sorted(live.devices), sorted(desired.devices))
-    compare("restart", live.restart or "no", desired.restart)
-    if desired.shm_size is not None:
-        compare("shm_size", live.shm_size, desired.shm_size)
-    if desired.ipc is not None:
-        compare("ipc", live.ipc, desired.ipc)
-    if desired.network_mode is not None:
-        compare("network_mode", live.network_mode, desired.network_mode)
-    for key, value in desired.labels.items():
-        if key not in (keys["revision"], keys["spec_hash"], keys["env_keys"]):
-            compare(f"labels.{key}", live.labels.get(key), value)
-    if not changes and live.labels.get(keys["spec_hash"]) != desired.labels.get(keys["spec_hash"]):
-        compare("spec", live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"]))
-    return changes
+    plain = sorted({*desired.env, *previous_keys} - set(desired.secret_env))
+    before["env"] = {key: live.env.get(key) for key in plain}
+    after["env"] = {key: desired.env.get(key) for key in plain}
+    for key in desired.secret_env:  # secret values are never read by the planner: only whether one is set
+        before["env"][key], after["env"][key] = ("set" if key in live.env else None), "set"
+    before["ports"] = sorted([p.bind, p.host, p.container, p.protocol] for p in live.ports)
+    after["ports"] = sorted(list(p) for p in desired.ports)
+    before["volumes"] = sorted([v.host, v.path, v.readonly] for v in live.volumes)
+    after["volumes"] = sorted(list(v) for v in desired.volumes)
+    before["gpus"], after["gpus"] = sorted(live.gpus), sorted(desired.gpus)
+    before["devices"], after["devices"] = sorted(live.devices), sorted(desired.devices)
+    optional: tuple[tuple[str, object, object], ...] = (
+        ("shm_size", desired.shm_size, live.shm_size),
+        ("ipc", desired.ipc, live.ipc),
+        ("network_mode", desired.network_mode, live.network_mode),
+    )
+    for setting, wanted_value, seen_value in optional:
+        if wanted_value is not None:
+            before[setting], after[setting] = seen_value, wanted_value
+    volatile = {keys["revision"], keys["spec_hash"], keys["env_keys"]}
+    declared = [key for key in desired.labels if key not in volatile]
+    before["labels"] = {key: live.labels.get(key) for key in declared}
+    after["labels"] = {key: desired.labels[key] for key in declared}
+    return before, after
