@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
 from reconciler.errors import ReconcilerError
+from reconciler.planning.plan import Plan
 from reconciler.spec.diagnostics import Severity
 from reconciler.spec.loader import LoadResult
 from reconciler.spec.schema import write_schemas
@@ -49,6 +53,16 @@ RefOption = Annotated[
 RepoOption = Annotated[
     str | None, typer.Option("--repo", help="git repository (path or URL) for --ref; default: the one holding PATH")
 ]
+
+
+@contextmanager
+def _errors_exit() -> Iterator[None]:
+    """Our own errors end the command with their message and exit 1; anything else is a bug and shows a traceback."""
+    try:
+        yield
+    except ReconcilerError as exc:
+        err.print(f"[red]error[/]: {escape(str(exc))}")
+        raise typer.Exit(EXIT_ERROR) from None
 
 
 def _read(path: Path, ref: str | None, repo: str | None, state_dir: Path | None = None) -> LoadResult:
@@ -88,11 +102,8 @@ def validate(
     path: SpecPath = Path("specs"), as_json: JsonFlag = False, ref: RefOption = None, repo: RepoOption = None
 ) -> None:
     """Check a spec tree: syntax, fields, references, conflicts. Exit 0 when valid, 1 when not."""
-    try:
+    with _errors_exit():
         result = _read(path, ref, repo)
-    except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(EXIT_ERROR) from None
     if as_json:
         console.print_json(json.dumps([d.to_json() for d in result.diagnostics]))
     else:
@@ -125,27 +136,26 @@ def plan(
     out: Annotated[Path | None, typer.Option("--out", help="save the plan for `apply --plan`")] = None,
     ref: RefOption = None,
     repo: RepoOption = None,
+    state_dir: StateDir = None,
 ) -> None:
     """Show what would change on the live lab (a dry run). Exit 0: no changes, 2: changes, 1: error."""
     from reconciler.engine.connect import connect
-    from reconciler.engine.observe import observe
-    from reconciler.planning.planner import make_plan
+    from reconciler.engine.journal import Journal
+    from reconciler.engine.run import plan_pass
 
-    try:
+    with _errors_exit():
         result = _load(path, as_json=as_json, ref=ref, repo=repo)
-    except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(EXIT_ERROR) from None
     if not result.ok:
         if as_json:
             console.print_json(json.dumps({"diagnostics": [d.to_json() for d in result.diagnostics]}))
         raise typer.Exit(EXIT_ERROR)
-    try:
-        with connect(result.state, os.environ) as readers:
-            planned = make_plan(result.state, observe(result.state, readers))
-    except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(EXIT_ERROR) from None
+    journal_path = _state_dir(state_dir) / "journal.sqlite"
+    with _errors_exit(), connect(result.state, os.environ) as readers:
+        # The journal, when there is one, tells spec edits from drift; planning never creates it.
+        journal = Journal(journal_path) if journal_path.exists() else None
+        planned = plan_pass(result.state, readers, journal)
+        if journal is not None:
+            journal.close()
     if out is not None:
         out.write_text(planned.dumps(), encoding="utf-8")
     if as_json:
@@ -198,16 +208,13 @@ def apply(
     from reconciler.engine.journal import Journal
     from reconciler.engine.lock import state_lock
     from reconciler.engine.run import ApplyOptions, apply_pass
-    from reconciler.planning.plan import Plan
 
-    try:
+    with _errors_exit():
         result = _load(path, as_json=False, ref=ref, repo=repo)
-    except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(EXIT_ERROR) from None
     if not result.ok:
         raise typer.Exit(EXIT_ERROR)
-    saved = Plan.from_json(json.loads(plan_file.read_text(encoding="utf-8"))) if plan_file else None
+    with _errors_exit():
+        saved = _saved_plan(plan_file) if plan_file else None
     folder = _state_dir(state_dir)
 
     def confirm(planned: Plan) -> bool:
@@ -217,10 +224,10 @@ def apply(
         return typer.confirm("Apply these changes?", default=False)
 
     options = ApplyOptions(allow_delete=allow_delete, retry=retry, health=HealthPolicy(max_timeout=health_timeout))
-    try:
-        with state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
-            journal = Journal(folder / "journal.sqlite")
-            endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
+    with _errors_exit(), state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
+        journal = Journal(folder / "journal.sqlite")
+        endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
+        try:
             planned, report = apply_pass(
                 result.state,
                 backends,
@@ -234,10 +241,8 @@ def apply(
                 confirm=confirm,
                 on_step=lambda step: print_step(console, step),
             )
+        finally:
             journal.close()
-    except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(EXIT_ERROR) from None
     if report is None:
         if not planned.applicable:
             print_plan(console, planned)
@@ -246,6 +251,21 @@ def apply(
         raise typer.Exit(EXIT_OK)
     print_report(console, report)
     raise typer.Exit(report.exit_code)
+
+
+def _saved_plan(path: Path) -> Plan:
+    from reconciler.errors import PlanError
+    from reconciler.planning.plan import PLAN_FORMAT
+
+    try:
+        plan = Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(
+            f"{path} is not a saved plan ({type(exc).__name__}: {exc})", hint="make one with plan --out"
+        ) from None
+    if plan.format != PLAN_FORMAT:
+        raise PlanError(f"{path} has plan format {plan.format}; this reconciler reads format {PLAN_FORMAT}")
+    return plan
 
 
 @app.command()
