@@ -244,6 +244,9 @@ def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | 
         mark = exc.problem_mark or exc.context_mark
         position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
+        if "maximum nesting depth" in message:  # libyaml 0.2.6+ stops deep nesting itself, before our check
+            yield None, None, [Diagnostic(Severity.ERROR, f"nested more than {MAX_DEPTH} levels deep", position)]
+            return
         yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
         return
     except yaml.reader.ReaderError as exc:
