@@ -138,7 +138,17 @@ def desired_container(
         env=env,
         secret_env=dict(workload.secret_env),
         labels=labels,
-        volumes=tuple(sorted({*run.pop("volumes"), *((v.host, v.path, v.readonly) for v in workload.volumes)})),
+        volumes=tuple(
+            sorted(
+                {
+                    (_clean(host), _clean(path), readonly)
+                    for host, path, readonly in (
+                        *run.pop("volumes"),
+                        *((v.host, v.path, v.readonly) for v in workload.volumes),
+                    )
+                }
+            )
+        ),
         gpus=uuids,
         gpu_names=gpu_names,
         restart=str(workload.restart),
@@ -262,6 +272,12 @@ def _probe(
         return None
     port = workload.port if isinstance(workload, Model) else next((p[1] for p in ports), None)
     return {**probe, "port": port}
+
+
+def _clean(path: str) -> str:
+    """A bind mount path as Docker keeps it (Go's filepath.Clean): `/srv/x/` and `/srv//x` are `/srv/x`."""
+    cleaned = posixpath.normpath(path)
+    return "/" + cleaned.lstrip("/") if cleaned.startswith("//") else cleaned
 
 
 def _dashed(args: Mapping[str, Any]) -> dict[str, Any]:

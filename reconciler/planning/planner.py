@@ -231,15 +231,27 @@ class _Planner:
             )
             return
         running = seen.status == "running"
-        effective = {**seen.config, **seen.pending}
-        for key in seen.pending_delete:
+        pending, pending_delete = _real_pending(kind, seen)
+        effective = {**seen.config, **pending}
+        for key in pending_delete:
             effective.pop(key, None)
         desired_cfg = {k: v for k, v in config.items() if k not in pve.CREATE_ONLY[kind]}
         diffs = pve.compare_config(kind, desired_cfg, effective)
+        # A key whose pending change (or pending delete) the spec undoes: the guest runs with the desired
+        # value already, and setting it again cancels the pending one at once (PVE's cleanup_pending).
+        reverting = {
+            key
+            for key in desired_cfg
+            if (key in pending or key in pending_delete)
+            and key in seen.config
+            and not pve.compare_config(kind, {key: desired_cfg[key]}, seen.config)
+        }
         fields: list[FieldChange] = []
         for diff in diffs:
             if diff.replace:
                 timing = Timing.REPLACE
+            elif diff.key in reverting:
+                timing = Timing.LIVE
             else:
                 new, gone = diff.before is None, diff.after is None
                 timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
@@ -253,16 +265,18 @@ class _Planner:
         for key in removed:
             timing = _timing(pve.classify(kind, key, running, delete=True))
             fields.append(FieldChange(key, effective[key], None, timing))
-        pending_restart = running and any(key in desired_cfg for key in (*seen.pending, *seen.pending_delete))
+        pending_restart = running and any(key in desired_cfg for key in (*pending, *pending_delete))
         if pending_restart and not fields:
             fields = [
-                FieldChange(key, seen.config.get(key), seen.pending.get(key), Timing.RESTART)
-                for key in sorted({*seen.pending, *seen.pending_delete})
+                FieldChange(key, seen.config.get(key), pending.get(key), Timing.RESTART)
+                for key in sorted({*pending, *pending_delete})
                 if key in desired_cfg
             ]
         drift = self.is_drift(guest)
-        if not owned:
-            fields.append(FieldChange("tags", list(seen.tags), [*seen.tags, self.owner], Timing.LIVE))
+        # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
+        adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
+        if not owned and not any(f.path == "tags" for f in fields):
+            fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
         power_change = (power is PowerState.RUNNING) != running
         if not fields and not power_change:
             return
@@ -274,8 +288,14 @@ class _Planner:
             "digest": seen.digest,
             "config": {k: seen.config.get(k) for k in sorted({*desired_cfg, *removed}) if k in seen.config},
         }
-        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id).
-        to_send = {key: pve.update_value(kind, key, value, effective.get(key)) for key, value in desired_cfg.items()}
+        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
+        # rendered over the current value, so that it equals it and PVE drops the pending one.
+        to_send = {
+            key: pve.update_value(kind, key, value, (seen.config if key in reverting else effective).get(key))
+            for key, value in desired_cfg.items()
+        }
+        if not owned:
+            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
         after = self.guest_after(guest, kind, to_send, power, create=False)
         after["delete"] = removed
         if fields:
@@ -593,6 +613,24 @@ def _nvml_gpu(gpu: Gpu, nvml: NvmlObservation | None) -> Any:
         if gpu.pci_function0 and seen.pci_bus_id.lower() == gpu.pci_function0:
             return seen
     return None
+
+
+def _real_pending(kind: pve.GuestKind, seen: ObservedGuest) -> tuple[dict[str, str], frozenset[str]]:
+    """The pending changes that change something: a pending value equal to the current one, or a pending
+    delete of a key the config does not hold, is none.
+
+    PVE drops those itself when it writes a config (cleanup_pending, by string equality); one left
+    behind (fakepve keeps a VM's; PVE keeps a value equal but spelled differently) must not read as a
+    change waiting for a restart, which would plan a restart on every pass.
+    """
+    pending = {
+        key: value
+        for key, value in seen.pending.items()
+        if key not in seen.config
+        or pve.compare_config(kind, {key: value}, seen.config)
+        or pve.compare_config(kind, {key: seen.config[key]}, {key: value})
+    }
+    return pending, frozenset(key for key in seen.pending_delete if key in seen.config)
 
 
 def _timing(value: Any) -> Timing:

@@ -24,7 +24,9 @@ only what the spec declares is compared:
   `yes`), numbers as numbers, tags as normalised sets, MACs and PCI addresses
   case-insensitively;
 - a volume to allocate (`local-lvm:64`, storage and size in GiB) compares the
-  storage and the size only with the live volume (`local-lvm:vm-955-disk-0,size=64G`).
+  storage and the size only with the live volume (`local-lvm:vm-955-disk-0,size=64G`);
+- a VM's machine type without a version (`q35`) equals any version of it
+  (`pc-q35-9.2+pve1`, which PVE pins when it creates a Windows VM).
 
 Everything here is a function of its arguments; `compare_config` is meant to be
 called for thousands of guests per pass, so parsing is cached per string.
@@ -612,6 +614,51 @@ def _compare_volume(
     return changes, replace, resize
 
 
+_MACHINE_RE: Final = re.compile(r"^(?:pc-(?P<family>q35|i440fx)-|pc-|virt-)\d+(?:\.\d+)+(?:\+pve\d+)?(?P<pxe>\.pxe)?$")
+"""A versioned QEMU machine type, as PVE's `machine` format allows it (virt has no .pxe variant)."""
+
+
+def _machine_family(machine: str) -> str:
+    """A QEMU machine type without its version: `pc-q35-9.2+pve1` -> `q35`, `pc-i440fx-8.1` -> `pc`."""
+    text = machine.strip()
+    match = _MACHINE_RE.match(text)
+    if match is None:
+        return text
+    if text.startswith("virt-"):
+        return "virt"
+    return ("q35" if match.group("family") == "q35" else "pc") + (match.group("pxe") or "")
+
+
+def _same_machine(desired: str, live: str) -> bool:
+    """A machine type without a version (`q35`) is met by any version of it (`pc-q35-9.2+pve1`).
+
+    PVE pins the version when it creates a Windows VM (qemu-server's create_vm: "always pin Windows'
+    machine version on create"), through the API and so through the UI, so an unversioned spec must
+    not differ from what PVE made of it. A versioned spec is compared as it is.
+    """
+    return _machine_family(desired) == desired.strip() and _machine_family(live) == desired.strip()
+
+
+_ALTERNATIVES: Final[Mapping[str, tuple[frozenset[str], ...]]] = {
+    "hostpci": (frozenset({"host", "mapping"}),),
+    "usb": (frozenset({"host", "mapping"}),),
+}
+"""Sub-fields of a VM's property string that exclude each other (PVE: "Cannot set both 'host' and 'mapping'")."""
+
+
+def _superseded(kind: GuestKind, key: str, want: Mapping[str, str], have: Mapping[str, str]) -> list[str]:
+    """Live sub-fields that the desired value replaces with an alternative: a raw `host` when it asks for a
+    `mapping`, and the other way round. Kept, they would make a value PVE refuses."""
+    match = _INDEXED_RE.match(key)
+    if kind != "qemu" or match is None:
+        return []
+    gone: list[str] = []
+    for group in _ALTERNATIVES.get(match.group(1), ()):
+        if group & set(want):
+            gone.extend(name for name in sorted(group) if name in have and name not in want)
+    return gone
+
+
 def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, live: str) -> FieldDiff | None:
     try:
         want = dict(_parsed(desired, spec.default_key))
@@ -638,9 +685,12 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
         norm = _SUB_NORMALISE.get(name)
         if wanted == current or (norm is not None and _same(norm, wanted, current)):
             continue
+        if kind == "qemu" and key == "machine" and name == "type" and _same_machine(wanted, current):
+            continue
         changes.append(FieldChange(name, have.get(name), wanted))
         if name == "size" and spec.volume:
             resize = True
+    changes.extend(FieldChange(name, have[name], None) for name in _superseded(kind, key, want, have))
     if not changes:
         return None
     return FieldDiff(key, live, desired, tuple(changes), replace=replace, resize=resize)
@@ -714,6 +764,8 @@ def update_value(kind: GuestKind, key: str, desired: str, live: str | None) -> s
             if _storage(merged[spec.default_key]) != allocate.group(1):
                 return desired
             want.pop(spec.default_key)
+    for name in _superseded(kind, key, want, merged):
+        merged.pop(name)
     merged.update(want)
     return format_property(merged, spec.default_key)
 
