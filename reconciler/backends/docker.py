@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ _T = TypeVar("_T")
 _INSPECT_WORKERS_PER_HOST = 8  # below the SDK's connection pool size (10) so no connection is dropped
 _MIN_SECRET_LENGTH = 4  # env values shorter than this are not scrubbed from messages (they would mangle the text)
 _NANOSECONDS = 1_000_000_000
+_CREATE_SETTLE_SECONDS = 15.0  # how long a name reserved by a create in progress is waited for
 
 
 # ---- settings and requests -----------------------------------------------------------------
@@ -569,7 +571,7 @@ class DockerBackend:
         except PermanentError as exc:
             if _status_of(exc.__cause__ or exc) != 409:
                 raise
-            existing = self.container_state(host, spec.name)
+            existing = self._created_meanwhile(host, spec.name)
             if existing is None:
                 raise  # a conflict that is not about the name
             if not self._matches(existing, spec, labels):
@@ -580,6 +582,20 @@ class DockerBackend:
             return existing.id
         log.info("created container %s on docker host %s", spec.name, host)
         return container_id
+
+    def _created_meanwhile(self, host: str, name: str) -> ObservedContainer | None:
+        """The container holding `name`, waiting a little for one still being created.
+
+        The engine reserves a name when a create begins and shows the container only once it is made (a
+        copy of the image's layers, slow on some storage drivers). A create that lost its client (a
+        killed apply) goes on, and the next create of that name meets its reservation before its container.
+        """
+        deadline = time.monotonic() + _CREATE_SETTLE_SECONDS
+        while True:
+            existing = self.container_state(host, name)
+            if existing is not None or time.monotonic() >= deadline:
+                return existing
+            time.sleep(0.2)
 
     @staticmethod
     def _host_config_args(spec: ContainerRun) -> dict[str, Any]:

@@ -18,8 +18,13 @@ Why it is shaped this way:
   404/501 -> NotFoundError, 5xx -> TemporaryError (PVE reports lock timeouts,
   a lost quorum and a missing config file alike as 500), a dropped connection
   or a timeout -> TemporaryError, a TLS verification failure -> ConfigError.
-  Reads are retried a few times with exponential backoff and jitter; writes
-  are not (the loop retries the pass).
+  Reads are retried a few times with exponential backoff and jitter. So is
+  every write as a whole (its state check, its call, its task), on a
+  TemporaryError only: a dropped connection, a 5xx (a lock timeout), a guest
+  locked for a moment. Each write is idempotent by its state check, so doing
+  it again is safe; a create whose answer was lost finds its guest and waits
+  for it. Not retried: a stale digest (ConfigChanged: the caller re-plans), a
+  task that failed (TaskFailed) or is still running after its timeout.
 - Every call that starts a task waits for its UPID; `OK` and `WARNINGS: N`
   are success, anything else is `TaskFailed` naming the guest.
 - Operations are idempotent where PVE lets a state check decide: starting a
@@ -37,11 +42,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -93,6 +98,7 @@ NVIDIA_VENDOR: Final = "0x10de"
 DEFAULT_TIMEOUT: Final = 30.0
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 GuestKind = GuestType | Literal["lxc", "qemu"]
 
 
@@ -101,6 +107,10 @@ class ConfigChanged(TemporaryError):
 
     Retryable: the next pass reads the new config and plans again.
     """
+
+
+class _TaskStillRunning(TemporaryError):
+    """A task outlived the time allowed for it; starting the operation again would not help."""
 
 
 # ---- settings -------------------------------------------------------------------------
@@ -272,8 +282,9 @@ def _ref(guest_type: GuestKind, vmid: int) -> str:
 class ProxmoxBackend:
     """A connection to one PVE cluster. Thread-safe; create one per pass or keep one, and `close()` it.
 
-    `workers` bounds the concurrent reads of `observe`; `read_attempts` and
-    `backoff` (seconds, doubled per attempt, with jitter) govern read retries;
+    `workers` bounds the concurrent reads of `observe`; `read_attempts`,
+    `write_attempts` and `backoff` (seconds, doubled per attempt, with jitter)
+    govern the retries of reads and of whole writes;
     `task_timeout` is how long a task may run before TemporaryError.
     No I/O happens until the first call.
     """
@@ -284,6 +295,7 @@ class ProxmoxBackend:
         *,
         workers: int = 16,
         read_attempts: int = 4,
+        write_attempts: int = 4,
         backoff: float = 0.5,
         task_timeout: float = 600.0,
         poll_interval: float = 0.2,
@@ -291,6 +303,7 @@ class ProxmoxBackend:
         self._settings = settings
         self._workers = max(1, workers)
         self._attempts = max(1, read_attempts)
+        self._write_attempts = max(1, write_attempts)
         self._backoff = backoff
         self._task_timeout = task_timeout
         self._poll = poll_interval
@@ -353,7 +366,7 @@ class ProxmoxBackend:
                 f"Proxmox refused the login of {s.user}", resource=s.url, hint="check the password"
             ) from exc
         except requests.RequestException as exc:
-            raise _transport_error(exc, resource=s.url, method="POST", path="access/ticket") from exc
+            raise _transport_error(exc, url=s.url, resource=None, method="POST", path="access/ticket") from exc
         session = _session_of(api)
         if session is not None:
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self._workers)
@@ -380,7 +393,7 @@ class ProxmoxBackend:
                 f"Proxmox refused to renew the login of {self._settings.user}", resource=resource
             ) from exc
         except requests.RequestException as exc:
-            raise _transport_error(exc, resource=resource, method=method, path=path) from exc
+            raise _transport_error(exc, url=self._settings.url, resource=resource, method=method, path=path) from exc
         raise ValueError(f"unsupported method {method}")
 
     def _get(self, path: str, *, resource: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -396,6 +409,34 @@ class ProxmoxBackend:
                     "proxmox read retried",
                     extra={
                         "path": path,
+                        "resource": resource,
+                        "attempt": attempt + 1,
+                        "delay": delay,
+                        "error": str(exc),
+                    },
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write(self, operation: Callable[[int], _T], *, resource: str, action: str) -> _T:
+        """Run a whole write (state check, call, task) again on TemporaryError, with exponential backoff and jitter.
+
+        `operation` gets the attempt number (0 first). What is not worth repeating is raised at once: a stale
+        digest, a task still running after its timeout; TaskFailed and permanent errors are not temporary.
+        """
+        for attempt in range(self._write_attempts):
+            try:
+                return operation(attempt)
+            except (ConfigChanged, _TaskStillRunning):
+                raise
+            except TemporaryError as exc:
+                if attempt + 1 >= self._write_attempts:
+                    raise
+                delay = min(30.0, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
+                _log.info(
+                    "proxmox write retried",
+                    extra={
+                        "action": action,
                         "resource": resource,
                         "attempt": attempt + 1,
                         "delay": delay,
@@ -424,7 +465,7 @@ class ProxmoxBackend:
                 raise TaskFailed(f"{task} task failed: {exitstatus}", resource=resource, upid=upid)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TemporaryError(f"task {upid} still running after {limit:g}s", resource=resource)
+                raise _TaskStillRunning(f"task {upid} still running after {limit:g}s", resource=resource)
             time.sleep(min(interval, remaining))
             interval = min(interval * 1.5, 2.0)
 
@@ -588,16 +629,38 @@ class ProxmoxBackend:
     def _create(self, kind: GuestType, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         self._check_root_only(kind, config, resource=ref)
-        taken = self._inventory_row(vmid)
-        if taken is not None:
-            raise PermanentError(
-                f"vmid {vmid} is already taken by {taken.get('type')}/{vmid} ({taken.get('name')}) "
-                f"on {taken.get('node')}",
-                resource=ref,
-            )
-        params = {**config, "vmid": vmid}
-        upid = self._call("POST", f"nodes/{node}/{kind.value}", resource=ref, params=params)
-        self._wait(upid, resource=ref, timeout=timeout)
+
+        def create(attempt: int) -> None:
+            taken = self._inventory_row(vmid)
+            if taken is not None and attempt > 0 and taken.get("type") == kind.value and taken.get("node") == node:
+                # The vmid was free before our first try, whose answer was lost: the guest is ours, being made.
+                self._await_unlocked(kind, node, vmid, lock="create", timeout=timeout)
+                return
+            if taken is not None:
+                raise PermanentError(
+                    f"vmid {vmid} is already taken by {taken.get('type')}/{vmid} ({taken.get('name')}) "
+                    f"on {taken.get('node')}",
+                    resource=ref,
+                )
+            params = {**config, "vmid": vmid}
+            upid = self._call("POST", f"nodes/{node}/{kind.value}", resource=ref, params=params)
+            self._wait(upid, resource=ref, timeout=timeout)
+
+        self._write(create, resource=ref, action="create")
+
+    def _await_unlocked(self, kind: GuestType, node: str, vmid: int, *, lock: str, timeout: float | None) -> None:
+        """Wait while the guest holds `lock` (its create task runs); NotFoundError if the guest goes away."""
+        ref = _ref(kind, vmid)
+        deadline = time.monotonic() + (self._task_timeout if timeout is None else timeout)
+        while True:
+            row = self._inventory_row(vmid)
+            if row is None:
+                raise TemporaryError(f"{ref} disappeared while it was being created", resource=ref)
+            if row.get("lock") != lock:
+                return
+            if time.monotonic() >= deadline:
+                raise _TaskStillRunning(f"{ref} is still locked ({lock})", resource=ref)
+            time.sleep(self._poll)
 
     def update_config(
         self,
@@ -619,6 +682,9 @@ class ProxmoxBackend:
         With `digest` (from the observation), PVE refuses the update if the config
         changed since: that raises ConfigChanged (retryable: re-plan). On a running
         guest some keys go pending until a restart (see `planning.pve.classify`).
+        A TemporaryError (a lock timeout, a dropped connection) is retried while the
+        digest still matches, so an update that did happen is never sent twice
+        against a config it has changed.
         """
         kind = _kind(guest_type)
         ref = _ref(kind, vmid)
@@ -638,27 +704,38 @@ class ProxmoxBackend:
             params["delete"] = ",".join(delete)
         if digest:
             params["digest"] = digest
-        try:
-            self._call("PUT", f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params=params)
-        except TemporaryError as exc:
-            if digest and self._digest_changed(kind, node, vmid, digest):
-                raise ConfigChanged(
-                    "the config changed since it was read; update refused",
-                    resource=ref,
-                    hint="the next pass reads it again",
-                ) from exc
-            raise
+
+        def put(attempt: int) -> None:
+            try:
+                self._call("PUT", f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params=params)
+            except TemporaryError as exc:
+                if digest and self._digest_changed(kind, node, vmid, digest):
+                    raise ConfigChanged(
+                        "the config changed since it was read; update refused",
+                        resource=ref,
+                        hint="the next pass reads it again",
+                    ) from exc
+                raise
+
+        self._write(put, resource=ref, action="update config")
 
     def start(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
-        """Start a guest and wait for it; nothing if it runs already. TemporaryError if it is locked."""
+        """Start a guest and wait for it; nothing if it runs already.
+
+        A locked guest is waited for (retried with backoff), then TemporaryError; NotFoundError if it does not exist.
+        """
         kind = _kind(guest_type)
         ref = _ref(kind, vmid)
-        status = self._status(kind, node, vmid)
-        if status.get("status") == "running":
-            return
-        self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestType.QEMU else ())
-        upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/start", resource=ref)
-        self._wait(upid, resource=ref, timeout=timeout)
+
+        def start(attempt: int) -> None:
+            status = self._status(kind, node, vmid)
+            if status.get("status") == "running":
+                return
+            self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestType.QEMU else ())
+            upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/start", resource=ref)
+            self._wait(upid, resource=ref, timeout=timeout)
+
+        self._write(start, resource=ref, action="start")
 
     def shutdown(
         self,
@@ -671,22 +748,32 @@ class ProxmoxBackend:
     ) -> None:
         """Ask the guest OS to power off within `timeout` seconds; then stop it hard if `force_stop_after`.
 
-        Nothing if it is stopped. Without `force_stop_after`, a guest that does not
-        power off in time makes the task fail (TaskFailed).
+        Nothing if it is stopped; NotFoundError if it does not exist. Without `force_stop_after`, a guest
+        that does not power off in time makes the task fail (TaskFailed).
         """
         kind = _kind(guest_type)
         ref = _ref(kind, vmid)
-        status = self._status(kind, node, vmid)
-        if status.get("status") == "stopped":
-            return
-        self._refuse_locked(status, resource=ref)
-        params = {"timeout": int(timeout), "forceStop": 1 if force_stop_after else 0}
-        upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/shutdown", resource=ref, params=params)
-        self._wait(upid, resource=ref, timeout=self._task_timeout + timeout)
+
+        def shutdown(attempt: int) -> None:
+            status = self._status(kind, node, vmid)
+            if status.get("status") == "stopped":
+                return
+            self._refuse_locked(status, resource=ref)
+            params = {"timeout": int(timeout), "forceStop": 1 if force_stop_after else 0}
+            path = f"nodes/{node}/{kind.value}/{vmid}/status/shutdown"
+            upid = self._call("POST", path, resource=ref, params=params)
+            self._wait(upid, resource=ref, timeout=self._task_timeout + timeout)
+
+        self._write(shutdown, resource=ref, action="shutdown")
 
     def stop(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
         """Stop a guest at once (no clean shutdown); nothing if it is stopped."""
         kind = _kind(guest_type)
+        ref = _ref(kind, vmid)
+
+        self._write(lambda attempt: self._stop_once(kind, node, vmid, timeout), resource=ref, action="stop")
+
+    def _stop_once(self, kind: GuestType, node: str, vmid: int, timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         status = self._status(kind, node, vmid)
         if status.get("status") == "stopped":
@@ -699,13 +786,18 @@ class ProxmoxBackend:
         """Reboot a running guest (applies its pending changes); nothing if it is stopped (its next start will)."""
         kind = _kind(guest_type)
         ref = _ref(kind, vmid)
-        status = self._status(kind, node, vmid)
-        if status.get("status") != "running":
-            return
-        self._refuse_locked(status, resource=ref)
-        params = {"timeout": int(timeout)}
-        upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/reboot", resource=ref, params=params)
-        self._wait(upid, resource=ref, timeout=self._task_timeout + timeout)
+
+        def reboot(attempt: int) -> None:
+            status = self._status(kind, node, vmid)
+            if status.get("status") != "running":
+                return
+            self._refuse_locked(status, resource=ref)
+            params = {"timeout": int(timeout)}
+            path = f"nodes/{node}/{kind.value}/{vmid}/status/reboot"
+            upid = self._call("POST", path, resource=ref, params=params)
+            self._wait(upid, resource=ref, timeout=self._task_timeout + timeout)
+
+        self._write(reboot, resource=ref, action="reboot")
 
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None:
         """Destroy a guest and its disks, stopping it first; nothing if it does not exist.
@@ -716,25 +808,42 @@ class ProxmoxBackend:
         """
         kind = _kind(guest_type)
         ref = _ref(kind, vmid)
-        row = self._inventory_row(vmid)
-        if row is None:
-            return
-        if row.get("type") != kind.value or row.get("node") != node:
-            raise PermanentError(f"vmid {vmid} is {row.get('type')}/{vmid} on {row.get('node')}", resource=ref)
-        if row.get("lock"):
-            raise TemporaryError(
-                f"guest is locked ({row.get('lock')})", resource=ref, hint="retry when the lock is gone"
-            )
-        if row.get("status") == "running":
-            self.stop(kind, node, vmid)
-        params = {"purge": 1 if purge else 0, "destroy-unreferenced-disks": 1}
-        upid = self._call("DELETE", f"nodes/{node}/{kind.value}/{vmid}", resource=ref, params=params)
-        self._wait(upid, resource=ref)
+
+        def delete(attempt: int) -> None:
+            row = self._inventory_row(vmid)
+            if row is None:
+                return
+            if row.get("type") != kind.value or row.get("node") != node:
+                raise PermanentError(f"vmid {vmid} is {row.get('type')}/{vmid} on {row.get('node')}", resource=ref)
+            if row.get("lock"):
+                raise TemporaryError(
+                    f"guest is locked ({row.get('lock')})", resource=ref, hint="retry when the lock is gone"
+                )
+            if row.get("status") == "running":
+                self._stop_once(kind, node, vmid, None)
+            params = {"purge": 1 if purge else 0, "destroy-unreferenced-disks": 1}
+            upid = self._call("DELETE", f"nodes/{node}/{kind.value}/{vmid}", resource=ref, params=params)
+            self._wait(upid, resource=ref)
+
+        self._write(delete, resource=ref, action="delete")
 
     # ---- helpers ------------------------------------------------------------------
 
     def _status(self, kind: GuestType, node: str, vmid: int) -> Mapping[str, Any]:
-        status = self._get(f"nodes/{node}/{kind.value}/{vmid}/status/current", resource=_ref(kind, vmid))
+        """The guest's current status; NotFoundError when it does not exist there.
+
+        PVE answers a missing guest with 500 (no config file), as it does a lock timeout: the
+        inventory tells them apart.
+        """
+        ref = _ref(kind, vmid)
+        path = f"nodes/{node}/{kind.value}/{vmid}/status/current"
+        try:
+            status = self._call("GET", path, resource=ref)
+        except TemporaryError:
+            row = self._inventory_row(vmid)
+            if row is None or row.get("type") != kind.value or row.get("node") != node:
+                raise NotFoundError(f"{ref} does not exist on {node}", resource=ref) from None
+            status = self._get(path, resource=ref)
         return status if isinstance(status, Mapping) else {}
 
     def _inventory_row(self, vmid: int) -> Mapping[str, Any] | None:
@@ -840,13 +949,34 @@ def _session_of(api: Any) -> requests.Session | None:
     return session if isinstance(session, requests.Session) else None
 
 
-def _transport_error(exc: requests.RequestException, *, resource: str, method: str, path: str) -> ReconcilerError:
+def _transport_error(
+    exc: requests.RequestException, *, url: str, resource: str | None, method: str, path: str
+) -> ReconcilerError:
+    """The project's error for a request that got no answer: it names the API address and the socket's reason."""
     if isinstance(exc, requests.exceptions.SSLError):
         return ConfigError(
-            f"TLS verification of the Proxmox API failed ({type(exc).__name__})",
+            f"TLS verification of the Proxmox API at {url} failed ({type(exc).__name__})",
             resource=resource,
             hint=f"set {ENV_CA} to the CA bundle that signed its certificate",
         )
     if isinstance(exc, requests.Timeout):
-        return TemporaryError(f"{method} /{path} timed out", resource=resource)
-    return TemporaryError(f"{method} /{path} failed: {type(exc).__name__}", resource=resource)
+        return TemporaryError(f"the Proxmox API at {url} did not answer {method} /{path} in time", resource=resource)
+    return TemporaryError(
+        f"cannot reach the Proxmox API at {url}: {method} /{path} failed ({_socket_reason(exc)})",
+        resource=resource,
+        hint=f"check {ENV_URL} or the Lab's proxmox.url, and that the node is up",
+    )
+
+
+def _socket_reason(exc: BaseException) -> str:
+    """The operating system's words for the deepest socket error under `exc` (never its text: it holds URLs)."""
+    reason = type(exc).__name__
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, requests.RequestException) and current.strerror:
+            reason = current.strerror
+        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = current.__cause__ or current.__context__ or nested
+    return reason

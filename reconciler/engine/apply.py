@@ -128,6 +128,7 @@ class _Done:
     change: Change
     before: dict[str, Any] | None
     step_id: int | None = None
+    failed: bool = False  # the step itself failed: its journal entry keeps saying so (and why)
 
 
 class Applier:
@@ -245,6 +246,7 @@ class Applier:
             else:
                 self._container(change, before)
         except ReconcilerError as exc:
+            done[-1].failed = True
             self.journal.end_step(step_id, StepOutcome.FAILED, error=str(exc))
             self._emit(report, StepReport(change.address, str(change.action), "apply", False, str(exc)))
             # A failed step may have half-happened: undo it with the others.
@@ -336,11 +338,17 @@ class Applier:
                 except NotFoundError:
                     pass  # the create never happened
             case Action.UPDATE | Action.UPDATE_RESTART:
+                # Restore only what differs now: the step may have failed before changing anything (a lock,
+                # a 500), and the same fault must not fail its undo too.
                 old = before.get("config", {})
                 keys = sorted({f.path.split(".")[0] for f in change.fields})
-                restore = {k: old[k] for k in keys if k in old}
-                remove = [k for k in keys if k not in old]
-                restart = change.action is Action.UPDATE_RESTART and was_running
+                live = self.proxmox.observe_guest(kind, node, vmid)
+                now = {**live.config, **live.pending}
+                for key in live.pending_delete:
+                    now.pop(key, None)
+                restore = {k: old[k] for k in keys if k in old and now.get(k) != old[k]}
+                remove = [k for k in keys if k not in old and k in now]
+                restart = change.action is Action.UPDATE_RESTART and was_running and bool(restore or remove)
                 if restart:
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
                 self.proxmox.update_config(kind, node, vmid, config=restore, delete=remove)
@@ -518,7 +526,7 @@ class Applier:
                 )
                 continue
             self.journal.end_step(step_id, StepOutcome.UNDONE, health=[restored.to_json()] if restored else None)
-            if item.step_id is not None:
+            if item.step_id is not None and not item.failed:
                 self.journal.end_step(item.step_id, StepOutcome.UNDONE)
             self._emit(report, StepReport(change.address, f"undo {change.action}", "rollback", True))
 

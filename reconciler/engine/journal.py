@@ -243,7 +243,8 @@ class Journal:
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE steps SET ended = ?, outcome = ?, error = ?, health = COALESCE(?, health) WHERE id = ?",
+                "UPDATE steps SET ended = ?, outcome = ?, error = COALESCE(?, error), health = COALESCE(?, health)"
+                " WHERE id = ?",
                 (time.time(), outcome, error, json.dumps(health) if health is not None else None, step_id),
             )
 

@@ -3,19 +3,26 @@
 The CLI and the demo call `apply_pass` with backends they built (real or in
 memory). A saved plan is executed only if planning again now gives the same
 plan from the same revision (otherwise it is stale and refused).
+
+After a crash, a Proxmox task the killed run was waiting for goes on without
+it: a guest being created is locked and not yet tagged, and would read as
+someone else's. So before a pass that resumes an interrupted run observes for
+its plan, it waits (up to `settle_timeout`) until the guests of that run's
+unfinished steps are no longer locked by a create or a destroy.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, GuestBackend, HealthPolicy, StepReport
 from reconciler.engine.health import ProbeResult
-from reconciler.engine.journal import Journal
+from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
-from reconciler.errors import PlanError
+from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Plan
 from reconciler.planning.planner import make_plan
 from reconciler.spec.state import DesiredState
@@ -29,6 +36,12 @@ class ApplyOptions:
     retry: bool = False
     health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
+    settle_timeout: float = 600.0  # how long to wait for the tasks an interrupted run left running
+    settle_interval: float = 1.0
+
+
+# The locks PVE holds on a guest while a create or destroy task runs.
+TASK_LOCKS = frozenset({"create", "destroyed"})
 
 
 def plan_pass(desired: DesiredState, readers: Readers, journal: Journal | None = None) -> Plan:
@@ -58,6 +71,7 @@ def apply_pass(
                 f"revision {desired.revision} failed before ({failed}); it is not retried until something changes",
                 hint="commit a fix, or pass --retry to try it again",
             )
+    _settle_interrupted(journal, readers, options)
     plan = plan_pass(desired, readers, journal)
     if saved_plan is not None:
         if saved_plan.revision != plan.revision:
@@ -102,3 +116,33 @@ def apply_pass(
         prober=options.prober,
     )
     return plan, applier.apply(plan, desired)
+
+
+def _settle_interrupted(
+    journal: Journal, readers: Readers, options: ApplyOptions, *, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Wait until no guest of an interrupted run's unfinished step is locked by a create or destroy task."""
+    touched: set[int] = set()
+    for run in journal.unfinished_runs():
+        for step in journal.steps(run.id):
+            if step.phase != "apply" or step.outcome is not StepOutcome.PENDING:
+                continue
+            if step.intent.get("backend") != "proxmox":
+                continue
+            side = step.intent.get("after") or step.intent.get("before") or {}
+            if side.get("vmid") is not None:
+                touched.add(int(side["vmid"]))
+    if not touched or readers.proxmox is None:
+        return
+    deadline = time.monotonic() + options.settle_timeout
+    while True:
+        seen = readers.proxmox.observe()
+        busy = sorted(g.vmid for g in seen.guests if g.vmid in touched and g.lock in TASK_LOCKS)
+        if not busy:
+            return
+        if time.monotonic() >= deadline:
+            raise TemporaryError(
+                f"guests {', '.join(map(str, busy))} are still locked by tasks an interrupted run started",
+                hint="wait for the tasks to end, then apply again",
+            )
+        sleep(options.settle_interval)
