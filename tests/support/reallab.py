@@ -1,23 +1,39 @@
 """A lab of real components for end-to-end tests: fakepve over HTTPS, a real Docker engine, the fake NVML.
 
-`real_lab(spec_path)` (fixture factory) seeds fakepve with the spec's nodes, NVIDIA GPUs and PCI
-mappings, writes the fake NVML state for the spec's GPUs, points every Docker host of the spec at
-the test engine (`RECONCILER_DOCKER_HOST_<NAME>`), tags the engine-shaped test image under every
-image the spec's containers use, and creates the host folders they bind-mount. Then tests plan
-and apply through the same code as `reconciler plan/apply` (`engine.connect` + `engine.run`), or run
-the CLI itself with `lab.cli(...)`.
+`real_lab(spec_path)` (fixture factory) seeds fakepve with the spec's nodes, NVIDIA GPUs, PCI mappings
+and the storages its guests use (fakepve has only `local` and `local-lvm`), writes the fake NVML state
+for the spec's GPUs, points every Docker host of the spec at the test engine
+(`RECONCILER_DOCKER_HOST_<NAME>`), tags the engine-shaped test image under every image the spec's
+containers use, and creates the host folders they bind-mount (removed afterwards, with the containers).
+With `real_lab(spec, stand_in=True)` the image tagged is `stand_in_image`, which can also play plex,
+postgres or redis: it listens on every container port of the spec, answers its HTTP probe paths, has
+the commands its Docker HEALTHCHECKs run, and exits on SIGTERM.
+
+Then tests plan and apply through the same code as `reconciler plan/apply` (`engine.connect` +
+`engine.run`: `lab.plan()`, `lab.apply()`), or run the CLI itself with `lab.cli(...)`, whose output is
+plain text (NO_COLOR, TERM=dumb, 200 columns) whatever the terminal the tests run in.
+
+Host ports and host folders belong to the machine, not to a test session: a test holds a file lock
+(LOCK_FILE) from its first lab to its teardown, so concurrent sessions on one machine take turns; the
+terminal summary says how long this session waited.
 """
 
 from __future__ import annotations
 
+import fcntl
+import io
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,16 +45,19 @@ from reconciler.fakes.lab import fake_gpus
 from reconciler.fakes.nvml import write_state
 from reconciler.planning.containers import desired_container
 from reconciler.planning.plan import Plan
-from reconciler.spec.models import Gpu, Model
+from reconciler.spec.models import Gpu, Lxc, Model, Vm
 from reconciler.spec.state import DesiredState
 from reconciler.spec.validate import load_and_validate
 from tests.support.dockerd import DockerEngine, EngineImage
 from tests.support.fakepve import PveServer
 from tests.support.nvml import FakeNvml
 
-__all__ = ["RealLab", "real_lab"]
+__all__ = ["LOCK_FILE", "MakeRealLab", "RealLab", "real_lab", "stand_in_image"]
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCK_FILE = Path(tempfile.gettempdir()) / "reconciler-real-lab.lock"
+# Variables that make rich/click print colour even to a pipe; `RealLab.cli` drops them.
+_COLOUR_FORCING = ("FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 
 @dataclass
@@ -98,7 +117,10 @@ class RealLab:
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run `python -m reconciler ARGS` with this lab's environment (state dir included)."""
-        env = {**os.environ, **self.env, "RECONCILER_STATE_DIR": str(self.state_dir), "COLUMNS": "200"}
+        env = {key: value for key, value in os.environ.items() if key not in _COLOUR_FORCING}
+        env.update(self.env)
+        # Plain, unwrapped text whatever the terminal: no colour or escape codes, lines never wrapped.
+        env.update(RECONCILER_STATE_DIR=str(self.state_dir), NO_COLOR="1", TERM="dumb", COLUMNS="200")
         return subprocess.run(
             [sys.executable, "-m", "reconciler", *args],
             cwd=ROOT,
@@ -110,7 +132,9 @@ class RealLab:
         )
 
 
-def _seed(lab: RealLab, desired: DesiredState, engine_image: EngineImage, docker_client: Any) -> None:
+def _seed(
+    lab: RealLab, desired: DesiredState, engine_image: EngineImage, docker_client: Any, *, stand_in: bool
+) -> None:
     pve = lab.pve.pve
     for node in desired.lab.nodes:
         pve.nodes.setdefault(node, {"online": True})
@@ -119,6 +143,7 @@ def _seed(lab: RealLab, desired: DesiredState, engine_image: EngineImage, docker
             pve.add_gpu(gpu.node, gpu.pci_function0.rsplit(".", 1)[0])
         if gpu.mapping and gpu.pci_function0:
             pve.add_pci_mapping(gpu.mapping, {gpu.node: [gpu.pci_function0.rsplit(".", 1)[0]]})
+    _seed_storages(pve, desired)
     write_state(lab.nvml.state, fake_gpus(desired))
     images: set[str] = set()
     for workload in desired.workloads():
@@ -128,12 +153,140 @@ def _seed(lab: RealLab, desired: DesiredState, engine_image: EngineImage, docker
             path = Path(host_path)
             if isinstance(workload, Model) and path.suffix == ".gguf":
                 path = path.parent
-            if not path.exists():
-                lab.created_dirs.append(path)
-                path.mkdir(parents=True, exist_ok=True)
+            missing = [p for p in (path, *path.parents) if not p.exists()]
+            lab.created_dirs.extend(reversed(missing))  # parents first: removed in reverse order
+            path.mkdir(parents=True, exist_ok=True)
+    image_id = stand_in_image(docker_client, engine_image, desired) if stand_in else engine_image.tag
     for image in images:
         repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
-        docker_client.api.tag(engine_image.tag, repository, tag or "latest")
+        docker_client.api.tag(image_id, repository, tag or "latest")
+
+
+def _seed_storages(pve: Any, desired: DesiredState) -> None:
+    """The storages the spec's guests use, which fakepve lacks (it has `local` and `local-lvm`).
+
+    Shaped as a lab would have them: a name with `zfs` is a ZFS pool (container volumes are subvols),
+    a name starting with `nas` an NFS share (volumes are files: `nas:103/vm-103-disk-0.raw`), any
+    other an LVM thin pool.
+    """
+    names: set[str] = set()
+    for guest in desired.of(Lxc):
+        names.add(guest.rootfs.storage)
+        names.update(volume.storage for volume in guest.volumes)
+    for vm in desired.of(Vm):
+        names.update(disk.storage for disk in vm.disks)
+    for name in sorted(names - set(pve.storages)):
+        store: dict[str, Any] = {"active": 1, "files": set(), "volumes": {}, "content": "images,rootdir"}
+        if "zfs" in name:
+            store.update(type="zfspool", pool=f"rpool/{name}", sparse=1)
+        elif name.startswith("nas"):
+            store.update(type="nfs", server="nas.lan", export=f"/export/{name}", path=f"/mnt/pve/{name}")
+        else:
+            store.update(type="lvmthin", vgname=name, thinpool="data")
+        pve.storages[name] = store
+
+
+# The stand-in server: the engine image's /serve (vLLM/llama-server/Ollama, on the port their arguments or
+# OLLAMA_HOST name), plus every container port the spec publishes, since plex, postgres or redis are all
+# played by it; it exits on SIGTERM (busybox httpd as PID 1 ignores it, so `docker stop` would wait out
+# its timeout).
+_STAND_IN = """#!/bin/sh
+trap 'exit 0' TERM INT
+port=8000
+case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}";; esac
+while [ $# -gt 0 ]; do
+  case "$1" in --port) port="$2"; shift;; esac
+  shift
+done
+listening=" "
+for p in $port $STAND_IN_PORTS; do
+  case "$listening" in *" $p "*) continue;; esac
+  listening="$listening$p "
+  /bin/busybox httpd -f -p "$p" -h "${WWW:-/www}" &
+done
+wait
+"""
+
+
+def stand_in_image(docker_client: Any, engine_image: EngineImage, desired: DesiredState) -> str:
+    """An image that can play every container of the spec; returns its id.
+
+    Built from the engine image (no registry, classic builder, COPY only): it listens on every container
+    port of the spec, answers every HTTP probe path with 200 and a body holding "ok Healthy" (probe
+    `body` patterns of the examples match it), and has each command the spec's Docker HEALTHCHECKs run
+    (`pg_isready`, `redis-cli`) as a script that exits 0.
+    """
+    ports: set[int] = set()
+    paths = {"/health"}
+    commands: set[str] = set()
+    for workload in desired.workloads():
+        container = desired_container(workload, lab=desired.lab, gpu_names=(), gpu_uuids={}, revision=None)
+        ports.update(port[2] for port in container.ports)
+        probe = container.probe or {}
+        if probe.get("http"):
+            paths.add(urlsplit(str(probe["http"])).path or "/")
+        test = list((container.healthcheck or {}).get("test") or ())
+        if test[:1] == ["CMD"] and len(test) > 1 and "/" not in test[1]:
+            commands.add(test[1])
+    files: dict[str, tuple[bytes, int]] = {"root/stand-in": (_STAND_IN.encode(), 0o755)}
+    for path in paths:
+        name = "root/www" + path + ("index.html" if path.endswith("/") else "")
+        files[name] = (b"ok Healthy\n", 0o644)
+    for command in commands:
+        files[f"root/bin/{command}"] = (b"#!/bin/sh\nexit 0\n", 0o755)
+    dockerfile = "\n".join(
+        [
+            f"FROM {engine_image.tag}",
+            "COPY root/ /",
+            'ENTRYPOINT ["/bin/sh", "/stand-in"]',
+            f'ENV STAND_IN_PORTS="{" ".join(str(p) for p in sorted(ports))}"',
+            "",
+        ]
+    )
+    files["Dockerfile"] = (dockerfile.encode(), 0o644)
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, (data, mode) in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    image, _ = docker_client.images.build(fileobj=context, custom_context=True, rm=True, forcerm=True)
+    return str(image.id)
+
+
+class MakeRealLab(Protocol):
+    def __call__(self, spec: Path, *, stand_in: bool = False) -> RealLab: ...
+
+
+_lock_waits: list[float] = []  # seconds each lab of this session waited for the machine lock
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how long this session's labs waited for other sessions' (their time is in the test durations)."""
+    waited = sum(_lock_waits)
+    if waited >= 1.0:
+        terminalreporter.write_line(
+            f"real_lab: {waited:.1f}s waiting for labs of other test sessions on this machine ({LOCK_FILE})"
+        )
+
+
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Labs of concurrent test sessions on one machine take turns.
+
+    Each session has its own fakepve and Docker engine, but the host ports containers publish and the
+    host folders they bind-mount (created here, removed afterwards) belong to the machine: two sessions
+    applying labs at once would collide on both.
+    """
+    with LOCK_FILE.open("a") as handle:
+        started = time.monotonic()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock_waits.append(time.monotonic() - started)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture
@@ -144,11 +297,16 @@ def real_lab(
     engine_image: EngineImage,
     fake_nvml: FakeNvml,
     tmp_path: Path,
-) -> Iterator[Callable[[Path], RealLab]]:
-    """A factory: `real_lab(spec_folder)` -> a seeded RealLab. Containers it made are removed afterwards."""
+) -> Iterator[MakeRealLab]:
+    """A factory: `real_lab(spec_folder)` -> a seeded RealLab; `stand_in=True` plays every image of the spec
+    with `stand_in_image`. The test holds the machine's lab lock from its first lab to its teardown;
+    containers it made are removed afterwards, and the host folders it created."""
     made: list[RealLab] = []
+    locked = ExitStack()
 
-    def make(spec: Path) -> RealLab:
+    def make(spec: Path, *, stand_in: bool = False) -> RealLab:
+        if not made:
+            locked.enter_context(_machine_lock())
         desired = load_and_validate(spec).state
         auth = "password" if desired.lab.proxmox is not None and desired.lab.proxmox.auth == "password" else "token"
         env = {
@@ -159,16 +317,15 @@ def real_lab(
         for name in desired.docker_hosts():
             env[f"RECONCILER_DOCKER_HOST_{name.upper().replace('-', '_')}"] = docker_engine.endpoint
         lab = RealLab(spec, pve_server, docker_engine, fake_nvml, tmp_path / f"state-{len(made)}", env)
-        _seed(lab, desired, engine_image, docker_client)
         made.append(lab)
+        _seed(lab, desired, engine_image, docker_client, stand_in=stand_in)
         return lab
 
-    yield make
-    for container in docker_client.containers.list(all=True, filters={"label": "reconciler.managed=true"}):
-        container.remove(force=True)
-    for lab in made:
-        for path in reversed(lab.created_dirs):
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+    with locked:
+        yield make
+        for container in docker_client.containers.list(all=True, filters={"label": "reconciler.managed=true"}):
+            container.remove(force=True)
+        for lab in made:
+            for path in reversed(lab.created_dirs):
+                with suppress(OSError):
+                    path.rmdir()
