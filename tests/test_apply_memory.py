@@ -256,3 +256,86 @@ def test_one_apply_at_a_time(tmp_path: Path) -> None:
         pass
     with state_lock(tmp_path):
         pass  # released on exit
+
+
+def test_a_growing_disk_is_resized_in_place_and_the_next_plan_is_empty(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    volume = harness.lab.proxmox.guests[955].config["rootfs"].split(",")[0]
+    write_tree(tmp_path / "spec", SPEC.replace("size: 64GiB", "size: 80GiB"))
+    grown = load(tmp_path / "spec")
+    plan, report = harness.apply(grown)
+    assert [(f.path, f.before, f.after, str(f.timing)) for f in plan.changes[0].fields] == [
+        ("rootfs.size", "64G", "80G", "live")
+    ]
+    assert report is not None and report.result is RunResult.APPLIED
+    guest = harness.lab.proxmox.guests[955]
+    assert guest.config["rootfs"] == f"{volume},size=80G", "the same volume, grown"
+    assert guest.status == "running", "a disk grows online"
+    assert ("PUT", "lxc/955/resize") in harness.lab.proxmox.requests
+    assert harness.plan(grown).empty
+
+
+def test_a_shrinking_disk_is_a_blocker_and_nothing_is_written(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    before = snapshot(harness)
+    write_tree(tmp_path / "spec", SPEC.replace("size: 64GiB", "size: 32GiB"))
+    shrunk = load(tmp_path / "spec")
+    plan = harness.plan(shrunk)
+    assert not plan.applicable
+    assert [(b.resource, b.message) for b in plan.blockers] == [
+        ("Lxc/llm", "rootfs is 64G and the spec asks for 32G: Proxmox cannot shrink a disk")
+    ]
+    _, report = harness.apply(shrunk)
+    assert report is None, "a plan with a blocker is not applied"
+    assert snapshot(harness) == before
+
+
+def test_a_rollback_keeps_a_grown_disk_and_restores_the_rest(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(
+        tmp_path / "spec",
+        SPEC.replace("size: 64GiB", "size: 80GiB")
+        .replace("memory: 32GiB", "memory: 24GiB")
+        .replace("router:1", "router:2"),
+    )
+    changed = load(tmp_path / "spec")
+    original = harness.lab.docker.create_container
+
+    def broken(host: str, spec: object) -> str:
+        raise TemporaryError("engine answered 500", resource=f"{host}/x")
+
+    harness.lab.docker.create_container = broken  # type: ignore[method-assign]
+    _, report = harness.apply(changed)
+    harness.lab.docker.create_container = original  # type: ignore[method-assign]
+    assert report is not None and report.result is RunResult.ROLLED_BACK and not report.rollback_errors
+    guest = harness.lab.proxmox.guests[955]
+    assert guest.config["memory"] == "32768", "the memory change is undone"
+    assert guest.config["rootfs"].endswith(",size=80G"), "a disk cannot shrink back: it keeps its new size"
+
+
+VM_SPEC = """\
+kind: Vm
+name: audit
+node: pve1
+vmid: 190
+cores: 4
+memory: 16GiB
+disks:
+  - {slot: scsi0, storage: local-lvm, size: 100GiB, discard: true, iothread: true}
+network:
+  - {name: net0, bridge: vmbr0, model: virtio}
+"""
+
+
+def test_a_running_vms_disk_grows_without_a_restart(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, load(write_tree(tmp_path / "spec", VM_SPEC)))
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", VM_SPEC.replace("size: 100GiB", "size: 200GiB").replace("cores: 4", "cores: 8"))
+    grown = load(tmp_path / "spec")
+    plan, report = harness.apply(grown)
+    fields = {f.path: str(f.timing) for f in plan.changes[0].fields}
+    assert fields == {"scsi0.size": "live", "cores": "restart"}
+    assert report is not None and report.result is RunResult.APPLIED
+    guest = harness.lab.proxmox.guests[190]
+    assert guest.config["scsi0"].endswith("size=200G") and guest.status == "running"
+    assert harness.plan(grown).empty

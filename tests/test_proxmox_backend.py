@@ -480,6 +480,22 @@ def test_nothing_to_change_sends_nothing(pve_server: PveServer, token_backend: P
     assert pve_server.requests == []
 
 
+@pytest.mark.fakepve
+def test_a_volume_grows_through_the_resize_call_once(pve_server: PveServer, root_backend: ProxmoxBackend) -> None:
+    root_backend.create_lxc("pve1", 955, config=props.lxc_config(_lxc(), gpu_devices=GPU_DEVICES))
+    volume = props.parse_property(pve_server.pve.ct(955).config["rootfs"], "volume")["volume"]  # type: ignore[union-attr]
+    pve_server.clear_requests()
+
+    root_backend.resize("lxc", "pve1", 955, disk="rootfs", size="80G")
+    root_backend.resize("lxc", "pve1", 955, disk="rootfs", size="80G")  # done already: nothing is sent
+
+    rootfs = props.parse_property(pve_server.pve.ct(955).config["rootfs"], "volume")  # type: ignore[union-attr]
+    assert (rootfs["volume"], rootfs["size"]) == (volume, "80G")
+    assert [w for w in pve_server.writes() if w[1].endswith("/resize")] == [("PUT", "/nodes/pve1/lxc/955/resize")]
+    with pytest.raises(PermanentError, match="no volume mp7"):
+        root_backend.resize("lxc", "pve1", 955, disk="mp7", size="10G")
+
+
 # ---- locks, tasks, faults -----------------------------------------------------------------------
 
 

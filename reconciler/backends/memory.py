@@ -199,6 +199,22 @@ class MemoryProxmox:
                 raise TaskFailed(f"{guest_type} {vmid} is running - destroy failed", resource=f"{guest_type}/{vmid}")
             del self.guests[vmid]
 
+    def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None:
+        """Grow a volume to `size` (PVE's resize call); refuse to shrink, as PVE does."""
+        self._fault("resize")
+        with self._lock:
+            self.requests.append(("PUT", f"{guest_type}/{vmid}/resize"))
+            guest = self._guest(guest_type, node, vmid)
+            default = pve.default_key_for(guest_type, disk)
+            if disk not in guest.config or default is None:
+                raise PermanentError(f"no volume {disk}", resource=f"{guest_type}/{vmid}")
+            fields = pve.parse_property(guest.config[disk], default)
+            wanted, current = pve.parse_pve_size(size), pve.parse_pve_size(fields.get("size", "0"))
+            if wanted < current:
+                raise TaskFailed("unable to shrink disk size", resource=f"{guest_type}/{vmid}")
+            fields["size"] = pve.format_pve_size(wanted)
+            guest.config[disk] = pve.format_property(fields, default)
+
     # ---- PVE's ways --------------------------------------------------------------------------
 
     def _fault(self, operation: str) -> None:

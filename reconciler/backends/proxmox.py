@@ -799,6 +799,32 @@ class ProxmoxBackend:
 
         self._write(reboot, resource=ref, action="reboot")
 
+    def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None:
+        """Grow volume `disk` (`rootfs`, `mp0`, `scsi0`...) to `size` (`16G`); nothing if it is that big already.
+
+        PVE refuses to shrink a disk; the planner never asks it to. A VM's resize
+        answers with a task on PVE 8 and with nothing on older releases: both are fine.
+        """
+        kind = _kind(guest_type)
+        ref = _ref(kind, vmid)
+        wanted = pve.parse_pve_size(size)
+
+        def resize(attempt: int) -> None:
+            config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
+            value = config.get(disk) if isinstance(config, Mapping) else None
+            default = pve.default_key_for(kind.value, disk)
+            if not isinstance(value, str) or default is None:
+                raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
+            current = pve.parse_property(value, default).get("size")
+            if current is not None and pve.parse_pve_size(current) >= wanted:
+                return
+            params = {"disk": disk, "size": pve.format_pve_size(wanted)}
+            answer = self._call("PUT", f"nodes/{node}/{kind.value}/{vmid}/resize", resource=ref, params=params)
+            if isinstance(answer, str) and answer.startswith("UPID:"):
+                self._wait(answer, resource=ref)
+
+        self._write(resize, resource=ref, action="resize")
+
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None:
         """Destroy a guest and its disks, stopping it first; nothing if it does not exist.
 

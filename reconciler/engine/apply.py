@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 from reconciler.engine.health import ProbeResult, endpoint_address, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PlanError, ReconcilerError
+from reconciler.planning import pve
 from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Change, Plan
 from reconciler.planning.planner import OLD_SUFFIX, spec_hash
@@ -63,6 +64,7 @@ class GuestBackend(Protocol):
         self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0, force_stop_after: bool = True
     ) -> None: ...
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
+    def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None: ...
 
 
 class ContainerBackend(Protocol):
@@ -291,7 +293,8 @@ class Applier:
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
-                keys = sorted({f.path.split(".")[0] for f in change.fields} & set(after["config"]))
+                grow: Mapping[str, str] = after.get("resize", {})
+                keys = sorted({key for f in change.fields if (key := _config_key(f.path, grow))} & set(after["config"]))
                 config = {k: after["config"][k] for k in keys}
                 if "tags" in {f.path for f in change.fields}:
                     config["tags"] = after["config"]["tags"]
@@ -306,6 +309,8 @@ class Applier:
                     delete=after.get("delete", []),
                     digest=None if restart else before.get("digest"),
                 )
+                for disk, size in grow.items():
+                    self.proxmox.resize(kind, node, vmid, disk=disk, size=size)
                 if running and (restart or before.get("status") != "running"):
                     self.proxmox.start(kind, node, vmid)
                 elif not running and before.get("status") == "running":
@@ -346,6 +351,9 @@ class Applier:
                 now = {**live.config, **live.pending}
                 for key in live.pending_delete:
                     now.pop(key, None)
+                for key in set(after.get("resize", {})) & set(old):
+                    # A grown disk keeps its new size (PVE cannot shrink one); its other fields go back.
+                    old = {**old, key: pve.with_size_of(kind, key, old[key], now.get(key))}
                 restore = {k: old[k] for k in keys if k in old and now.get(k) != old[k]}
                 remove = [k for k in keys if k not in old and k in now]
                 restart = change.action is Action.UPDATE_RESTART and was_running and bool(restore or remove)
@@ -608,6 +616,12 @@ def _address_of(resource: Resource) -> str:
 
 def _backend_of(resource: Resource) -> str:
     return "proxmox" if resource.kind in ("Lxc", "Vm") else "docker"
+
+
+def _config_key(path: str, grow: Mapping[str, str]) -> str | None:
+    """The config key a field change is sent under; None for a size that PVE's resize call changes instead."""
+    key, _, sub = path.partition(".")
+    return None if key in grow and sub == "size" else key
 
 
 def _irreversible(change: Change) -> bool:

@@ -125,6 +125,27 @@ class _Planner:
             return PowerState.STOPPED
         return resource.state
 
+    def volume_growth(self, guest: Lxc | Vm, diff: pve.FieldDiff) -> str | None:
+        """The new size of a volume that grows; a blocker (and None) for one that would shrink."""
+        sizes = [(before, after) for sub, before, after in diff.fields if sub == "size"]
+        live, wanted = sizes[0] if sizes else (None, None)
+        if live is None or wanted is None:
+            return None
+        try:
+            shrinks = pve.parse_pve_size(wanted) < pve.parse_pve_size(live)
+        except ValueError:
+            return None
+        if shrinks:
+            self.blockers.append(
+                Problem(
+                    guest.ref,
+                    f"{diff.key} is {live} and the spec asks for {wanted}: Proxmox cannot shrink a disk",
+                    f"set its size back to at least {live}, or move the data to a new, smaller volume",
+                )
+            )
+            return None
+        return wanted
+
     def is_drift(self, resource: Resource) -> bool:
         return self.inventory.spec_hashes.get(resource.ref) == spec_hash(resource, self.desired)
 
@@ -247,11 +268,16 @@ class _Planner:
             and not pve.compare_config(kind, {key: desired_cfg[key]}, seen.config)
         }
         fields: list[FieldChange] = []
+        grow: dict[str, str] = {}  # volume key -> new size, made by PVE's resize call, never by a config write
         for diff in diffs:
+            if diff.resize and not diff.replace:
+                size = self.volume_growth(guest, diff)
+                if size is not None:
+                    grow[diff.key] = size
             if diff.replace:
                 timing = Timing.REPLACE
-            elif diff.key in reverting:
-                timing = Timing.LIVE
+            elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
+                timing = Timing.LIVE  # a disk grows online, on a running guest too
             else:
                 new, gone = diff.before is None, diff.after is None
                 timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
@@ -298,6 +324,8 @@ class _Planner:
             to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
         after = self.guest_after(guest, kind, to_send, power, create=False)
         after["delete"] = removed
+        if grow:
+            after["resize"] = grow
         if fields:
             action = _guest_action(fields, running)
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))

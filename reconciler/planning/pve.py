@@ -770,6 +770,22 @@ def update_value(kind: GuestKind, key: str, desired: str, live: str | None) -> s
     return format_property(merged, spec.default_key)
 
 
+def with_size_of(kind: GuestKind, key: str, value: str, source: str | None) -> str:
+    """`value` with the `size` of `source`: what restoring a volume's other fields after a grow sends,
+    since PVE cannot shrink a disk back."""
+    spec = _key_spec(kind, key)
+    if source is None or not spec.volume:
+        return value
+    try:
+        fields, size = parse_property(value, spec.default_key), parse_property(source, spec.default_key).get("size")
+    except ValueError:
+        return value
+    if size is None:
+        return value
+    fields["size"] = size
+    return format_property(fields, spec.default_key)
+
+
 def _natural(key: str) -> tuple[str, int]:
     match = _INDEXED_RE.match(key)
     return (match.group(1), int(match.group(2))) if match else (key, -1)
