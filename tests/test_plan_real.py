@@ -49,7 +49,7 @@ import pytest
 from rich.console import Console
 
 from reconciler.cli.render import print_plan
-from reconciler.engine.health import ProbeResult, probe_http, probe_tcp
+from reconciler.engine.health import ProbeResult, ollama_load, probe_http, probe_tcp
 from reconciler.engine.journal import RunResult
 from reconciler.planning.plan import Action, Change, Plan, Timing
 from reconciler.planning.pve import normalise_tags, parse_property
@@ -227,6 +227,8 @@ APPLY_ADJUSTMENTS: dict[str, list[tuple[str, str, str]]] = {
 
 def probe_here(host: str, probe: Any) -> ProbeResult:
     """The applier's probe, made on this machine: every Docker host of the lab is the local engine."""
+    if probe.get("ollama_load"):
+        return ollama_load(f"http://127.0.0.1:{probe['port']}", str(probe["ollama_load"]), timeout=30)
     if probe.get("http"):
         target = urlsplit(str(probe["http"]))
         port = target.port or probe.get("port")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from reconciler.engine.health import ProbeResult, endpoint_address, poll, probe_http, probe_tcp
+from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PlanError, ReconcilerError
 from reconciler.planning import pve
@@ -484,12 +484,21 @@ class Applier:
 
         timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
         interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
-        return poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
+        result = poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
+        model = (change.after or {}).get("load")
+        if not result.healthy or not model:
+            return result
+        # The server answers; the model it is there for must be pulled and sit on its GPUs too.
+        port = (probe or {}).get("port")
+        return self._probe(host, {"ollama_load": model, "port": port, "timeout": timeout})
 
     def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
         if self.prober is not None:
             return self.prober(host, probe)
         address = endpoint_address(self.endpoints.get(host, "unix:///"))
+        if probe.get("ollama_load"):
+            timeout = self.health.cap(float(probe.get("timeout", 900.0)))
+            return ollama_load(f"http://{address}:{probe.get('port')}", str(probe["ollama_load"]), timeout=timeout)
         if probe.get("http"):
             url = str(probe["http"])
             if url.startswith("/"):

@@ -7,16 +7,17 @@ that exited or restarted), instead of waiting out the whole timeout.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["ProbeResult", "endpoint_address", "poll", "probe_http", "probe_tcp"]
+__all__ = ["ProbeResult", "endpoint_address", "ollama_load", "poll", "probe_http", "probe_tcp"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,62 @@ def probe_tcp(address: str, *, timeout: float = 5.0) -> ProbeResult:
             return ProbeResult(True, f"tcp {address}: open")
     except (OSError, ValueError) as exc:
         return ProbeResult(False, f"tcp {address}: {exc}")
+
+
+def ollama_load(base_url: str, model: str, *, timeout: float) -> ProbeResult:
+    """Make an Ollama server hold `model` in memory: pull it unless it is there, then load it.
+
+    A model already on disk is not pulled again (a lab may be offline). The pull
+    streams its progress, so a large download is bounded by `timeout` as a whole
+    rather than by one silent socket read; the load is a generate call without a
+    prompt, which Ollama answers once the model sits on its GPUs.
+    """
+    clock = time.monotonic
+    start = clock()
+    try:
+        with urllib.request.urlopen(f"{base_url}/api/tags", timeout=min(timeout, 30.0)) as response:
+            tags = json.load(response)
+        present = {_ollama_name(m.get("name") or m.get("model") or "") for m in tags.get("models", [])}
+        if _ollama_name(model) not in present:
+            for line in _post_lines(f"{base_url}/api/pull", {"model": model, "stream": True}, timeout=60.0):
+                if "error" in line:
+                    return ProbeResult(False, f"ollama pull {model}: {line['error']}", clock() - start)
+                if clock() - start > timeout:
+                    return ProbeResult(False, f"ollama pull {model}: not done after {timeout:.0f}s", clock() - start)
+        remaining = max(1.0, timeout - (clock() - start))
+        answer = next(_post_lines(f"{base_url}/api/generate", {"model": model, "keep_alive": -1}, timeout=remaining))
+    except urllib.error.HTTPError as exc:
+        return ProbeResult(False, f"ollama {model}: {_ollama_error(exc)}", clock() - start)
+    except (urllib.error.URLError, OSError, ValueError, StopIteration) as exc:
+        reason = getattr(exc, "reason", exc) or "no answer"
+        return ProbeResult(False, f"ollama {model}: {reason}", clock() - start)
+    if "error" in answer:
+        return ProbeResult(False, f"ollama load {model}: {answer['error']}", clock() - start)
+    return ProbeResult(True, f"ollama holds {model}", clock() - start)
+
+
+def _ollama_name(name: str) -> str:
+    """Ollama's name for a model: a bare name means its `latest` tag."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _post_lines(url: str, body: dict[str, object], *, timeout: float) -> Iterator[dict[str, object]]:
+    """POST JSON and yield the JSON objects of the answer, one a line (Ollama streams them)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", "User-Agent": "reconciler"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            if raw.strip():
+                item = json.loads(raw)
+                yield item if isinstance(item, dict) else {"error": f"unexpected answer {raw[:200]!r}"}
+
+
+def _ollama_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read(4096)).get("error") or f"status {exc.code}")
+    except (ValueError, AttributeError, OSError):
+        return f"status {exc.code}"
 
 
 def poll(

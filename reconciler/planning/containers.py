@@ -78,6 +78,7 @@ class DesiredContainer:
     network_mode: str | None = None
     healthcheck: Mapping[str, Any] | None = None
     probe: Mapping[str, Any] | None = None
+    load: str | None = None  # the model an Ollama server pulls and loads once it answers
     unresolved_gpus: tuple[str, ...] = field(default=())
 
     @property
@@ -87,7 +88,7 @@ class DesiredContainer:
     def spec_hash(self) -> str:
         """Hash of everything declared, so a removed setting is noticed too."""
         body = self.to_json()
-        for volatile in ("labels", "probe", "state"):
+        for volatile in ("labels", "probe", "state", "load"):  # the load label tells a new model
             body.pop(volatile, None)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -254,6 +255,7 @@ def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
                 "command": None,
                 "env": env,
                 "labels": {label_keys(lab.owner_tag)["load"]: model.source},
+                "load": model.source,
                 "probe": _http_probe(model, "/api/tags"),
             }
 

@@ -193,7 +193,8 @@ def _seed_storages(pve: Any, desired: DesiredState) -> None:
 _STAND_IN = """#!/bin/sh
 trap 'exit 0' TERM INT
 port=8000
-case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}";; esac
+ollama=""
+case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}"; ollama="$port";; esac
 while [ $# -gt 0 ]; do
   case "$1" in --port) port="$2"; shift;; esac
   shift
@@ -202,9 +203,33 @@ listening=" "
 for p in $port $STAND_IN_PORTS; do
   case "$listening" in *" $p "*) continue;; esac
   listening="$listening$p "
-  /bin/busybox httpd -f -p "$p" -h "${WWW:-/www}" &
+  if [ "$p" = "$ollama" ]; then
+    /bin/busybox nc -ll -p "$p" -e /ollama &
+  else
+    /bin/busybox httpd -f -p "$p" -h "${WWW:-/www}" &
+  fi
 done
 wait
+"""
+
+# Ollama's API, one connection at a time (busybox httpd serves no POST to a file): it lists no model,
+# and pulls and loads any, as the applier asks once the server answers.
+_OLLAMA = """#!/bin/sh
+read -r method path version
+length=0
+while read -r line; do
+  line=$(printf %s "$line" | tr -d '\\r')
+  [ -z "$line" ] && break
+  case "$line" in [Cc]ontent-[Ll]ength:*) length="${line#*: }";; esac
+done
+[ "$length" -gt 0 ] && head -c "$length" >/dev/null
+case "$path" in
+  /api/tags) body='{"models":[]}';;
+  /api/pull) body='{"status":"success"}';;
+  /api/generate) body='{"done":true,"done_reason":"load"}';;
+  *) body='ok Healthy';;
+esac
+printf 'HTTP/1.0 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %s\\r\\nConnection: close\\r\\n\\r\\n%s' "${#body}" "$body"
 """
 
 
@@ -228,7 +253,10 @@ def stand_in_image(docker_client: Any, engine_image: EngineImage, desired: Desir
         test = list((container.healthcheck or {}).get("test") or ())
         if test[:1] == ["CMD"] and len(test) > 1 and "/" not in test[1]:
             commands.add(test[1])
-    files: dict[str, tuple[bytes, int]] = {"root/stand-in": (_STAND_IN.encode(), 0o755)}
+    files: dict[str, tuple[bytes, int]] = {
+        "root/stand-in": (_STAND_IN.encode(), 0o755),
+        "root/ollama": (_OLLAMA.encode(), 0o755),
+    }
     for path in paths:
         name = "root/www" + path + ("index.html" if path.endswith("/") else "")
         files[name] = (b"ok Healthy\n", 0o644)
