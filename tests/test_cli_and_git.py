@@ -82,6 +82,9 @@ def test_validate_exit_codes_and_file_line(tmp_path: Path) -> None:
     assert f"{broken}/b.yaml:" in result.stdout and "YAML syntax error" in result.stdout
     payload = json.loads(run("validate", str(broken), "--json").stdout)
     assert {(d["file"], d["line"], d["severity"]) for d in payload} >= {(f"{broken}/a.yaml", 6, "error")}
+    planned = run("plan", str(broken))
+    assert planned.returncode == 1 and planned.stdout == "", "stdout is for the plan; the diagnostics go to stderr"
+    assert f"{broken}/a.yaml:6:1: Gpu/big: error: unknown field 'modle'" in planned.stderr
 
 
 def test_schema_command_writes_what_is_committed(tmp_path: Path) -> None:

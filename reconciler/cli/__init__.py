@@ -93,7 +93,7 @@ def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None
     if as_json:
         return result
     if result.diagnostics:
-        print_diagnostics(err if result.ok else console, result.diagnostics)
+        print_diagnostics(err, result.diagnostics)  # stdout carries the plan alone
     return result
 
 
