@@ -398,25 +398,12 @@ class ProxmoxBackend:
 
     def _get(self, path: str, *, resource: str, params: Mapping[str, Any] | None = None) -> Any:
         """A read, retried on TemporaryError with exponential backoff and jitter."""
-        for attempt in range(self._attempts):
-            try:
-                return self._call("GET", path, resource=resource, params=params)
-            except TemporaryError as exc:
-                if attempt + 1 >= self._attempts:
-                    raise
-                delay = min(30.0, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                _log.info(
-                    "proxmox read retried",
-                    extra={
-                        "path": path,
-                        "resource": resource,
-                        "attempt": attempt + 1,
-                        "delay": delay,
-                        "error": str(exc),
-                    },
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._retried(
+            lambda attempt: self._call("GET", path, resource=resource, params=params),
+            attempts=self._attempts,
+            what="read",
+            context={"path": path, "resource": resource},
+        )
 
     def _write(self, operation: Callable[[int], _T], *, resource: str, action: str) -> _T:
         """Run a whole write (state check, call, task) again on TemporaryError, with exponential backoff and jitter.
@@ -424,25 +411,22 @@ class ProxmoxBackend:
         `operation` gets the attempt number (0 first). What is not worth repeating is raised at once: a stale
         digest, a task still running after its timeout; TaskFailed and permanent errors are not temporary.
         """
-        for attempt in range(self._write_attempts):
+        return self._retried(
+            operation, attempts=self._write_attempts, what="write", context={"action": action, "resource": resource}
+        )
+
+    def _retried(self, operation: Callable[[int], _T], *, attempts: int, what: str, context: Mapping[str, Any]) -> _T:
+        for attempt in range(attempts):
             try:
                 return operation(attempt)
             except (ConfigChanged, _TaskStillRunning):
                 raise
             except TemporaryError as exc:
-                if attempt + 1 >= self._write_attempts:
+                if attempt + 1 >= attempts:
                     raise
                 delay = min(30.0, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                _log.info(
-                    "proxmox write retried",
-                    extra={
-                        "action": action,
-                        "resource": resource,
-                        "attempt": attempt + 1,
-                        "delay": delay,
-                        "error": str(exc),
-                    },
-                )
+                extra = {**context, "attempt": attempt + 1, "delay": delay, "error": str(exc)}
+                _log.info(f"proxmox {what} retried", extra=extra)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
