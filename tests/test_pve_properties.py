@@ -549,3 +549,35 @@ def test_on_a_stopped_guest_everything_is_live(kind: pve.GuestKind, key: str) ->
 def test_replace_keys_need_replacement_even_when_stopped() -> None:
     assert pve.classify("lxc", "unprivileged", running=False) is ChangeTiming.REPLACE
     assert ChangeTiming.RESTART.value == "restart"
+
+
+# ---- what PVE makes of a value: no perpetual diffs -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("desired", "live", "differs"),
+    [
+        ("q35", "pc-q35-9.2+pve1", False),  # PVE pins a Windows VM's machine version on create
+        ("q35", "pc-q35-8.1", False),
+        ("pc", "pc-i440fx-9.0+pve1", False),
+        ("q35", "pc-i440fx-9.0", True),  # another family
+        ("pc-q35-9.2", "pc-q35-8.1", True),  # a versioned spec is compared as it is
+        ("q35", "pc-q35-9.2+pve1.pxe", True),
+    ],
+)
+def test_an_unversioned_machine_type_is_met_by_any_version_of_it(desired: str, live: str, differs: bool) -> None:
+    assert bool(pve.compare_config("qemu", {"machine": desired}, {"machine": live})) is differs
+
+
+def test_a_mapping_replaces_a_raw_host_address_and_the_update_drops_it() -> None:
+    desired, live = "mapping=gpu-a,pcie=1", "0000:01:00,pcie=1,x-vga=1"
+    (diff,) = pve.compare_config("qemu", {"hostpci0": desired}, {"hostpci0": live})
+    assert ("host", "0000:01:00", None) in diff.fields
+    sent = pve.parse_property(pve.update_value("qemu", "hostpci0", desired, live), "host")
+    assert sent == {"mapping": "gpu-a", "pcie": "1", "x-vga": "1"}, "PVE refuses both host and mapping"
+
+
+def test_with_size_of_keeps_a_grown_size_and_the_rest_of_the_old_value() -> None:
+    old, now = "local-lvm:vm-955-disk-0,size=64G,backup=0", "local-lvm:vm-955-disk-0,size=80G"
+    assert pve.with_size_of("lxc", "rootfs", old, now) == "local-lvm:vm-955-disk-0,size=80G,backup=0"
+    assert pve.with_size_of("lxc", "hostname", "llm", "other") == "llm", "not a volume: unchanged"
