@@ -7,6 +7,8 @@ test_apply_real.py; here the faults are cheap to inject and exact.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,3 +341,60 @@ def test_a_running_vms_disk_grows_without_a_restart(tmp_path: Path) -> None:
     guest = harness.lab.proxmox.guests[190]
     assert guest.config["scsi0"].endswith("size=200G") and guest.status == "running"
     assert harness.plan(grown).empty
+
+
+WORKSTATION = """\
+---
+kind: DockerHost
+name: workstation
+endpoint: "ssh://me@workstation.lan"
+---
+kind: Container
+name: notebook
+host: workstation
+image: ghcr.io/example/notebook:1
+"""
+
+
+def test_containers_on_a_host_dropped_from_the_spec_are_reported_until_forgotten(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, load(write_tree(tmp_path / "spec", SPEC + WORKSTATION)))
+    _, report = harness.apply(load(tmp_path / "spec"))
+    assert report is not None and report.result is RunResult.APPLIED
+    write_tree(tmp_path / "spec", SPEC)
+    harness.lab.docker.containers.pop("workstation")  # as `connect` does: only the spec's hosts are reached
+    plan = harness.plan(load(tmp_path / "spec"))
+    assert plan.empty, "a host that is not observed gets no changes"
+    assert [(w.resource, w.message) for w in plan.warnings] == [
+        (
+            "container/workstation",
+            "Docker host 'workstation' is no longer in the spec; the containers made there (notebook) "
+            "are not watched and will not be removed",
+        )
+    ]
+
+    forgot = subprocess.run(
+        [sys.executable, "-m", "reconciler", "forget", "container/workstation", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (forgot.returncode, forgot.stdout) == (0, "forgot container/workstation/notebook\n"), forgot.stderr
+    assert not harness.plan(load(tmp_path / "spec")).warnings
+    again = subprocess.run(
+        [sys.executable, "-m", "reconciler", "forget", "container/workstation", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 1 and "nothing in the inventory" in again.stderr
+
+
+def test_containers_go_with_the_guest_that_ran_them_and_leave_no_warning(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", "kind: DockerHost\nname: other\nendpoint: unix:///var/run/docker.sock\n")
+    emptied = load(tmp_path / "spec")
+    plan, report = harness.apply(emptied)
+    assert not plan.warnings and report is not None and report.result is RunResult.APPLIED
+    assert 955 not in harness.lab.proxmox.guests
+    assert not [a for a in harness.journal.inventory().owned if a.startswith("container/llm/")]
+    assert not harness.plan(emptied).warnings

@@ -289,6 +289,33 @@ def status(state_dir: StateDir = None) -> None:
 
 
 @app.command()
+def forget(
+    addresses: Annotated[list[str], typer.Argument(help="e.g. container/llm (a whole host) or container/llm/router")],
+    state_dir: StateDir = None,
+) -> None:
+    """Drop resources from the journal's inventory (and what is below them) without touching the lab.
+
+    For what was removed by hand, or lives on a host that is gone: the reconciler stops
+    counting it as its own. Exit 1 when nothing matched.
+    """
+    from reconciler.engine.journal import Journal
+    from reconciler.engine.lock import state_lock
+
+    folder = _state_dir(state_dir)
+    with _errors_exit(), state_lock(folder):
+        journal = Journal(folder / "journal.sqlite")
+        try:
+            forgotten = [address for prefix in addresses for address in journal.forget_under(prefix)]
+        finally:
+            journal.close()
+    for address in forgotten:
+        console.print(f"forgot {address}")
+    if not forgotten:
+        err.print(f"nothing in the inventory under {', '.join(addresses)}; `reconciler status` shows the journal")
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
 def demo() -> None:
     """Run the embedded demo lab (specs/) against in-memory Proxmox and Docker and the fake NVML library."""
     from reconciler.cli.demo import run_demo

@@ -587,6 +587,8 @@ class Applier:
         for change in plan.changes:
             if change.action is Action.DELETE:
                 self.journal.forget(change.address)
+                if change.backend == "proxmox":  # the containers of a Docker engine in it went with it
+                    self.journal.forget_under(f"container/{change.address.partition('/')[2]}")
         for resource in desired.resources:
             if resource.kind in ("Lxc", "Vm", "Container", "Model"):
                 self.journal.record_owned(

@@ -294,6 +294,18 @@ class Journal:
         with self._tx() as db:
             db.execute("DELETE FROM inventory WHERE address = ?", (address,))
 
+    def forget_under(self, prefix: str) -> list[str]:
+        """Forget `prefix` itself and every address below it (`container/llm` -> `container/llm/...`)."""
+        prefix = prefix.rstrip("/")
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT address FROM inventory WHERE address = ? OR substr(address, 1, ?) = ?",
+                (prefix, len(prefix) + 1, prefix + "/"),
+            ).fetchall()
+            addresses = sorted(row["address"] for row in rows)
+            db.executemany("DELETE FROM inventory WHERE address = ?", [(a,) for a in addresses])
+        return addresses
+
     def inventory(self) -> Inventory:
         with self._lock:
             rows = self._db.execute("SELECT resource, address, spec_hash, protected, vmid FROM inventory").fetchall()
@@ -301,6 +313,7 @@ class Journal:
             spec_hashes={row["resource"]: row["spec_hash"] for row in rows if row["spec_hash"]},
             protected=frozenset(row["address"] for row in rows if row["protected"]),
             protected_vmids=frozenset(row["vmid"] for row in rows if row["protected"] and row["vmid"] is not None),
+            owned=frozenset(row["address"] for row in rows),
         )
 
     def mark_failed(self, revision: str, *, run_id: int, reason: str) -> None:

@@ -62,6 +62,7 @@ class Inventory:
     spec_hashes: Mapping[str, str] = field(default_factory=dict)  # "Lxc/llm" -> spec_hash at last apply
     protected: frozenset[str] = frozenset()  # addresses never to delete
     protected_vmids: frozenset[int] = frozenset()  # guests never to delete, whatever they are called now
+    owned: frozenset[str] = frozenset()  # every address the reconciler made and has not deleted
 
 
 def spec_hash(resource: Resource, desired: DesiredState) -> str:
@@ -82,6 +83,7 @@ def make_plan(desired: DesiredState, observed: Observed, inventory: Inventory | 
     planner = _Planner(desired, observed, inventory or Inventory())
     planner.plan_guests()
     planner.plan_containers()
+    planner.warn_unwatched_hosts()
     changes = order_changes(planner.changes, desired)
     return Plan(
         changes=changes,
@@ -145,6 +147,30 @@ class _Planner:
             )
             return None
         return wanted
+
+    def warn_unwatched_hosts(self) -> None:
+        """Containers the reconciler made on a Docker host the spec no longer names are not observed, so never
+        removed: say so, unless the guest they run in is deleted by this plan (they go with it)."""
+        hosts = self.desired.docker_hosts()
+        deleted = {
+            c.address.partition("/")[2] for c in self.changes if c.backend == "proxmox" and c.action is Action.DELETE
+        }
+        stranded: dict[str, list[str]] = {}
+        for address in self.inventory.owned:
+            kind, _, rest = address.partition("/")
+            host, _, name = rest.partition("/")
+            if kind == "container" and host not in hosts and host not in deleted and host not in self.observed.docker:
+                stranded.setdefault(host, []).append(name)
+        for host, names in sorted(stranded.items()):
+            self.warnings.append(
+                Problem(
+                    f"container/{host}",
+                    f"Docker host {host!r} is no longer in the spec; the containers made there "
+                    f"({', '.join(sorted(names))}) are not watched and will not be removed",
+                    "name the host again with no workloads and apply to remove them, "
+                    f"or run `reconciler forget container/{host}` once they are gone",
+                )
+            )
 
     def is_drift(self, resource: Resource) -> bool:
         return self.inventory.spec_hashes.get(resource.ref) == spec_hash(resource, self.desired)
