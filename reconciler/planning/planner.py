@@ -324,7 +324,6 @@ class _Planner:
                 for key in sorted({*pending, *pending_delete})
                 if key in desired_cfg
             ]
-        drift = self.is_drift(guest)
         # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
         adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
         if not owned and not any(f.path == "tags" for f in fields):
@@ -332,6 +331,7 @@ class _Planner:
         power_change = (power is PowerState.RUNNING) != running
         if not fields and not power_change:
             return
+        drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
         before = {
             "type": kind,
             "node": seen.node,
