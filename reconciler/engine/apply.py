@@ -223,6 +223,22 @@ class Applier:
             self.journal.end_run(run.id, RunResult.INTERRUPTED, "interrupted; resumed by a later run")
         return inherited, resumed_from
 
+    def _begin(
+        self,
+        run_id: int,
+        *,
+        phase: str,
+        address: str,
+        action: str,
+        intent: Mapping[str, Any],
+        before: Mapping[str, Any] | None,
+    ) -> int:
+        """Journal a step's intent before it runs; its id ends it."""
+        self.seq += 1
+        return self.journal.begin_step(
+            run_id, seq=self.seq, phase=phase, address=address, action=action, intent=intent, before=before
+        )
+
     def _emit(self, report: ApplyReport, entry: StepReport) -> None:
         report.steps.append(entry)
         if self.on_step is not None:
@@ -231,10 +247,8 @@ class Applier:
     def _step(self, run_id: int, change: Change, report: ApplyReport, done: list[_Done]) -> None:
         """Run one change. It joins `done` before it runs: a step that fails half-way is undone too."""
         before = self._capture(change)
-        self.seq += 1
-        step_id = self.journal.begin_step(
+        step_id = self._begin(
             run_id,
-            seq=self.seq,
             phase="apply",
             address=change.address,
             action=str(change.action),
@@ -260,10 +274,8 @@ class Applier:
         result = self._check(change)
         if result is None:
             return
-        self.seq += 1
-        step_id = self.journal.begin_step(
+        step_id = self._begin(
             run_id,
-            seq=self.seq,
             phase="verify",
             address=change.address,
             action="health",
@@ -512,10 +524,8 @@ class Applier:
     def _rollback(self, run_id: int, done: list[_Done], report: ApplyReport) -> None:
         for item in reversed(done):
             change = item.change
-            self.seq += 1
-            step_id = self.journal.begin_step(
+            step_id = self._begin(
                 run_id,
-                seq=self.seq,
                 phase="rollback",
                 address=change.address,
                 action=f"undo {change.action}",
@@ -564,10 +574,8 @@ class Applier:
             if item.change.backend != "docker" or item.change.action not in (Action.REPLACE, Action.DELETE):
                 continue
             host, name = _host_and_name(item.change)
-            self.seq += 1
-            step_id = self.journal.begin_step(
+            step_id = self._begin(
                 run_id,
-                seq=self.seq,
                 phase="finalize",
                 address=item.change.address,
                 action="remove old",
