@@ -88,3 +88,19 @@ def test_a_model_that_cannot_be_pulled_rolls_the_apply_back(tmp_path: Path) -> N
     assert "pull model manifest: file does not exist" in (report.failure or "")
     assert harness.lab.docker.containers["llm"] == {}, "the container it created is removed again"
     assert 955 not in harness.lab.proxmox.guests, "and so is the guest it was created in"
+
+
+def test_a_new_model_that_cannot_be_pulled_restores_the_old_server_cleanly(tmp_path: Path) -> None:
+    with FakeOllama({"llama3.1:8b"}, pull_error="pull model manifest: file does not exist").running() as fake:
+        folder = write_tree(tmp_path / "spec", SPEC.replace("PORT", str(fake.port)))
+        harness = Harness(tmp_path, load(folder))
+        _, first = harness.apply(load(folder), prober=None)
+        assert first is not None and first.result is RunResult.APPLIED
+        old_id = harness.lab.docker.containers["llm"]["ollama"].id
+        write_tree(folder, SPEC.replace("PORT", str(fake.port)).replace("llama3.1:8b", "llama3.1:70b"))
+        _, report = harness.apply(load(folder), prober=None)
+    assert report is not None and report.result is RunResult.ROLLED_BACK
+    assert report.rollback_errors == [], "the old server is checked as it was, not for the new model"
+    restored = harness.lab.docker.containers["llm"]["ollama"]
+    assert (restored.id, restored.status) == (old_id, "running")
+    assert fake.loaded == {"llama3.1:8b"}

@@ -449,7 +449,7 @@ class Applier:
             return None
         if change.backend == "proxmox":
             return self._guest_running(after)
-        return self._container_healthy(change, after.get("probe"))
+        return self._container_healthy(change, after.get("probe"), load=after.get("load"))
 
     def _guest_running(self, after: Mapping[str, Any]) -> ProbeResult:
         assert self.proxmox is not None
@@ -466,7 +466,10 @@ class Applier:
             sleep=self.sleep,
         )
 
-    def _container_healthy(self, change: Change, probe: Mapping[str, Any] | None) -> ProbeResult:
+    def _container_healthy(
+        self, change: Change, probe: Mapping[str, Any] | None, *, load: str | None = None
+    ) -> ProbeResult:
+        """Running (and Docker-healthy, and answering `probe`); with `load`, also holding that Ollama model."""
         assert self.docker is not None
         host, name = _host_and_name(change)
         first = self.docker.container_state(host, name)
@@ -497,12 +500,11 @@ class Applier:
         timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
         interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
         result = poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
-        model = (change.after or {}).get("load")
-        if not result.healthy or not model:
+        if not result.healthy or not load:
             return result
         # The server answers; the model it is there for must be pulled and sit on its GPUs too.
         port = (probe or {}).get("port")
-        return self._probe(host, {"ollama_load": model, "port": port, "timeout": timeout})
+        return self._probe(host, {"ollama_load": load, "port": port, "timeout": timeout})
 
     def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
         if self.prober is not None:

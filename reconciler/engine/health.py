@@ -7,6 +7,7 @@ that exited or restarted), instead of waiting out the whole timeout.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
@@ -46,7 +47,7 @@ def probe_http(url: str, *, status: int = 200, body: str | None = None, timeout:
             text = response.read(65536).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         code, text = exc.code, ""
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return ProbeResult(False, f"GET {url}: {reason}")
     if code != status:
@@ -89,7 +90,7 @@ def ollama_load(base_url: str, model: str, *, timeout: float) -> ProbeResult:
         answer = next(_post_lines(f"{base_url}/api/generate", {"model": model, "keep_alive": -1}, timeout=remaining))
     except urllib.error.HTTPError as exc:
         return ProbeResult(False, f"ollama {model}: {_ollama_error(exc)}", clock() - start)
-    except (urllib.error.URLError, OSError, ValueError, StopIteration) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, StopIteration) as exc:
         reason = getattr(exc, "reason", exc) or "no answer"
         return ProbeResult(False, f"ollama {model}: {reason}", clock() - start)
     if "error" in answer:
