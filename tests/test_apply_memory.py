@@ -398,3 +398,19 @@ def test_containers_go_with_the_guest_that_ran_them_and_leave_no_warning(harness
     assert 955 not in harness.lab.proxmox.guests
     assert not [a for a in harness.journal.inventory().owned if a.startswith("container/llm/")]
     assert not harness.plan(emptied).warnings
+
+
+def test_a_backend_error_during_a_health_check_rolls_back(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    old_id = harness.lab.docker.containers["llm"]["qwen-7b"].id
+    write_tree(tmp_path / "spec", SPEC.replace("port: 8000", "port: 8001"))
+
+    def engine_gone(host: str, probe: object) -> object:
+        raise TemporaryError("Docker engine answered 502", resource=f"{host}/qwen-7b")
+
+    _, report = harness.apply(load(tmp_path / "spec"), prober=engine_gone)
+    assert report is not None and report.result is RunResult.ROLLED_BACK and not report.rollback_errors
+    assert "health check could not be made: " in (report.failure or "")
+    restored = harness.lab.docker.containers["llm"]["qwen-7b"]
+    assert (restored.id, restored.status) == (old_id, "running")
+    assert set(harness.lab.docker.containers["llm"]) == {"qwen-7b", "router"}

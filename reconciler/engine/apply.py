@@ -271,7 +271,10 @@ class Applier:
         self._emit(report, StepReport(change.address, str(change.action), "apply", True))
 
     def _verify(self, run_id: int, change: Change, report: ApplyReport) -> None:
-        result = self._check(change)
+        try:
+            result = self._check(change)
+        except ReconcilerError as exc:  # the backend failed while checking: unhealthy, so roll back
+            result = ProbeResult(False, f"health check could not be made: {exc}")
         if result is None:
             return
         step_id = self._begin(
