@@ -92,15 +92,8 @@ def test_a_failing_step_rolls_back_everything_applied_before_it(harness: Harness
     before = snapshot(harness)
     write_tree(tmp_path / "spec", SPEC.replace("cores: 8", "cores: 4").replace("router:1", "router:2"))
     changed = load(tmp_path / "spec")
-    harness.lab.docker.fail_create = True  # type: ignore[attr-defined]
-    original = harness.lab.docker.create_container
-
-    def broken(host: str, spec: object) -> str:
-        raise TemporaryError("engine answered 500", resource=f"{host}/x")
-
-    harness.lab.docker.create_container = broken  # type: ignore[method-assign]
+    harness.lab.docker.fail_next["create_container"] = TemporaryError("engine answered 500", resource="llm/router")
     plan, report = harness.apply(changed)
-    harness.lab.docker.create_container = original  # type: ignore[method-assign]
     assert [c.action for c in plan.changes] == [Action.UPDATE, Action.REPLACE]
     assert report is not None and report.result is RunResult.ROLLED_BACK and report.exit_code == 1
     assert snapshot(harness) == before, "the lab is exactly as it was"
@@ -301,14 +294,8 @@ def test_a_rollback_keeps_a_grown_disk_and_restores_the_rest(harness: Harness, t
         .replace("router:1", "router:2"),
     )
     changed = load(tmp_path / "spec")
-    original = harness.lab.docker.create_container
-
-    def broken(host: str, spec: object) -> str:
-        raise TemporaryError("engine answered 500", resource=f"{host}/x")
-
-    harness.lab.docker.create_container = broken  # type: ignore[method-assign]
+    harness.lab.docker.fail_next["create_container"] = TemporaryError("engine answered 500", resource="llm/router")
     _, report = harness.apply(changed)
-    harness.lab.docker.create_container = original  # type: ignore[method-assign]
     assert report is not None and report.result is RunResult.ROLLED_BACK and not report.rollback_errors
     guest = harness.lab.proxmox.guests[955]
     assert guest.config["memory"] == "32768", "the memory change is undone"

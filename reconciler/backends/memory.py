@@ -322,6 +322,7 @@ class MemoryDocker:
         self.containers: dict[str, dict[str, ObservedContainer]] = {h: {} for h in hosts}
         self.images: dict[str, set[str]] = {h: set(images) for h in self.containers}
         self.unreachable: dict[str, str] = {}
+        self.fail_next: dict[str, Exception] = {}  # method name -> error raised once
         self.requests: list[tuple[str, str]] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -352,6 +353,9 @@ class MemoryDocker:
             self.images[host].add(image)
 
     def create_container(self, host: str, spec: ContainerSpecLike) -> str:
+        error = self.fail_next.pop("create_container", None)
+        if error is not None:
+            raise error
         with self._lock:
             self.requests.append(("POST", f"{host}/containers/{spec.name}"))
             containers = self._host(host)
