@@ -130,7 +130,7 @@ class MemoryProxmox:
         delete: Sequence[str] = (),
         digest: str | None = None,
     ) -> None:
-        self._fault("update_config")
+        _planned_fault(self.fail_next, "update_config")
         if not config and not delete:
             return
         with self._lock:
@@ -158,7 +158,7 @@ class MemoryProxmox:
                     guest.config.pop(key, None)
 
     def start(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
-        self._fault("start")
+        _planned_fault(self.fail_next, "start")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status == "running":
@@ -173,7 +173,7 @@ class MemoryProxmox:
         self.stop(guest_type, node, vmid)
 
     def stop(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
-        self._fault("stop")
+        _planned_fault(self.fail_next, "stop")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status == "stopped":
@@ -182,7 +182,7 @@ class MemoryProxmox:
             guest.status = "stopped"
 
     def reboot(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0) -> None:
-        self._fault("reboot")
+        _planned_fault(self.fail_next, "reboot")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status != "running":
@@ -191,7 +191,7 @@ class MemoryProxmox:
             self._apply_pending(guest)
 
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None:
-        self._fault("delete")
+        _planned_fault(self.fail_next, "delete")
         with self._lock:
             self.requests.append(("DELETE", f"{guest_type}/{vmid}"))
             guest = self._guest(guest_type, node, vmid)
@@ -201,7 +201,7 @@ class MemoryProxmox:
 
     def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None:
         """Grow a volume to `size` (PVE's resize call); refuse to shrink, as PVE does."""
-        self._fault("resize")
+        _planned_fault(self.fail_next, "resize")
         with self._lock:
             self.requests.append(("PUT", f"{guest_type}/{vmid}/resize"))
             guest = self._guest(guest_type, node, vmid)
@@ -217,13 +217,8 @@ class MemoryProxmox:
 
     # ---- PVE's ways --------------------------------------------------------------------------
 
-    def _fault(self, operation: str) -> None:
-        error = self.fail_next.pop(operation, None)
-        if error is not None:
-            raise error
-
     def _create(self, guest_type: GuestKind, node: str, vmid: int, config: Mapping[str, str]) -> None:
-        self._fault("create")
+        _planned_fault(self.fail_next, "create")
         with self._lock:
             self.requests.append(("POST", f"{guest_type}/{vmid}"))
             if vmid in self.guests:
@@ -310,6 +305,13 @@ class MemoryProxmox:
         return guest
 
 
+def _planned_fault(fail_next: dict[str, Exception], operation: str) -> None:
+    """Raise the error a test planned for the next call of `operation`, once."""
+    error = fail_next.pop(operation, None)
+    if error is not None:
+        raise error
+
+
 def _is_volume_key(key: str) -> bool:
     return key == "rootfs" or bool(re.fullmatch(r"(mp|scsi|virtio|sata|ide)\d+", key))
 
@@ -353,9 +355,7 @@ class MemoryDocker:
             self.images[host].add(image)
 
     def create_container(self, host: str, spec: ContainerSpecLike) -> str:
-        error = self.fail_next.pop("create_container", None)
-        if error is not None:
-            raise error
+        _planned_fault(self.fail_next, "create_container")
         with self._lock:
             self.requests.append(("POST", f"{host}/containers/{spec.name}"))
             containers = self._host(host)
