@@ -599,7 +599,7 @@ class Applier:
         """What this run leaves owned, with the spec it was applied from (later differences read as drift)."""
         for change in plan.changes:
             if change.action is Action.DELETE:
-                self.journal.forget(change.address)
+                self.journal.forget_under(change.address)
                 if change.backend == "proxmox":  # the containers of a Docker engine in it went with it
                     self.journal.forget_under(f"container/{change.address.partition('/')[2]}")
         for resource in desired.resources:

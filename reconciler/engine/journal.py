@@ -290,10 +290,6 @@ class Journal:
                 (address, resource, backend, spec_hash, int(protected), vmid, run_id, time.time()),
             )
 
-    def forget(self, address: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM inventory WHERE address = ?", (address,))
-
     def forget_under(self, prefix: str) -> list[str]:
         """Forget `prefix` itself and every address below it (`container/llm` -> `container/llm/...`)."""
         prefix = prefix.rstrip("/")
