@@ -132,10 +132,12 @@ def cli_env(lab: RealLab) -> dict[str, str]:
 # ---- what the live lab holds ------------------------------------------------------------------------------
 
 
-def pve_get(server: PveServer, path: str, **params: Any) -> Any:
-    response = requests.get(
+def pve_request(server: PveServer, method: str, path: str, params: dict[str, Any]) -> Any:
+    """One call to fakepve's API with its token, outside the reconciler: what the API holds, or a hand-made change."""
+    response = requests.request(
+        method,
         f"{server.url}/api2/json{path}",
-        params=params,
+        **({"params": params} if method == "GET" else {"data": params}),
         headers={"Authorization": f"PVEAPIToken={server.token}"},
         verify=server.ca_file,
         timeout=30,
@@ -144,15 +146,12 @@ def pve_get(server: PveServer, path: str, **params: Any) -> Any:
     return response.json()["data"]
 
 
+def pve_get(server: PveServer, path: str, **params: Any) -> Any:
+    return pve_request(server, "GET", path, params)
+
+
 def pve_put(server: PveServer, path: str, **params: Any) -> None:
-    response = requests.put(
-        f"{server.url}/api2/json{path}",
-        data=params,
-        headers={"Authorization": f"PVEAPIToken={server.token}"},
-        verify=server.ca_file,
-        timeout=30,
-    )
-    response.raise_for_status()
+    pve_request(server, "PUT", path, params)
 
 
 def guests(server: PveServer) -> dict[str, dict[str, Any]]:
