@@ -206,6 +206,34 @@ def test_a_resumed_run_that_succeeds_cleans_up_what_the_interrupted_one_set_asid
     assert harness.plan(changed).empty
 
 
+def test_a_run_killed_after_its_last_step_is_completed_by_the_next_one(harness: Harness, tmp_path: Path) -> None:
+    harness.apply(load(tmp_path / "spec"))
+    write_tree(tmp_path / "spec", SPEC.replace("cores: 8", "cores: 4"))
+    changed = load(tmp_path / "spec")
+
+    class Killed(BaseException):
+        """Stands for SIGKILL between the last step and the end of the run."""
+
+    original = harness.journal.end_run
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    harness.journal.end_run = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        harness.apply(changed)
+    harness.journal.end_run = original  # type: ignore[method-assign]
+    (unfinished,) = harness.journal.unfinished_runs()
+    assert harness.lab.proxmox.guests[955].config["cores"] == "4"
+
+    plan, report = harness.apply(changed)
+    assert plan.empty
+    assert report is not None and report.result is RunResult.APPLIED, "it completed the interrupted run's work"
+    resumed = harness.journal.last_run()
+    assert resumed is not None and resumed.resumed_from == unfinished.id and resumed.result is RunResult.APPLIED
+    assert not harness.journal.unfinished_runs()
+
+
 def test_guard_rails_refuse_mass_deletion_and_missing_secrets(harness: Harness, tmp_path: Path) -> None:
     harness.apply(load(tmp_path / "spec"))
     write_tree(tmp_path / "spec", "kind: DockerHost\nname: other\nendpoint: unix:///x.sock\n")

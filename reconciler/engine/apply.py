@@ -189,7 +189,8 @@ class Applier:
             return report
         self._finalize(run_id, done, report)
         self._record_inventory(run_id, plan, desired)
-        report.result = RunResult.APPLIED if plan.changes else RunResult.NOTHING
+        # A run that took over an interrupted one completed that run's steps: it applied them.
+        report.result = RunResult.APPLIED if plan.changes or inherited else RunResult.NOTHING
         self.journal.end_run(run_id, report.result)
         if plan.revision:
             self.journal.clear_failed(plan.revision)
