@@ -323,3 +323,27 @@ def test_secret_env_is_never_in_a_plan(tmp_path: Path) -> None:
     text = plan.dumps()
     assert "RECONCILER_TEST_HF_TOKEN" in text  # the name of the variable, so people know where it comes from
     assert "HF_TOKEN" in text
+
+
+@pytest.mark.parametrize(
+    ("hostpci", "held"),
+    [
+        ("mapping=bigger,pcie=1", {"small"}),  # not `big`: names are compared whole, not as substrings
+        ("mapping=big", {"big"}),
+        ("0000:01:00,pcie=1,x-vga=1", {"big"}),
+        ("01:00.0", {"big"}),  # short spelling, one function of the device
+        ("0000:02:00.0;0000:02:00.1", {"small"}),
+        ("0000:11:00", set()),  # `01:00` is a substring of it, but another device
+    ],
+)
+def test_the_gpus_a_vm_holds_are_read_from_its_parsed_hostpci(tmp_path: Path, hostpci: str, held: set[str]) -> None:
+    from reconciler.planning.order import _gpus_in_config
+
+    write_tree(tmp_path, GAMING_VM)
+    header = (tmp_path / "lab.yaml").read_text()
+    header = header.replace("vram: 16GiB\n", "vram: 16GiB\nmapping: big\n").replace(
+        "vram: 4GiB\n", "vram: 4GiB\nmapping: bigger\n"
+    )
+    (tmp_path / "lab.yaml").write_text(header)
+    before = {"node": "pve1", "config": {"hostpci0": hostpci}}
+    assert _gpus_in_config(before, load(tmp_path)) == held

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from reconciler.planning import pve
 from reconciler.planning.plan import Action, Change
 from reconciler.spec.models import Gpu, Lxc, Resource, Vm
 from reconciler.spec.placement import member_of
@@ -142,21 +143,28 @@ def _gpus_in_config(before: Mapping[str, Any] | None, desired: DesiredState) -> 
     for key, value in (before.get("config") or {}).items():
         text = str(value)
         if key.startswith("hostpci"):
-            for gpu in gpus:
-                if (
-                    (gpu.mapping and f"mapping={gpu.mapping}" in text)
-                    or (
-                        gpu.pci_function0
-                        and text.lower().startswith(gpu.pci_function0.rsplit(".", 1)[0].removeprefix("0000:"))
-                    )
-                    or (gpu.pci_function0 and gpu.pci_function0.rsplit(".", 1)[0] in text.lower())
-                ):
-                    held.add(gpu.name)
+            held.update(gpu.name for gpu in gpus if _passes_through(text, gpu))
         elif key.startswith("dev") and text.startswith("/dev/nvidia"):
             number = text.removeprefix("/dev/nvidia").split(",")[0]
             if number.isdigit() and int(number) < len(gpus):
                 held.add(gpus[int(number)].name)
     return held
+
+
+def _passes_through(hostpci: str, gpu: Gpu) -> bool:
+    """Whether a hostpciN value gives `gpu` to the VM: by its mapping name, or by its device's host address."""
+    fields = pve.parse_property(hostpci, "host")
+    if "mapping" in fields:
+        return gpu.mapping is not None and fields["mapping"] == gpu.mapping
+    if not gpu.pci_function0:
+        return False
+    device = _device(gpu.pci_function0)
+    return any(_device(address) == device for address in fields.get("host", "").split(";") if address)
+
+
+def _device(address: str) -> str:
+    """`0000:01:00.0` and `01:00` both name device `0000:01:00`."""
+    return pve.pci_address_key(address).split(".", 1)[0]
 
 
 def _topological(
