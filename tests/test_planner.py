@@ -347,3 +347,27 @@ def test_the_gpus_a_vm_holds_are_read_from_its_parsed_hostpci(tmp_path: Path, ho
     (tmp_path / "lab.yaml").write_text(header)
     before = {"node": "pve1", "config": {"hostpci0": hostpci}}
     assert _gpus_in_config(before, load(tmp_path)) == held
+
+
+@pytest.mark.parametrize(
+    ("hotplug", "action", "timing"),
+    [
+        (None, Action.UPDATE_RESTART, Timing.RESTART),  # PVE's default network,disk,usb: memory waits for a restart
+        ("network,disk,usb,memory,cpu", Action.UPDATE, Timing.LIVE),
+    ],
+)
+def test_a_running_vms_memory_follows_its_hotplug_setting(
+    lab: tuple[Harness, Path], hotplug: str | None, action: Action, timing: Timing
+) -> None:
+    harness, folder = lab
+    desired = load(folder)
+    harness.apply(desired)
+    vm = harness.lab.proxmox.guests[200]
+    assert vm.status == "running"
+    if hotplug is not None:
+        vm.config["hotplug"] = hotplug
+    write_tree(folder, LLM_LXC + "---\n" + GAMING_VM.replace("memory: 16GiB", "memory: 24GiB"))
+    plan = harness.plan(load(folder))
+    (change,) = plan.changes
+    assert change.action is action
+    assert [(f.path, f.timing) for f in change.fields] == [("memory.current", timing)]

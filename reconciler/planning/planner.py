@@ -293,6 +293,7 @@ class _Planner:
             and key in seen.config
             and not pve.compare_config(kind, {key: desired_cfg[key]}, seen.config)
         }
+        hotplug = seen.config.get("hotplug")  # what the running VM can take live follows its current setting
         fields: list[FieldChange] = []
         grow: dict[str, str] = {}  # volume key -> new size, made by PVE's resize call, never by a config write
         for diff in diffs:
@@ -306,7 +307,7 @@ class _Planner:
                 timing = Timing.LIVE  # a disk grows online, on a running guest too
             else:
                 new, gone = diff.before is None, diff.after is None
-                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
+                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug))
             if diff.fields and diff.before is not None and diff.after is not None:
                 fields.extend(
                     FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
@@ -315,7 +316,7 @@ class _Planner:
                 fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
         removed = _removed_keys(guest, desired_cfg, effective)
         for key in removed:
-            timing = _timing(pve.classify(kind, key, running, delete=True))
+            timing = _timing(pve.classify(kind, key, running, delete=True, hotplug=hotplug))
             fields.append(FieldChange(key, effective[key], None, timing))
         pending_restart = running and any(key in desired_cfg for key in (*pending, *pending_delete))
         if pending_restart and not fields:
