@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from reconciler import redact
 from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
 from reconciler.errors import ReconcilerError
 from reconciler.planning.plan import Plan
@@ -61,7 +62,7 @@ def _errors_exit() -> Iterator[None]:
     try:
         yield
     except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {escape(str(exc))}")
+        err.print(f"[red]error[/]: {escape(redact.scrub(str(exc)))}")
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -324,4 +325,11 @@ def demo() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the command. A bug's traceback is still shown, scrubbed of every secret the process holds."""
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - a bug: shown as Python would show it, minus secrets
+        import traceback
+
+        sys.stderr.write(redact.scrub("".join(traceback.format_exception(exc))))
+        sys.exit(EXIT_ERROR)
