@@ -2,7 +2,8 @@
 
 Plans look like `terraform plan`: `+` create, `~` update, `-/+` replace,
 `-` delete, `>` start, `.` stop; restarts and replacements carry their
-reason; sensitive values are masked.
+reason; sensitive values are masked (the Plan holds no secret value, and a
+sensitive field is shown through `FieldChange.shown`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def _print_change(console: Console, change: Change) -> None:
         for key, value in _flatten(change.after):
             console.print(f"    [green]+ {escape(key)}[/] = {escape(_show(value))}", highlight=False)
     for field in change.fields:
-        before = SENSITIVE if field.sensitive and field.before is not None else field.before
-        after = SENSITIVE if field.sensitive and field.after is not None else field.after
+        before, after = field.shown()
         note = ""
         if field.timing is Timing.RESTART:
             note = " [dim](after restart)[/]"
