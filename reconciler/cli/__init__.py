@@ -150,7 +150,8 @@ def plan(
         if as_json:
             console.print_json(json.dumps({"diagnostics": [d.to_json() for d in result.diagnostics]}))
         raise typer.Exit(EXIT_ERROR)
-    journal_path = _state_dir(state_dir) / "journal.sqlite"
+    with _errors_exit():
+        journal_path = _state_dir(state_dir) / "journal.sqlite"
     with _errors_exit(), connect(result.state, os.environ) as readers:
         # The journal, when there is one, tells spec edits from drift; planning never creates it.
         journal = Journal(journal_path) if journal_path.exists() else None
@@ -177,9 +178,18 @@ StateDir = Annotated[
 
 
 def _state_dir(state_dir: Path | None) -> Path:
+    """The state directory; StateError when something that is not a folder stands there."""
     import platformdirs
 
-    return state_dir or Path(platformdirs.user_state_dir("reconciler"))
+    from reconciler.errors import StateError
+
+    folder = state_dir or Path(platformdirs.user_state_dir("reconciler"))
+    if folder.exists() and not folder.is_dir():
+        raise StateError(
+            f"the state directory {folder} is a file, not a folder",
+            hint="point --state-dir (or RECONCILER_STATE_DIR) at a folder, or move that file aside",
+        )
+    return folder
 
 
 @app.command()
@@ -216,7 +226,7 @@ def apply(
         raise typer.Exit(EXIT_ERROR)
     with _errors_exit():
         saved = _saved_plan(plan_file) if plan_file else None
-    folder = _state_dir(state_dir)
+        folder = _state_dir(state_dir)
 
     def confirm(planned: Plan) -> bool:
         print_plan(console, planned)
@@ -274,9 +284,12 @@ def history(limit: Annotated[int, typer.Option(help="how many runs")] = 20, stat
     """List recent apply runs from the journal."""
     from reconciler.engine.journal import Journal
 
-    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
-    print_history(console, journal.runs(limit))
-    journal.close()
+    with _errors_exit():
+        journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+        try:
+            print_history(console, journal.runs(limit))
+        finally:
+            journal.close()
 
 
 @app.command()
@@ -284,9 +297,12 @@ def status(state_dir: StateDir = None) -> None:
     """The last applied and the last attempted revision, and how that attempt ended."""
     from reconciler.engine.journal import Journal
 
-    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
-    print_status(console, journal.last_run(applied=True), journal.last_run())
-    journal.close()
+    with _errors_exit():
+        journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+        try:
+            print_status(console, journal.last_run(applied=True), journal.last_run())
+        finally:
+            journal.close()
 
 
 @app.command()
@@ -302,8 +318,7 @@ def forget(
     from reconciler.engine.journal import Journal
     from reconciler.engine.lock import state_lock
 
-    folder = _state_dir(state_dir)
-    with _errors_exit(), state_lock(folder):
+    with _errors_exit(), state_lock(folder := _state_dir(state_dir)):
         journal = Journal(folder / "journal.sqlite")
         try:
             forgotten = [address for prefix in addresses for address in journal.forget_under(prefix)]
