@@ -208,11 +208,10 @@ def test_a_docker_endpoint_password_never_shows(tmp_path: Path) -> None:
 
 
 def test_an_unexpected_error_in_the_cli_prints_a_scrubbed_traceback(tmp_path: Path) -> None:
-    """A bug's traceback is shown (it is a bug), but scrubbed of what the environment holds."""
+    """A bug's traceback is shown (it is a bug), but scrubbed of what the environment holds (main registers it)."""
     script = (
         "import sys, os\n"
-        "from reconciler import redact, cli\n"
-        "redact.register_environment(os.environ)\n"
+        "from reconciler import cli\n"
         "@cli.app.command('boom')\n"
         "def boom() -> None:\n"
         "    raise RuntimeError('leaked ' + os.environ['RECONCILER_PROXMOX_PASSWORD'])\n"

@@ -341,6 +341,7 @@ def demo() -> None:
 
 def main() -> None:
     """Run the command. A bug's traceback is still shown, scrubbed of every secret the process holds."""
+    redact.register_environment(os.environ)  # before anything can fail and say what it holds
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - a bug: shown as Python would show it, minus secrets

@@ -58,6 +58,8 @@ def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]
     from here on (a backend's error, a log line) can show one.
     """
     redact.register_environment(env)
+    for workload in desired.workloads():  # the secrets containers get: an engine's error may quote them
+        redact.register(*(env.get(variable) for variable in workload.secret_env.values()))
     lab = desired.lab
     proxmox = ProxmoxBackend(settings_from(lab.proxmox, env)) if lab.proxmox is not None else None
     hosts = docker_settings(desired, env)
