@@ -87,13 +87,19 @@ def test_the_environment_registers_reconciler_secrets_and_endpoint_passwords() -
 if LabPve is not None:
 
     class EchoPve(LabPve):  # type: ignore[misc, valid-type]
-        """A PVE whose GET /version fails with a body and reason that repeat the request's Authorization header."""
+        """A PVE whose GET /version fails with a body and reason that repeat the request's credentials."""
 
         async def _version(self, request: Any) -> Any:
             from fakepve.server import error
 
             header = request.headers.get("Authorization", "")
-            return error(400, f"bad request (Authorization: {header})", {"authorization": header})
+            ticket = request.cookies.get("PVEAuthCookie", "")
+            self.echoed = [value for value in (header, ticket) if value]
+            return error(
+                400,
+                f"bad request (Authorization: {header}; ticket {ticket})",
+                {"authorization": header, "cookie": ticket},
+            )
 
 
 @pytest.fixture
@@ -132,20 +138,24 @@ def spec(tmp_path: Path) -> Path:
 
 
 @pytest.mark.fakepve
-def test_an_error_body_echoing_the_authorization_header_is_scrubbed(echo_server: PveServer, tmp_path: Path) -> None:
-    secret = echo_server.token_secret
-    backend = ProxmoxBackend(settings_from(None, echo_server.env("token")), read_attempts=1)
+@pytest.mark.parametrize("auth", ["token", "password"])
+def test_an_error_body_echoing_the_credentials_is_scrubbed(echo_server: PveServer, tmp_path: Path, auth: str) -> None:
+    """The token (a token login) or the ticket PVE issued (a password login) comes back in the error body."""
+    secret = echo_server.token_secret if auth == "token" else echo_server.password
+    backend = ProxmoxBackend(settings_from(None, echo_server.env(auth)), read_attempts=1)
     with pytest.raises(PermanentError) as caught:
         backend.observe()
     backend.close()
-    assert "HTTP 400 bad request" in str(caught.value)
-    assert secret not in str(caught.value)
+    echoed = echo_server.pve.echoed
+    assert echoed and "HTTP 400 bad request" in str(caught.value)
+    assert all(value not in str(caught.value) for value in [secret, *echoed]), str(caught.value)
 
-    result = cli("plan", str(spec(tmp_path)), env=echo_server.env("token"), state=tmp_path / "state")
+    result = cli("plan", str(spec(tmp_path)), env=echo_server.env(auth), state=tmp_path / "state")
     said = result.stdout + result.stderr
+    echoed = echo_server.pve.echoed  # this process's own credentials (a new ticket)
     assert result.returncode == 1, said
     assert "error: " in result.stderr and "HTTP 400 bad request" in result.stderr, said
-    assert secret not in said, said
+    assert all(value not in said for value in [secret, *echoed]), said
     assert "Traceback" not in said, said
 
 

@@ -416,7 +416,8 @@ class ProxmoxBackend:
 
     def _call(self, method: str, path: str, *, resource: str, params: Mapping[str, Any] | None = None) -> Any:
         """One API call, errors translated. `path` is relative to /api2/json, without a leading slash."""
-        endpoint = self._client()(path)
+        api = self._client()
+        endpoint = api(path)
         values = dict(params or {})
         try:
             if method == "GET":
@@ -428,6 +429,7 @@ class ProxmoxBackend:
             if method == "DELETE":
                 return endpoint.delete(**values)
         except ResourceException as exc:
+            redact.register(*api.get_tokens())  # a ticket renewed since login may be what the error echoes
             raise _translate(exc, method=method, path=path, resource=resource) from exc
         except AuthenticationError as exc:
             raise ConfigError(
