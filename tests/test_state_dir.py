@@ -150,3 +150,13 @@ def test_the_lock_refuses_a_state_directory_below_a_file(tmp_path: Path) -> None
     (tmp_path / "file").write_text("x")
     with pytest.raises(StateError, match="cannot be made"), state_lock(tmp_path / "file" / "state"):
         pass
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c[0] in ("apply", "forget")], ids=lambda c: c[0])
+def test_a_lock_file_that_is_a_folder(command: tuple[str, ...], spec: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "apply.lock").mkdir(parents=True)
+    result = run(command, state=state, spec=spec)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert f"the lock file {state / 'apply.lock'} cannot be opened" in result.stderr and "Traceback" not in said, said
