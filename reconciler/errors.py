@@ -12,12 +12,17 @@ what to do with it::
     │   │   ├── NotFoundError       the object does not exist
     │   │   └── PermissionDenied    the credentials may not do this
     │   └── TaskFailed              a Proxmox task ended with an error
-    └── PlanError                   a saved plan cannot be used (stale, wrong version)
+    ├── PlanError                   a saved plan cannot be used (stale, wrong version)
+    └── StateError                  the state directory or its journal cannot be used (a person must look)
 
-Messages never carry secrets: callers pass resource names, never credentials.
+Messages never carry secrets: callers pass resource names, never credentials, and
+every error scrubs its message and hint of the secrets the process holds
+(`reconciler.redact`) when it is made, whatever text a backend handed it.
 """
 
 from __future__ import annotations
+
+from reconciler import redact
 
 __all__ = [
     "BackendError",
@@ -28,6 +33,7 @@ __all__ = [
     "PlanError",
     "ReconcilerError",
     "SpecError",
+    "StateError",
     "TaskFailed",
     "TemporaryError",
 ]
@@ -39,10 +45,11 @@ class ReconcilerError(Exception):
     retryable: bool = False
 
     def __init__(self, message: str, *, resource: str | None = None, hint: str | None = None) -> None:
+        message = redact.scrub(message)
         super().__init__(message)
         self.message = message
-        self.resource = resource
-        self.hint = hint
+        self.resource = redact.scrub(resource) if resource else resource
+        self.hint = redact.scrub(hint) if hint else hint
 
     def __str__(self) -> str:
         text = f"{self.resource}: {self.message}" if self.resource else self.message
@@ -100,3 +107,11 @@ class TaskFailed(BackendError):
 
 class PlanError(ReconcilerError):
     """A saved plan cannot be applied as it is."""
+
+
+class StateError(ReconcilerError):
+    """The state directory or its journal cannot be used: not a folder, not writable, not a journal.
+
+    Permanent until a person fixes it; the message names the file and what to do. The journal is never
+    deleted or replaced on its own: it is the record of what the reconciler owns.
+    """

@@ -15,8 +15,9 @@ container; hosts are read concurrently and so are the inspects of one host.
 An unreachable host is reported as such in its `DockerObservation`, not raised.
 
 Environment values may be secrets: they never appear in a message or a log
-line from this module (engine explanations are scrubbed of them, and
-`ContainerRun`'s repr leaves them out).
+line from this module (engine explanations are scrubbed of them and of every
+secret `reconciler.redact` holds, endpoints are shown without credentials, and
+`ContainerRun`'s repr leaves env values out).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import docker.tls
 import docker.types
 import requests.exceptions
 
+from reconciler import redact
 from reconciler.errors import (
     BackendError,
     ConfigError,
@@ -168,10 +170,11 @@ def _transport_reason(exc: BaseException) -> str:
 
 
 def _scrub(text: str, secrets: Collection[str]) -> str:
+    """The engine's words without this call's env values (plain ones too) or any secret the process holds."""
     for secret in sorted(secrets, key=len, reverse=True):
         if len(secret) >= _MIN_SECRET_LENGTH:
             text = text.replace(secret, "***")
-    return text
+    return redact.scrub(text)
 
 
 def _translate(
@@ -185,6 +188,7 @@ def _translate(
 ) -> NoReturn:
     """Raise the project's error for an SDK/transport exception, by type and status code, from `exc`."""
     where = f"docker host {host!r}"
+    endpoint = redact.without_userinfo(endpoint)
     api_error = next((c for c in _causes(exc) if isinstance(c, docker.errors.APIError)), None)
     if api_error is not None:
         status = _status_of(api_error)
@@ -333,6 +337,8 @@ class DockerBackend:
 
     def __init__(self, hosts: Mapping[str, DockerHostSettings], *, owner_label: str = "reconciler") -> None:
         self._hosts = dict(hosts)
+        for settings in self._hosts.values():
+            redact.register_url(settings.endpoint)  # tcp://user:password@host: the password never shows
         self._owner_label = owner_label
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()

@@ -53,6 +53,7 @@ import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
+from reconciler import redact
 from reconciler.errors import (
     BackendError,
     ConfigError,
@@ -166,6 +167,39 @@ def _read_secret_file(path: str) -> str:
 
 
 def settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) -> ProxmoxSettings:
+    """Settings from the Lab's `proxmox` connection, overridden by the environment (see `_settings_from`).
+
+    The secret is registered with `reconciler.redact` as soon as it is read, so no message shows it. A URL
+    carrying credentials (`https://root:pass@host:8006`) is refused, and so is a token that an HTTP header
+    cannot carry (anything but printable ASCII): both are ConfigErrors that show neither secret.
+    """
+    url = env.get(ENV_URL) or (connection.url if connection else "")
+    redact.register_url(url)
+    if "@" in urlsplit(url.strip()).netloc:
+        raise ConfigError(
+            f"the Proxmox API address {redact.without_userinfo(url.strip())!r} carries credentials",
+            hint=f"give it as https://host[:port] and put the password in {ENV_PASSWORD} (or the token in {ENV_TOKEN})",
+        )
+    settings = _settings_from(connection, env)
+    redact.register(settings.secret)
+    if settings.auth is ProxmoxAuth.TOKEN:
+        parts = (("user", settings.user), ("token id", settings.token_id or ""), ("secret", settings.secret))
+        for what, value in parts:
+            if not _header_safe(value):
+                raise ConfigError(
+                    f"the Proxmox API token's {what} holds a character an HTTP header cannot carry"
+                    " (only printable ASCII can be sent)",
+                    hint=f"check {ENV_TOKEN} (or the Lab's proxmox.secret_env / secret_file) for a mistyped character",
+                )
+    return settings
+
+
+def _header_safe(value: str) -> bool:
+    """Whether `value` can travel in an HTTP header as PVE reads it: printable ASCII, no spaces or controls."""
+    return all("!" <= char <= "~" for char in value)
+
+
+def _settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) -> ProxmoxSettings:
     """Settings from the Lab's `proxmox` connection, overridden by the environment.
 
     Variables: `RECONCILER_PROXMOX_URL`; `RECONCILER_PROXMOX_TOKEN` (the full
@@ -181,7 +215,10 @@ def settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) 
         raise ConfigError("no Proxmox API address", hint=f"set {ENV_URL} or the Lab's proxmox.url")
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(f"the Proxmox API address must be https://host[:port], not {url!r}", hint=f"fix {ENV_URL}")
+        raise ConfigError(
+            f"the Proxmox API address must be https://host[:port], not {redact.without_userinfo(url)!r}",
+            hint=f"fix {ENV_URL}",
+        )
     verify_tls = connection.verify_tls if connection else True
     if env.get(ENV_VERIFY_TLS, "").strip():
         try:
@@ -246,8 +283,9 @@ def _field_errors(errors: Any) -> str:
 def _translate(exc: Any, *, method: str, path: str, resource: str) -> ReconcilerError:
     """The project's error for a proxmoxer ResourceException, chosen by HTTP status only."""
     status = int(getattr(exc, "status_code", 0) or 0)
-    reason = str(getattr(exc, "content", "") or getattr(exc, "status_message", "") or "").strip()
-    details = _field_errors(getattr(exc, "errors", None))
+    # PVE's own words may echo what it was sent (an Authorization header): scrubbed before anything else.
+    reason = redact.scrub(str(getattr(exc, "content", "") or getattr(exc, "status_message", "") or "").strip())
+    details = redact.scrub(_field_errors(getattr(exc, "errors", None)))
     message = f"{method} /{path} failed: HTTP {status} {reason}".rstrip()
     if details:
         message += f" ({details})"
@@ -367,6 +405,9 @@ class ProxmoxBackend:
             ) from exc
         except requests.RequestException as exc:
             raise _transport_error(exc, url=s.url, resource=None, method="POST", path="access/ticket") from exc
+        except UnicodeError:
+            raise _unsendable(s.user) from None
+        redact.register(*api.get_tokens())  # a password login's ticket and CSRF token are secrets too
         session = _session_of(api)
         if session is not None:
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self._workers)
@@ -375,7 +416,8 @@ class ProxmoxBackend:
 
     def _call(self, method: str, path: str, *, resource: str, params: Mapping[str, Any] | None = None) -> Any:
         """One API call, errors translated. `path` is relative to /api2/json, without a leading slash."""
-        endpoint = self._client()(path)
+        api = self._client()
+        endpoint = api(path)
         values = dict(params or {})
         try:
             if method == "GET":
@@ -387,6 +429,7 @@ class ProxmoxBackend:
             if method == "DELETE":
                 return endpoint.delete(**values)
         except ResourceException as exc:
+            redact.register(*api.get_tokens())  # a ticket renewed since login may be what the error echoes
             raise _translate(exc, method=method, path=path, resource=resource) from exc
         except AuthenticationError as exc:
             raise ConfigError(
@@ -394,6 +437,8 @@ class ProxmoxBackend:
             ) from exc
         except requests.RequestException as exc:
             raise _transport_error(exc, url=self._settings.url, resource=resource, method=method, path=path) from exc
+        except UnicodeError:  # a header (the token) or the URL cannot be encoded; the text would show the secret
+            raise _unsendable(self._settings.user, resource=resource) from None
         raise ValueError(f"unsupported method {method}")
 
     def _get(self, path: str, *, resource: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -975,6 +1020,15 @@ def _transport_error(
         f"cannot reach the Proxmox API at {url}: {method} /{path} failed ({_socket_reason(exc)})",
         resource=resource,
         hint=f"check {ENV_URL} or the Lab's proxmox.url, and that the node is up",
+    )
+
+
+def _unsendable(user: str, *, resource: str | None = None) -> ConfigError:
+    """A request whose credentials or address cannot be encoded (the codec's error would quote them)."""
+    return ConfigError(
+        f"a request as {user} cannot be sent: its credentials or address hold a character HTTP cannot carry",
+        resource=resource,
+        hint=f"check {ENV_TOKEN} / {ENV_PASSWORD} and {ENV_URL} for a mistyped character",
     )
 
 

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from reconciler import redact
 from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
 from reconciler.errors import ReconcilerError
 from reconciler.planning.plan import Plan
@@ -61,7 +62,7 @@ def _errors_exit() -> Iterator[None]:
     try:
         yield
     except ReconcilerError as exc:
-        err.print(f"[red]error[/]: {escape(str(exc))}")
+        err.print(f"[red]error[/]: {escape(redact.scrub(str(exc)))}")
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -149,7 +150,8 @@ def plan(
         if as_json:
             console.print_json(json.dumps({"diagnostics": [d.to_json() for d in result.diagnostics]}))
         raise typer.Exit(EXIT_ERROR)
-    journal_path = _state_dir(state_dir) / "journal.sqlite"
+    with _errors_exit():
+        journal_path = _state_dir(state_dir) / "journal.sqlite"
     with _errors_exit(), connect(result.state, os.environ) as readers:
         # The journal, when there is one, tells spec edits from drift; planning never creates it.
         journal = Journal(journal_path) if journal_path.exists() else None
@@ -176,9 +178,18 @@ StateDir = Annotated[
 
 
 def _state_dir(state_dir: Path | None) -> Path:
+    """The state directory; StateError when something that is not a folder stands there."""
     import platformdirs
 
-    return state_dir or Path(platformdirs.user_state_dir("reconciler"))
+    from reconciler.errors import StateError
+
+    folder = state_dir or Path(platformdirs.user_state_dir("reconciler"))
+    if folder.exists() and not folder.is_dir():
+        raise StateError(
+            f"the state directory {folder} is a file, not a folder",
+            hint="point --state-dir (or RECONCILER_STATE_DIR) at a folder, or move that file aside",
+        )
+    return folder
 
 
 @app.command()
@@ -215,7 +226,7 @@ def apply(
         raise typer.Exit(EXIT_ERROR)
     with _errors_exit():
         saved = _saved_plan(plan_file) if plan_file else None
-    folder = _state_dir(state_dir)
+        folder = _state_dir(state_dir)
 
     def confirm(planned: Plan) -> bool:
         print_plan(console, planned)
@@ -273,9 +284,12 @@ def history(limit: Annotated[int, typer.Option(help="how many runs")] = 20, stat
     """List recent apply runs from the journal."""
     from reconciler.engine.journal import Journal
 
-    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
-    print_history(console, journal.runs(limit))
-    journal.close()
+    with _errors_exit():
+        journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+        try:
+            print_history(console, journal.runs(limit))
+        finally:
+            journal.close()
 
 
 @app.command()
@@ -283,9 +297,12 @@ def status(state_dir: StateDir = None) -> None:
     """The last applied and the last attempted revision, and how that attempt ended."""
     from reconciler.engine.journal import Journal
 
-    journal = Journal(_state_dir(state_dir) / "journal.sqlite")
-    print_status(console, journal.last_run(applied=True), journal.last_run())
-    journal.close()
+    with _errors_exit():
+        journal = Journal(_state_dir(state_dir) / "journal.sqlite")
+        try:
+            print_status(console, journal.last_run(applied=True), journal.last_run())
+        finally:
+            journal.close()
 
 
 @app.command()
@@ -301,8 +318,7 @@ def forget(
     from reconciler.engine.journal import Journal
     from reconciler.engine.lock import state_lock
 
-    folder = _state_dir(state_dir)
-    with _errors_exit(), state_lock(folder):
+    with _errors_exit(), state_lock(folder := _state_dir(state_dir)):
         journal = Journal(folder / "journal.sqlite")
         try:
             forgotten = [address for prefix in addresses for address in journal.forget_under(prefix)]
@@ -324,4 +340,12 @@ def demo() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the command. A bug's traceback is still shown, scrubbed of every secret the process holds."""
+    redact.register_environment(os.environ)  # before anything can fail and say what it holds
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - a bug: shown as Python would show it, minus secrets
+        import traceback
+
+        sys.stderr.write(redact.scrub("".join(traceback.format_exception(exc))))
+        sys.exit(EXIT_ERROR)

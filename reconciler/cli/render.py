@@ -2,7 +2,10 @@
 
 Plans look like `terraform plan`: `+` create, `~` update, `-/+` replace,
 `-` delete, `>` start, `.` stop; restarts and replacements carry their
-reason; sensitive values are masked.
+reason; sensitive values are masked (the Plan holds no secret value, and a
+sensitive field is shown through `FieldChange.shown`). What an apply reports
+(a step's detail, a health check's words, the failure) is scrubbed of every
+secret the process holds before it is printed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from reconciler import redact
 from reconciler.engine.apply import ApplyReport, StepReport
 from reconciler.engine.journal import RunRecord, RunResult
 from reconciler.planning.plan import SENSITIVE, Action, Change, Plan, Timing
@@ -79,8 +83,7 @@ def _print_change(console: Console, change: Change) -> None:
         for key, value in _flatten(change.after):
             console.print(f"    [green]+ {escape(key)}[/] = {escape(_show(value))}", highlight=False)
     for field in change.fields:
-        before = SENSITIVE if field.sensitive and field.before is not None else field.before
-        after = SENSITIVE if field.sensitive and field.after is not None else field.after
+        before, after = field.shown()
         note = ""
         if field.timing is Timing.RESTART:
             note = " [dim](after restart)[/]"
@@ -120,7 +123,7 @@ def _show(value: Any) -> str:
 
 def print_step(console: Console, step: StepReport) -> None:
     mark = "[green]ok[/]" if step.ok else "[red]FAILED[/]"
-    detail = f" [dim]{escape(step.detail)}[/]" if step.detail else ""
+    detail = f" [dim]{escape(redact.scrub(step.detail))}[/]" if step.detail else ""
     console.print(f"  {step.phase:<9} {escape(step.address)} {escape(step.action)}: {mark}{detail}", highlight=False)
 
 
@@ -129,12 +132,13 @@ def print_report(console: Console, report: ApplyReport) -> None:
         case RunResult.APPLIED | RunResult.NOTHING:
             console.print(f"[green]Applied[/] (run {report.run_id}): every change made, every health check passed.")
         case RunResult.ROLLED_BACK:
-            console.print(f"[yellow]Rolled back[/] (run {report.run_id}): {escape(report.failure or '')}")
+            console.print(f"[yellow]Rolled back[/] (run {report.run_id}): {escape(redact.scrub(report.failure or ''))}")
             console.print("Every applied step was undone; the revision is marked failed until something changes.")
         case _:
-            console.print(f"[bold red]ROLLBACK INCOMPLETE[/] (run {report.run_id}): {escape(report.failure or '')}")
+            failure = redact.scrub(report.failure or "")
+            console.print(f"[bold red]ROLLBACK INCOMPLETE[/] (run {report.run_id}): {escape(failure)}")
             for error in report.rollback_errors:
-                console.print(f"  [red]{escape(error)}[/]", highlight=False)
+                console.print(f"  [red]{escape(redact.scrub(error))}[/]", highlight=False)
             console.print("[bold red]The lab is in a mixed state and needs a person: see `reconciler history`.[/]")
 
 

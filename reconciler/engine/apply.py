@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PlanError, ReconcilerError
@@ -674,6 +675,7 @@ def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_
     variables = dict(after.get("env", {}))
     for key, variable in after.get("secret_env", {}).items():
         variables[key] = env[variable]
+        redact.register(variables[key])  # read now, hidden from every message from now on
     health = after.get("healthcheck")
     return run_type(
         name=after["name"],

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 
+from reconciler import redact
 from reconciler.backends.docker import DockerBackend, DockerHostSettings
 from reconciler.backends.nvml import NvmlBackend
 from reconciler.backends.proxmox import ProxmoxBackend, settings_from
@@ -51,7 +52,14 @@ def docker_settings(desired: DesiredState, env: Mapping[str, str]) -> dict[str, 
 
 @contextmanager
 def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]:
-    """Open the backends the lab needs; close them afterwards. Raises ConfigError for missing settings."""
+    """Open the backends the lab needs; close them afterwards. Raises ConfigError for missing settings.
+
+    Every secret the environment holds is registered with `reconciler.redact` first, so that no message
+    from here on (a backend's error, a log line) can show one.
+    """
+    redact.register_environment(env)
+    for workload in desired.workloads():  # the secrets containers get: an engine's error may quote them
+        redact.register(*(env.get(variable) for variable in workload.secret_env.values()))
     lab = desired.lab
     proxmox = ProxmoxBackend(settings_from(lab.proxmox, env)) if lab.proxmox is not None else None
     hosts = docker_settings(desired, env)

@@ -8,7 +8,13 @@ the revisions that failed (not retried until something changes).
 Who writes it: the applier, before and after each step. Who reads it:
 `history` and `status`, the planner's Inventory, and crash recovery, which
 finds a run still marked `running`. Nothing secret is ever written here: a
-plan carries only the names of the variables that hold secrets.
+plan carries only the names of the variables that hold secrets (and stand-ins
+for live values, see planning.plan), and error texts are scrubbed of every
+secret the process holds (`reconciler.redact`).
+
+A journal that cannot be used (its folder is a file, it is not an SQLite
+database, or not a journal) is a StateError naming the file and what to do;
+it is never deleted or replaced.
 """
 
 from __future__ import annotations
@@ -24,9 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler import redact
+from reconciler.engine.lock import ensure_state_dir
+from reconciler.errors import StateError, TemporaryError
 from reconciler.planning.planner import Inventory
 
 __all__ = ["Journal", "RunRecord", "RunResult", "StepOutcome", "StepRecord"]
+
+# SQLite's primary result codes (sqlite3.h) that say something other than "this file is damaged".
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 13, 14
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -121,14 +134,70 @@ class Journal:
     """One SQLite database; safe to use from several threads of one process."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (or make) the journal at `path`. StateError, naming the file and what to do, when it cannot be
+        used: its folder is a file, it is not an SQLite database, or not a journal. It is never replaced."""
+        ensure_state_dir(path.parent)
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a step's intent must be on disk before the step runs
-        self._db.executescript(SCHEMA)
+        with self._sqlite_errors():
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            with self._sqlite_errors():
+                self._check_tables()  # before anything is written: another program's database stays as it was
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")  # a step's intent must be on disk before the step runs
+                self._db.executescript(SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check_tables(self) -> None:
+        """A file that is not a journal (another program's database, a damaged one) is refused, not written into.
+
+        A new file has no tables; a journal has `runs`, and each of its tables has at least the columns of SCHEMA.
+        """
+        present = _table_names(self._db)
+        if not present:
+            return
+        if "runs" not in present:
+            raise self._broken(f"it holds tables {', '.join(sorted(present))} and no runs")
+        reference = sqlite3.connect(":memory:")
+        try:
+            reference.executescript(SCHEMA)
+            for table in sorted(_table_names(reference) & present):
+                wanted = {row[1] for row in reference.execute(f"PRAGMA table_info({table})")}
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if not wanted <= columns:
+                    raise self._broken(f"its table {table} lacks {', '.join(sorted(wanted - columns))}")
+        finally:
+            reference.close()
+
+    def _broken(self, why: str) -> StateError:
+        return StateError(
+            f"{self.path} is not a journal this reconciler can use ({why})",
+            hint=f"the reconciler never repairs or replaces it: move it aside (mv {self.path} {self.path}.broken) "
+            "to start an empty journal, which forgets the history and the inventory of what the reconciler "
+            f"created and protects; `sqlite3 {self.path} .recover` may rescue what it holds",
+        )
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """SQLite's errors as the project's, by error code: busy is temporary, anything else needs a person."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise TemporaryError(
+                    f"the journal {self.path} is busy", hint="another process holds it; try again"
+                ) from exc
+            if code in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_PERM, _SQLITE_IOERR, _SQLITE_FULL):
+                raise StateError(
+                    f"the journal {self.path} cannot be opened or written ({exc})",
+                    hint="it must be a file this user may read and write, on a disk with room",
+                ) from exc
+            raise self._broken(str(exc)) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -136,7 +205,7 @@ class Journal:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -144,6 +213,10 @@ class Journal:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock, self._sqlite_errors():
+            return self._db.execute(query, params).fetchall()
 
     # ---- runs ---------------------------------------------------------------------------
 
@@ -159,24 +232,20 @@ class Journal:
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET ended = ?, result = ?, message = ? WHERE id = ?",
-                (time.time(), result, message, run_id),
+                (time.time(), result, redact.scrub(message) if message else message, run_id),
             )
 
     def unfinished_runs(self) -> list[RunRecord]:
-        return [
-            self._run(row)
-            for row in self._db.execute("SELECT * FROM runs WHERE result = ? ORDER BY id", (RunResult.RUNNING,))
-        ]
+        rows = self._rows("SELECT * FROM runs WHERE result = ? ORDER BY id", (RunResult.RUNNING,))
+        return [self._run(row) for row in rows]
 
     def runs(self, limit: int = 20) -> list[RunRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._rows("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))
         return [self._run(row) for row in rows]
 
     def run(self, run_id: int) -> RunRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return self._run(row) if row else None
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return self._run(rows[0]) if rows else None
 
     def last_run(self, *, applied: bool = False) -> RunRecord | None:
         query = (
@@ -184,9 +253,8 @@ class Journal:
             if applied
             else "SELECT * FROM runs ORDER BY id DESC LIMIT 1"
         )
-        with self._lock:
-            row = self._db.execute(query, (RunResult.APPLIED,) if applied else ()).fetchone()
-        return self._run(row) if row else None
+        rows = self._rows(query, (RunResult.APPLIED,) if applied else ())
+        return self._run(rows[0]) if rows else None
 
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
@@ -245,12 +313,17 @@ class Journal:
             db.execute(
                 "UPDATE steps SET ended = ?, outcome = ?, error = COALESCE(?, error), health = COALESCE(?, health)"
                 " WHERE id = ?",
-                (time.time(), outcome, error, json.dumps(health) if health is not None else None, step_id),
+                (
+                    time.time(),
+                    outcome,
+                    redact.scrub(error) if error else error,
+                    json.dumps(_scrubbed(health)) if health is not None else None,
+                    step_id,
+                ),
             )
 
     def steps(self, run_id: int) -> list[StepRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY seq, id", (run_id,)).fetchall()
+        rows = self._rows("SELECT * FROM steps WHERE run_id = ? ORDER BY seq, id", (run_id,))
         return [
             StepRecord(
                 row["id"],
@@ -303,8 +376,7 @@ class Journal:
         return addresses
 
     def inventory(self) -> Inventory:
-        with self._lock:
-            rows = self._db.execute("SELECT resource, address, spec_hash, protected, vmid FROM inventory").fetchall()
+        rows = self._rows("SELECT resource, address, spec_hash, protected, vmid FROM inventory")
         return Inventory(
             spec_hashes={row["resource"]: row["spec_hash"] for row in rows if row["spec_hash"]},
             protected=frozenset(row["address"] for row in rows if row["protected"]),
@@ -316,7 +388,7 @@ class Journal:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO failed_revisions (revision, run_id, reason, at) VALUES (?, ?, ?, ?)",
-                (revision, run_id, reason, time.time()),
+                (revision, run_id, redact.scrub(reason), time.time()),
             )
 
     def clear_failed(self, revision: str) -> None:
@@ -324,6 +396,20 @@ class Journal:
             db.execute("DELETE FROM failed_revisions WHERE revision = ?", (revision,))
 
     def failed_revision(self, revision: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT reason FROM failed_revisions WHERE revision = ?", (revision,)).fetchone()
-        return str(row["reason"]) if row else None
+        rows = self._rows("SELECT reason FROM failed_revisions WHERE revision = ?", (revision,))
+        return str(rows[0]["reason"]) if rows else None
+
+
+def _table_names(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` with every string scrubbed of secrets (a health check's words may quote what it met)."""
+    if isinstance(value, str):
+        return redact.scrub(value)
+    if isinstance(value, Mapping):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item) for item in value]
+    return value

@@ -2,7 +2,8 @@
 
 A second apply waits up to `wait` seconds, then fails with a message that
 names the process holding the lock. A crash leaves no stale lock behind:
-the kernel drops the flock with the process.
+the kernel drops the flock with the process. A state directory that is a
+file, or cannot be made, is a StateError naming it (never a traceback).
 """
 
 from __future__ import annotations
@@ -14,16 +15,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from reconciler.errors import TemporaryError
+from reconciler.errors import StateError, TemporaryError
 
-__all__ = ["state_lock"]
+__all__ = ["ensure_state_dir", "state_lock"]
+
+
+def ensure_state_dir(state_dir: Path) -> None:
+    """Make the state directory if it is missing. StateError, naming it and what to do, when it cannot be one."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StateError(
+            f"the state directory {state_dir} is a file, not a folder",
+            hint="point --state-dir (or RECONCILER_STATE_DIR) at a folder, or move that file aside",
+        ) from None
+    except OSError as exc:
+        raise StateError(
+            f"the state directory {state_dir} cannot be made: {exc.strerror or type(exc).__name__}",
+            hint="point --state-dir (or RECONCILER_STATE_DIR) at a folder this user may write",
+        ) from None
 
 
 @contextmanager
 def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Hold the state directory's apply lock. StateError when the directory or the lock file cannot be used."""
+    ensure_state_dir(state_dir)
     path = state_dir / "apply.lock"
-    handle = path.open("a+")
+    try:
+        handle = path.open("a+")
+    except OSError as exc:
+        raise StateError(
+            f"the lock file {path} cannot be opened: {exc.strerror or type(exc).__name__}",
+            hint="it must be a file this user may write; move whatever is there aside",
+        ) from None
     deadline = time.monotonic() + wait
     try:
         while True:

@@ -14,7 +14,9 @@ out so the plan shows exactly what will run:
 GPUs are handed over by NVML UUID with CUDA_DEVICE_ORDER=PCI_BUS_ID, never by
 index: CUDA and nvidia-smi number mixed cards differently. Model files are
 mounted read-only. Secret values never appear here: `secret_env` keeps the
-name of the variable that holds each one, resolved only when applying.
+name of the variable that holds each one, resolved only when applying. The
+container carries the names of its secret keys in a label, so a later plan
+knows, from the container alone, which live values it must never show.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def label_keys(owner: str) -> dict[str, str]:
         "host": f"{owner}.host",
         "spec_hash": f"{owner}.spec-hash",
         "env_keys": f"{owner}.env-keys",
+        "secret_env_keys": f"{owner}.secret-env-keys",  # which env keys hold secrets: the planner never shows them
         "revision": f"{owner}.revision",
         "load": f"{owner}.load",
     }
@@ -132,6 +135,7 @@ def desired_container(
     labels[keys["resource"]] = workload.ref
     labels[keys["host"]] = workload.host
     labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
+    labels[keys["secret_env_keys"]] = ",".join(sorted(workload.secret_env))
     container = DesiredContainer(
         host=workload.host,
         name=workload.name,

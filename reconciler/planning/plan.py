@@ -3,10 +3,14 @@
 A Plan is a list of Changes in execution order. Each Change has one Action,
 the state before and after (as the backend sees it, secrets replaced by
 references), the per-field differences, and a reason for people (never used
-for decisions). Conflicts and blockers are problems that stop an apply:
-a conflict is a resource the spec names but the reconciler does not own; a
-blocker is something the planner could not decide (an unresolvable GPU, an
-unreachable Docker host).
+for decisions). A Plan never holds a secret value, so printing, saving and
+journaling it cannot leak one: a secret env var is a reference to the
+variable that holds it, a live value known to be secret is SENSITIVE, and a
+live value the spec does not declare is a fingerprint (see `fingerprint`).
+Conflicts and blockers are problems that stop an apply: a conflict is a
+resource the spec names but the reconciler does not own; a blocker is
+something the planner could not decide (an unresolvable GPU, an unreachable
+Docker host).
 
 Actions:
     create          the resource does not exist; make it (and start it if it should run)
@@ -20,16 +24,45 @@ Actions:
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PLAN_FORMAT", "Action", "Change", "FieldChange", "Plan", "Problem", "Timing"]
+__all__ = [
+    "PLAN_FORMAT",
+    "SENSITIVE",
+    "Action",
+    "Change",
+    "FieldChange",
+    "Plan",
+    "Problem",
+    "Timing",
+    "fingerprint",
+    "is_hidden",
+]
 
 PLAN_FORMAT = 1
 SENSITIVE = "(sensitive)"
+_FINGERPRINT_ROUNDS = 20_000  # slow enough that a short secret cannot be guessed from its fingerprint cheaply
+
+
+def fingerprint(value: str, *, salt: str) -> str:
+    """A live value the spec does not declare, as it may be shown: `(sensitive, fingerprint 1a2b3c4d)`.
+
+    The same value gives the same text in every plan, so a person sees whether it changed; the text
+    tells nothing of the value. Salted by where the value lives (a container and key), and slow (PBKDF2),
+    so a fingerprint cannot be matched against a list of likely secrets cheaply; 32 bits are shown.
+    """
+    digest = hashlib.pbkdf2_hmac("sha256", value.encode(), salt.encode(), _FINGERPRINT_ROUNDS)
+    return f"{SENSITIVE[:-1]}, fingerprint {digest[:4].hex()})"
+
+
+def is_hidden(value: Any) -> bool:
+    """Whether a value is already a stand-in for a secret (SENSITIVE or a fingerprint)."""
+    return isinstance(value, str) and value.startswith(SENSITIVE[:-1]) and value.endswith(")")
 
 
 class Action(enum.StrEnum):
@@ -58,12 +91,21 @@ class FieldChange:
     timing: Timing = Timing.LIVE
     sensitive: bool = False
 
+    def shown(self) -> tuple[Any, Any]:
+        """(before, after) as they may be shown and saved: a sensitive field's values are stand-ins."""
+        return self._shown(self.before), self._shown(self.after)
+
+    def _shown(self, value: Any) -> Any:
+        if not self.sensitive or value is None or is_hidden(value):
+            return value
+        return SENSITIVE
+
     def to_json(self) -> dict[str, Any]:
-        hide = self.sensitive
+        before, after = self.shown()
         return {
             "path": self.path,
-            "before": SENSITIVE if hide and self.before is not None else self.before,
-            "after": SENSITIVE if hide and self.after is not None else self.after,
+            "before": before,
+            "after": after,
             "timing": str(self.timing),
             "sensitive": self.sensitive,
         }

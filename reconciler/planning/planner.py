@@ -32,7 +32,17 @@ from reconciler.planning.observed import (
     ProxmoxObservation,
 )
 from reconciler.planning.order import order_changes
-from reconciler.planning.plan import Action, Change, FieldChange, Plan, Problem, Timing
+from reconciler.planning.plan import (
+    SENSITIVE,
+    Action,
+    Change,
+    FieldChange,
+    Plan,
+    Problem,
+    Timing,
+    fingerprint,
+    is_hidden,
+)
 from reconciler.spec.models import DriftPolicy, ExclusiveGroup, Gpu, GpuRole, Lxc, PowerState, Resource, Vm, Workload
 from reconciler.spec.placement import member_of, place_role
 from reconciler.spec.state import DesiredState
@@ -779,7 +789,7 @@ def _container_fields(
                 key, old, new = path[0], before.get(path[0]), after.get(path[0])
             else:
                 key, old, new = ".".join(path[:2]), before[path[0]].get(path[1]), after[path[0]].get(path[1])
-            sensitive = path[0] == "env" and len(path) > 1 and path[1] in desired.secret_env
+            sensitive = path[0] == "env" and len(path) > 1 and (path[1] in desired.secret_env or is_hidden(old))
             changes.setdefault(key, FieldChange(key, old, new, Timing.REPLACE, sensitive))
     return [changes[key] for key in sorted(changes)]
 
@@ -796,9 +806,9 @@ def _container_views(
     ):
         if wanted is not None:
             before[name], after[name] = list(seen or ()), list(wanted)
-    previous_keys = {k for k in live.labels.get(keys["env_keys"], "").split(",") if k}
+    previous_keys = _label_list(live, keys["env_keys"])
     plain = sorted({*desired.env, *previous_keys} - set(desired.secret_env))
-    before["env"] = {key: live.env.get(key) for key in plain}
+    before["env"] = {key: _live_env(desired, live, key, keys) for key in plain}
     after["env"] = {key: desired.env.get(key) for key in plain}
     for key in desired.secret_env:  # secret values are never read by the planner: only whether one is set
         before["env"][key], after["env"][key] = ("set" if key in live.env else None), "set"
@@ -816,8 +826,30 @@ def _container_views(
     for setting, wanted_value, seen_value in optional:
         if wanted_value is not None:
             before[setting], after[setting] = seen_value, wanted_value
-    volatile = {keys["revision"], keys["spec_hash"], keys["env_keys"]}
+    volatile = {keys["revision"], keys["spec_hash"], keys["env_keys"], keys["secret_env_keys"]}
     declared = [key for key in desired.labels if key not in volatile]
     before["labels"] = {key: live.labels.get(key) for key in declared}
     after["labels"] = {key: desired.labels[key] for key in declared}
     return before, after
+
+
+def _label_list(live: ObservedContainer, label: str) -> set[str]:
+    return {item for item in live.labels.get(label, "").split(",") if item}
+
+
+def _live_env(desired: DesiredContainer, live: ObservedContainer, key: str, keys: Mapping[str, str]) -> str | None:
+    """A live env value as the plan may hold it: never a secret, and never a value the spec does not declare.
+
+    Equal to the spec: the spec's value (nothing to show). Listed as secret by the container's label (a
+    secret once stays one, even when the spec no longer says so): SENSITIVE. Set by the reconciler from a
+    plain spec value (the container says which keys it set, and which of those were secret): in clear.
+    Anything else (a container made by hand or by an older reconciler, an adopted one): a fingerprint.
+    """
+    value = live.env.get(key)
+    if value is None or value == desired.env.get(key):
+        return value
+    if key in _label_list(live, keys["secret_env_keys"]):
+        return SENSITIVE
+    if keys["secret_env_keys"] in live.labels and key in _label_list(live, keys["env_keys"]):
+        return value
+    return fingerprint(value, salt=f"{desired.address}/{key}")
