@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
-from reconciler.errors import ReconcilerError
+from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.planning.plan import Plan
 from reconciler.spec.diagnostics import Severity
 from reconciler.spec.loader import LoadResult
@@ -313,6 +313,94 @@ def forget(
     if not forgotten:
         err.print(f"nothing in the inventory under {', '.join(addresses)}; `reconciler status` shows the journal")
         raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def run(
+    path: Annotated[str, typer.Argument(help="the spec tree inside the repository")] = "specs",
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="git repository (path or URL); default: the one holding PATH")
+    ] = None,
+    branch: Annotated[str, typer.Option("--branch", help="the branch to follow")] = "main",
+    interval: Annotated[str, typer.Option("--interval", help="drift interval (60s, 5m)")] = "60s",
+    once: Annotated[bool, typer.Option("--once", help="one pass, then exit with apply's exit codes")] = False,
+    verify_signatures: Annotated[
+        bool, typer.Option("--verify-signatures", help="apply only commits signed by a key of --keyring")
+    ] = False,
+    keyring: Annotated[
+        Path | None, typer.Option("--keyring", help="a GnuPG home folder, or an ssh allowed-signers file")
+    ] = None,
+    listen: Annotated[str, typer.Option("--listen", help="address of the HTTP API")] = "127.0.0.1:9450",
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
+    health_timeout: Annotated[
+        float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
+    ] = None,
+    allow_delete: Annotated[
+        bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")
+    ] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Keep the lab equal to a git branch: a pass on every commit, every interval (drift) and on request.
+
+    One daemon per state directory. SIGTERM/SIGINT finish the current step and exit 0. With --once: exit 0
+    applied (or nothing to do), 1 failed or refused, 3 rollback incomplete.
+    """
+    from reconciler.cli.daemon import DaemonSettings, configure_logging, run_daemon
+    from reconciler.engine.apply import HealthPolicy
+    from reconciler.engine.run import ApplyOptions
+    from reconciler.sources.git import GitSource
+    from reconciler.spec.units import parse_duration
+
+    with _errors_exit():
+        configure_logging(log_format)
+        try:
+            seconds = parse_duration(interval)
+        except ValueError as exc:
+            raise ConfigError(f"--interval {interval!r}: {exc}") from None
+        if verify_signatures and keyring is None:
+            raise ConfigError("--verify-signatures needs --keyring", hint="a GnuPG home or an allowed-signers file")
+        repository, inside = (repo, path.strip("/")) if repo else (str(Path(path)), _path_in_repo(Path(path)))
+        folder = _state_dir(state_dir)
+        settings = DaemonSettings(
+            source=GitSource(repository, branch=branch, path=inside, cache=folder),
+            state_dir=folder,
+            interval=seconds,
+            once=once,
+            keyring=keyring if verify_signatures else None,
+            listen=listen,
+            apply=ApplyOptions(allow_delete=allow_delete, health=HealthPolicy(max_timeout=health_timeout)),
+        )
+        code = run_daemon(settings, console)
+    raise typer.Exit(code)
+
+
+ListenOption = Annotated[str, typer.Option("--listen", help="where the daemon's HTTP API listens")]
+
+
+def _ask_daemon(verb: str, listen: str, done: str) -> None:
+    from reconciler.cli.daemon import call_api
+
+    with _errors_exit():
+        answer = call_api(listen, verb, token=os.environ.get("RECONCILER_API_TOKEN"))
+    console.print(done + (f" ({escape(json.dumps(answer))})" if answer else ""))
+
+
+@app.command()
+def reconcile(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Ask the running daemon for a pass now (RECONCILER_API_TOKEN)."""
+    _ask_daemon("reconcile", listen, "pass requested")
+
+
+@app.command()
+def suspend(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Suspend the running daemon: it keeps observing and reporting, and writes nothing."""
+    _ask_daemon("suspend", listen, "suspended")
+
+
+@app.command()
+def resume(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Resume the running daemon; a pass follows at once."""
+    _ask_daemon("resume", listen, "resumed")
 
 
 @app.command()

@@ -20,7 +20,8 @@ __all__ = ["state_lock"]
 
 
 @contextmanager
-def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iterator[None]:
+def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2, holder: str = "") -> Iterator[None]:
+    """Hold the state directory; `holder` says who in the lock file (`reconciler run`), for the refusal."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "apply.lock"
     handle = path.open("a+")
@@ -42,7 +43,7 @@ def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iter
                 time.sleep(poll)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
+        handle.write(f"pid {os.getpid()}" + (f", {holder}" if holder else "") + "\n")
         handle.flush()
         yield
     finally:
