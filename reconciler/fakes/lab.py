@@ -64,8 +64,9 @@ class MemoryLab:
         return MemoryConnector(self)
 
     def probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
-        """In memory, a container answers its probe when it runs."""
-        port = probe.get("port")
+        """In memory, a container answers its probe when it runs and publishes the port probed."""
+        target = str(probe.get("tcp") or "")
+        port = int(target.rsplit(":", 1)[1]) if target.rpartition(":")[2].isdigit() else probe.get("port")
         for container in self.docker.containers.get(host, {}).values():
             if container.status == "running" and any(p.host == port for p in container.ports):
                 return ProbeResult(True, f"{host}:{port} answers (in memory)")

@@ -52,7 +52,7 @@ def resource_statuses(
     if target is None:
         return ()
     changes = {c.address: c for c in plan.changes} if plan is not None else {}
-    held = {c.address for c in plan.held_drift} if plan is not None else set()
+    held = {d.address for d in drift_reports(plan, target, corrected=False) if not d.corrected} if plan else set()
     outcome = last.outcome if last is not None else None
     statuses = []
     for resource in (*target.guests(), *target.workloads()):
