@@ -91,8 +91,8 @@ def print_pass(console: Console, record: PassRecord) -> None:
     for change in record.changes:
         console.print(f"  {escape(change)}")
     for drift in record.drift:
-        done = "corrected" if drift.corrected else "not corrected"
-        console.print(f"  drift {drift.address}: {', '.join(drift.fields)} ({drift.policy}, {done})")
+        done = "corrected" if drift.corrected else f"drift: {drift.policy}, not corrected"
+        console.print(f"  drift {drift.address}: {', '.join(drift.fields)} ({done})")
     for line in record.diagnostics:
         console.print(f"  {escape(line)}")
 

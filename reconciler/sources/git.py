@@ -24,7 +24,7 @@ from reconciler.spec.diagnostics import Diagnostic, Position, Severity
 from reconciler.spec.loader import MAX_FILE_BYTES, SPEC_SUFFIXES, LoadResult, SpecFile, load_files
 from reconciler.spec.validate import validate
 
-__all__ = ["NOTES_REF", "Commit", "GitSource", "load_commit", "read_commit"]
+__all__ = ["NOTES_REF", "Commit", "GitSource", "commit_all", "init_repository", "load_commit", "read_commit"]
 
 
 @dataclass(frozen=True)
@@ -254,3 +254,20 @@ def _shown(repository: str) -> str:
 
 def _mirror_path(repository: str, cache: Path) -> Path:
     return cache / "repos" / hashlib.sha256(repository.encode()).hexdigest()[:16]
+
+
+def init_repository(folder: Path, *, branch: str = "main") -> None:
+    """A new repository holding what `folder` holds, as one commit (the demo makes its lab's repository so)."""
+    git.Repo.init(folder, mkdir=True, initial_branch=branch).close()
+    commit_all(folder, "the lab")
+
+
+def commit_all(folder: Path, message: str) -> str:
+    """Commit every change in the working copy of `folder`, as `reconciler`; the new commit's SHA."""
+    repo = git.Repo(folder)
+    try:
+        repo.git.add("-A")
+        repo.git.commit("-q", "-m", message, env={**_QUIET, **_NOTE_AUTHOR})
+        return str(repo.head.commit.hexsha)
+    finally:
+        repo.close()
