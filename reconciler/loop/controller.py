@@ -143,9 +143,10 @@ class Controller:
         self._finish(record)
         return record
 
-    def serve(self) -> None:
-        """Run passes until `stop()`: the first at once, then on triggers and every `interval`."""
-        self.request_pass(Trigger.START)
+    def serve(self, *, first: Trigger | None = Trigger.START) -> None:
+        """Run passes until `stop()`: `first` at once (None: wait for the interval), then on triggers."""
+        if first is not None:
+            self.request_pass(first)
         while not self._stopping.is_set():
             trigger = self._next_trigger()
             if trigger is None:
