@@ -469,3 +469,35 @@ def test_backoff_grows_with_jitter_honours_the_errors_delay_and_skips_permanent_
     assert hinted is not None and hinted >= 7.5
     huge = Backoff(cap=5.0, jitter=0.0).delay_after(TemporaryError("rate limited", delay=1e9))
     assert huge == 5.0
+
+
+# ---- hostile sources ------------------------------------------------------------------------------------------
+
+
+def test_a_url_that_would_run_commands_is_refused_for_good(tmp_path: Path, make_loop: Callable[..., Loop]) -> None:
+    marker = tmp_path / "pwned"
+    loop = make_loop(f"ext::sh -c touch% {marker}://x")
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR
+    assert "uses a transport git runs commands for" in record.message
+    assert loop.controller.backoff.attempts == 0  # permanent: not retried with backoff
+    assert not marker.exists()
+
+
+def test_credentials_in_a_url_never_show(tmp_path: Path, make_loop: Callable[..., Loop]) -> None:
+    loop = make_loop("https://admin:hunter2-token@127.0.0.1:9/lab.git")
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR
+    status = loop.controller.status()
+    assert "hunter2" not in record.message and "hunter2" not in str(status.to_json())
+    assert status.source.repository == "https://127.0.0.1:9/lab.git"
+
+
+@pytest.mark.parametrize("branch", ["--output=/tmp/reconciler-pwned", "main..other", "main^{tree}", "a b"])
+def test_hostile_branch_names_are_errors(repo: GitRepo, make_loop: Callable[..., Loop], branch: str) -> None:
+    loop = make_loop(str(repo.path), branch=branch)
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR
+    assert "does not exist" in record.message
+    assert not Path("/tmp/reconciler-pwned").exists()
+    assert loop.lab.proxmox.guests == {}

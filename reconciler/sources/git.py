@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
 import git
 
@@ -110,8 +111,13 @@ def _open(repository: str, *, ref: str, cache: Path | None) -> git.Repo:
             kill_after_timeout=FETCH_TIMEOUT,
         )
         return repo
+    except (git.UnsafeProtocolError, git.UnsafeOptionError):
+        raise ConfigError(
+            f"{_shown(repository)} uses a transport git runs commands for (ext::, --upload-pack)",
+            hint="use https://, ssh:// or file://",
+        ) from None
     except git.GitCommandError as exc:
-        # The URL is shown as given; a token embedded in it would be the user's own doing, so strip userinfo.
+        # A token embedded in the URL would be the user's own doing; it is never shown.
         shown = _shown(repository)
         raise TemporaryError(f"cannot fetch {shown}: git exited with {exc.status}", resource=shown) from None
 
@@ -249,7 +255,12 @@ def _first_line(text: str) -> str:
 
 
 def _shown(repository: str) -> str:
-    return repository.split("@", 1)[-1] if "://" in repository else repository
+    """The repository without any user:password a URL may carry (git@host:path has none)."""
+    if "://" not in repository:
+        return repository
+    parts = urlsplit(repository)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
 
 
 def _mirror_path(repository: str, cache: Path) -> Path:
