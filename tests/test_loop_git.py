@@ -501,3 +501,24 @@ def test_hostile_branch_names_are_errors(repo: GitRepo, make_loop: Callable[...,
     assert "does not exist" in record.message
     assert not Path("/tmp/reconciler-pwned").exists()
     assert loop.lab.proxmox.guests == {}
+
+
+def test_a_failing_listener_does_not_stop_the_loop_and_suspension_survives_a_restart(
+    repo: GitRepo, make_loop: Callable[..., Loop]
+) -> None:
+    loop = make_loop(str(repo.path))
+
+    def broken(_record: PassRecord) -> None:
+        raise RuntimeError("a notifier's bug")
+
+    got: list[PassRecord] = []
+    loop.controller.subscribe(broken)
+    loop.controller.subscribe(got.append)
+    assert loop.once(Trigger.START).outcome is Outcome.APPLIED
+    assert loop.once(Trigger.MANUAL).outcome is Outcome.NO_CHANGES
+    assert [r.number for r in got] == [1, 2]
+    loop.controller.suspend()
+    again = Controller(
+        loop.runner, source=loop.controller.source, interval=60.0, suspend_file=loop.controller.suspend_file
+    )
+    assert again.status().suspended

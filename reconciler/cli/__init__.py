@@ -31,6 +31,7 @@ __all__ = ["app", "main"]
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CHANGES = 2
+MIN_INTERVAL = 0.1  # seconds between drift passes, at least: shorter would hammer the Proxmox API for nothing
 
 app = typer.Typer(
     name="reconciler",
@@ -357,8 +358,13 @@ def run(
             seconds = parse_duration(interval)
         except ValueError as exc:
             raise ConfigError(f"--interval {interval!r}: {exc}") from None
-        if verify_signatures and keyring is None:
-            raise ConfigError("--verify-signatures needs --keyring", hint="a GnuPG home or an allowed-signers file")
+        if seconds < MIN_INTERVAL:
+            raise ConfigError(f"--interval {interval!r} is too short", hint=f"at least {MIN_INTERVAL:g}s")
+        if verify_signatures and (keyring is None or not keyring.exists()):
+            raise ConfigError(
+                "--verify-signatures needs --keyring" if keyring is None else f"keyring {keyring} does not exist",
+                hint="a GnuPG home folder or an ssh allowed-signers file",
+            )
         repository, inside = (repo, path.strip("/")) if repo else (str(Path(path)), _path_in_repo(Path(path)))
         folder = _state_dir(state_dir)
         settings = DaemonSettings(

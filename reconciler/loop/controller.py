@@ -137,6 +137,12 @@ class Controller:
         except PassInterrupted as stopped:
             log.info("pass interrupted", extra={"pass": number, "detail": str(stopped)})
             return None
+        except Exception as exc:  # a bug: the daemon reports it and keeps reconciling at the next trigger
+            log.exception("pass failed unexpectedly", extra={"pass": number})
+            self.runner.last_error = None
+            record = PassRecord(
+                number, trigger, self.runner.head, time.time(), 0.0, Outcome.ERROR, message=f"internal error: {exc!r}"
+            )
         finally:
             with self._cond:
                 self._busy = False

@@ -103,9 +103,14 @@ class PassRunner:
         self.last_error: ReconcilerError | None = None  # of the last pass: the controller's backoff reads it
         self._verdicts: dict[str, _Verdict] = {}
         self._noted: dict[str, str] = {}  # sha -> the last note body written on it by this process
+        self._restored = False
 
     def restore(self) -> None:
-        """Start from the journal: the last revision applied is the last good one, if git still has it."""
+        """Start from the journal: the last revision applied is the last good one, if git still has it.
+
+        Called by the first pass that reached the repository (a remote's mirror exists only then).
+        """
+        self._restored = True
         for run in self.journal.runs(50):
             if run.result in (RunResult.APPLIED, RunResult.NOTHING) and run.revision:
                 try:
@@ -142,6 +147,8 @@ class PassRunner:
         except ReconcilerError as exc:
             return record(_Result(Outcome.ERROR, message=str(exc), error=exc), self.head, None)
         self.head = head
+        if not self._restored:
+            self.restore()
         verdict, first = self._judge(head)
         if verdict.desired is None and (first or self.last_good is None):
             assert verdict.outcome is not None
@@ -169,11 +176,14 @@ class PassRunner:
         return verdict, True
 
     def _verdict(self, head: str) -> _Verdict:
-        try:
-            if self.options.keyring is not None:
+        if self.options.keyring is not None:
+            try:
                 refusal = self.source.verify(head, self.options.keyring)
-                if refusal is not None:
-                    return _Verdict(None, Outcome.REFUSED, f"{refusal}; nothing is applied from it")
+            except ReconcilerError as exc:
+                refusal = f"the signature of {head[:12]} cannot be checked: {exc}"
+            if refusal is not None:
+                return _Verdict(None, Outcome.REFUSED, f"{refusal}; nothing is applied from it")
+        try:
             loaded = self.source.load(head)
         except ReconcilerError as exc:
             return _Verdict(None, Outcome.INVALID, str(exc))
@@ -220,6 +230,7 @@ class PassRunner:
         except PlanError as exc:
             return _Result(Outcome.REFUSED, message=str(exc), error=exc)
         except ReconcilerError as exc:
+            self.connector.close()  # the next pass connects afresh (an expired session, a restarted API)
             return _Result(Outcome.ERROR, message=str(exc), error=exc)
         self.last_plan = plan
         if suspended:
