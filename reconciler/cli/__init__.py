@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from reconciler.cli.render import print_diagnostics, print_history, print_plan, print_report, print_status, print_step
-from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.errors import ReconcilerError
 from reconciler.planning.plan import Plan
 from reconciler.spec.diagnostics import Severity
 from reconciler.spec.loader import LoadResult
@@ -346,25 +346,15 @@ def run(
     One daemon per state directory. SIGTERM/SIGINT finish the current step and exit 0. With --once: exit 0
     applied (or nothing to do), 1 failed or refused, 3 rollback incomplete.
     """
-    from reconciler.cli.daemon import DaemonSettings, configure_logging, run_daemon
+    from reconciler.cli.daemon import DaemonSettings, checked_keyring, configure_logging, parse_interval, run_daemon
     from reconciler.engine.apply import HealthPolicy
     from reconciler.engine.run import ApplyOptions
     from reconciler.sources.git import GitSource
-    from reconciler.spec.units import parse_duration
 
     with _errors_exit():
         configure_logging(log_format)
-        try:
-            seconds = parse_duration(interval)
-        except ValueError as exc:
-            raise ConfigError(f"--interval {interval!r}: {exc}") from None
-        if seconds < MIN_INTERVAL:
-            raise ConfigError(f"--interval {interval!r} is too short", hint=f"at least {MIN_INTERVAL:g}s")
-        if verify_signatures and (keyring is None or not keyring.exists()):
-            raise ConfigError(
-                "--verify-signatures needs --keyring" if keyring is None else f"keyring {keyring} does not exist",
-                hint="a GnuPG home folder or an ssh allowed-signers file",
-            )
+        seconds = parse_interval(interval, minimum=MIN_INTERVAL)
+        trusted = checked_keyring(keyring) if verify_signatures else None
         repository, inside = (repo, path.strip("/")) if repo else (str(Path(path)), _path_in_repo(Path(path)))
         folder = _state_dir(state_dir)
         settings = DaemonSettings(
@@ -372,7 +362,7 @@ def run(
             state_dir=folder,
             interval=seconds,
             once=once,
-            keyring=keyring if verify_signatures else None,
+            keyring=trusted,
             listen=listen,
             apply=ApplyOptions(allow_delete=allow_delete, health=HealthPolicy(max_timeout=health_timeout)),
         )

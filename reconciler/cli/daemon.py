@@ -36,6 +36,7 @@ from reconciler.loop.passes import LoopOptions, PassRunner
 from reconciler.loop.wiring import Connector, LabConnector
 from reconciler.sources.git import GitSource
 from reconciler.sources.watch import RefWatcher
+from reconciler.spec.units import parse_duration
 
 __all__ = ["DaemonSettings", "call_api", "exit_code", "print_pass", "run_daemon"]
 
@@ -214,6 +215,26 @@ def call_api(listen: str, verb: str, *, token: str | None, timeout: float = 10.0
     except ValueError:
         return {}
     return answer if isinstance(answer, dict) else {}
+
+
+def parse_interval(text: str, *, minimum: float) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--interval {text!r}: {exc}") from None
+    if seconds < minimum:
+        raise ConfigError(f"--interval {text!r} is too short", hint=f"at least {minimum:g}s")
+    return seconds
+
+
+def checked_keyring(keyring: Path | None) -> Path:
+    """--verify-signatures needs a keyring that exists: a GnuPG home folder or an allowed-signers file."""
+    if keyring is None or not keyring.exists():
+        raise ConfigError(
+            "--verify-signatures needs --keyring" if keyring is None else f"keyring {keyring} does not exist",
+            hint="a GnuPG home folder or an ssh allowed-signers file",
+        )
+    return keyring
 
 
 def configure_logging(log_format: str) -> None:
