@@ -105,3 +105,14 @@ def test_client_commands_say_what_went_wrong(daemon_api: str, tmp_path: Path) ->
     nobody = cli("reconcile", "--listen", "127.0.0.1:1", env={"RECONCILER_API_TOKEN": "x"})
     assert nobody.returncode == 1 and "no daemon answers at 127.0.0.1:1" in nobody.stderr
     assert "Traceback" not in wrong.stderr + unset.stderr + nobody.stderr
+
+
+def test_run_once_without_repo_follows_the_repository_holding_path(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "lab", ROOT / "specs")
+    repo.edit("guests.yaml", "memory: 32GiB", "memory: lots")
+    sha = repo.commit("invalid: nothing reaches a backend")
+    result = cli("run", str(repo.path / "specs"), "--once", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"pass 1 (start) {sha[:12]}: invalid" in result.stdout
+    assert "specs/guests.yaml:9:9: Lxc/llm: error: memory" in result.stdout
+    assert "reconciler: invalid" in repo.git("notes", "--ref=reconciler", "show", sha)

@@ -89,6 +89,17 @@ def _path_in_repo(path: Path) -> str:
     return str(path.resolve().relative_to(Path(top).resolve())) if top else ""
 
 
+def _repo_top(path: Path) -> str:
+    """The top folder of the git repository holding `path` (the path itself when git does not know it)."""
+    import subprocess
+
+    folder = path if path.is_dir() else path.parent
+    top = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return top or str(path)
+
+
 def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None = None) -> LoadResult:
     result = _read(path, ref, repo)
     if as_json:
@@ -355,7 +366,7 @@ def run(
         configure_logging(log_format)
         seconds = parse_interval(interval, minimum=MIN_INTERVAL)
         trusted = checked_keyring(keyring) if verify_signatures else None
-        repository, inside = (repo, path.strip("/")) if repo else (str(Path(path)), _path_in_repo(Path(path)))
+        repository, inside = (repo, path.strip("/")) if repo else (_repo_top(Path(path)), _path_in_repo(Path(path)))
         folder = _state_dir(state_dir)
         settings = DaemonSettings(
             source=GitSource(repository, branch=branch, path=inside, cache=folder),
