@@ -229,6 +229,10 @@ def test_an_unreachable_remote_is_a_temporary_error_and_backs_off(
     assert "cannot fetch" in record.message
     assert loop.runner.last_error is not None and loop.runner.last_error.retryable
     assert loop.controller.backoff.attempts == 1
+    # The next pass is the backoff's retry (about a second), not the interval's (an hour).
+    assert 0.5 <= loop.controller.status().extra["next_pass_in"] <= 1.25
+    loop.once(Trigger.MANUAL)
+    assert 1.0 <= loop.controller.status().extra["next_pass_in"] <= 2.5
 
 
 # ---- invalid, failed, unsigned -------------------------------------------------------------------------------

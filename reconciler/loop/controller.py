@@ -81,7 +81,7 @@ class Controller:
                 resources=resource_statuses(target, runner.last_plan, last),
                 gpus=runner.gpus,
                 passes=self._passes,
-                extra={"interval": self.interval},
+                extra={"interval": self.interval, "next_pass_in": max(0.0, round(self._due - self.clock(), 3))},
             )
 
     def request_pass(self, trigger: Trigger, *, fetch: bool = False) -> None:
