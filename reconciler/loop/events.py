@@ -120,7 +120,7 @@ class LoopStatus:
     resources: tuple[ResourceStatus, ...] = ()
     gpus: tuple[GpuStatus, ...] = ()
     passes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # interval (s), next_pass_in (s: the interval or a retry)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
