@@ -32,6 +32,7 @@ check: lint typecheck layers test
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.loop
 
 schemas: $(STAMP)
 	$(BIN)/reconciler schema --out schemas

@@ -93,12 +93,17 @@ def test_schema_command_writes_what_is_committed(tmp_path: Path) -> None:
         assert written.read_text() == (ROOT / "schemas" / written.name).read_text()
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_the_loop_end_to_end_and_leaves_nothing_behind() -> None:
     result = run("demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "No changes. The live state matches the spec." in result.stdout
-    assert "~ memory:" in result.stdout  # the drift the demo makes by hand is shown, then corrected
-    assert result.stdout.count("Applied (run") >= 3
+    out = result.stdout
+    assert "pass 1 (start)" in out and ": applied in" in out
+    assert "pass 2 (commit)" in out and "replace container/llm/qwen-7b" in out
+    assert "drift lxc/llm: memory (corrected)" in out  # the change made by hand, corrected by a drift pass
+    assert ": rolled-back in" in out and "notification: rolled-back" in out
+    assert '"applied_revision"' in out
+    folder = next(line.split(" in ", 1)[1].split(";")[0] for line in out.splitlines() if "a git repository in" in line)
+    assert not Path(folder).exists()
 
 
 def test_a_commit_is_read_not_the_working_copy(lab_repo: Path) -> None:

@@ -32,6 +32,7 @@ __all__ = ["app", "main"]
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CHANGES = 2
+MIN_INTERVAL = 0.1  # seconds between drift passes, at least: shorter would hammer the Proxmox API for nothing
 
 app = typer.Typer(
     name="reconciler",
@@ -87,6 +88,17 @@ def _path_in_repo(path: Path) -> str:
         check=False,
     ).stdout.strip()
     return str(path.resolve().relative_to(Path(top).resolve())) if top else ""
+
+
+def _repo_top(path: Path) -> str:
+    """The top folder of the git repository holding `path` (the path itself when git does not know it)."""
+    import subprocess
+
+    folder = path if path.is_dir() else path.parent
+    top = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return top or str(path)
 
 
 def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None = None) -> LoadResult:
@@ -329,6 +341,89 @@ def forget(
     if not forgotten:
         err.print(f"nothing in the inventory under {', '.join(addresses)}; `reconciler status` shows the journal")
         raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def run(
+    path: Annotated[str, typer.Argument(help="the spec tree inside the repository")] = "specs",
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="git repository (path or URL); default: the one holding PATH")
+    ] = None,
+    branch: Annotated[str, typer.Option("--branch", help="the branch to follow")] = "main",
+    interval: Annotated[str, typer.Option("--interval", help="drift interval (60s, 5m)")] = "60s",
+    once: Annotated[bool, typer.Option("--once", help="one pass, then exit with apply's exit codes")] = False,
+    verify_signatures: Annotated[
+        bool, typer.Option("--verify-signatures", help="apply only commits signed by a key of --keyring")
+    ] = False,
+    keyring: Annotated[
+        Path | None, typer.Option("--keyring", help="a GnuPG home folder, or an ssh allowed-signers file")
+    ] = None,
+    listen: Annotated[str, typer.Option("--listen", help="address of the HTTP API")] = "127.0.0.1:9450",
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
+    health_timeout: Annotated[
+        float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
+    ] = None,
+    allow_delete: Annotated[
+        bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")
+    ] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Keep the lab equal to a git branch: a pass on every commit, every interval (drift) and on request.
+
+    One daemon per state directory. SIGTERM/SIGINT finish the current step and exit 0. With --once: exit 0
+    applied (or nothing to do), 1 failed or refused, 3 rollback incomplete.
+    """
+    from reconciler.cli.daemon import DaemonSettings, checked_keyring, configure_logging, parse_interval, run_daemon
+    from reconciler.engine.apply import HealthPolicy
+    from reconciler.engine.run import ApplyOptions
+    from reconciler.sources.git import GitSource
+
+    with _errors_exit():
+        configure_logging(log_format)
+        seconds = parse_interval(interval, minimum=MIN_INTERVAL)
+        trusted = checked_keyring(keyring) if verify_signatures else None
+        repository, inside = (repo, path.strip("/")) if repo else (_repo_top(Path(path)), _path_in_repo(Path(path)))
+        folder = _state_dir(state_dir)
+        settings = DaemonSettings(
+            source=GitSource(repository, branch=branch, path=inside, cache=folder),
+            state_dir=folder,
+            interval=seconds,
+            once=once,
+            keyring=trusted,
+            listen=listen,
+            apply=ApplyOptions(allow_delete=allow_delete, health=HealthPolicy(max_timeout=health_timeout)),
+        )
+        code = run_daemon(settings, console)
+    raise typer.Exit(code)
+
+
+ListenOption = Annotated[str, typer.Option("--listen", help="where the daemon's HTTP API listens")]
+
+
+def _ask_daemon(verb: str, listen: str, done: str) -> None:
+    from reconciler.cli.daemon import call_api
+
+    with _errors_exit():
+        answer = call_api(listen, verb, token=os.environ.get("RECONCILER_API_TOKEN"))
+    console.print(done + (f" ({escape(json.dumps(answer))})" if answer else ""))
+
+
+@app.command()
+def reconcile(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Ask the running daemon for a pass now (RECONCILER_API_TOKEN)."""
+    _ask_daemon("reconcile", listen, "pass requested")
+
+
+@app.command()
+def suspend(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Suspend the running daemon: it keeps observing and reporting, and writes nothing."""
+    _ask_daemon("suspend", listen, "suspended")
+
+
+@app.command()
+def resume(listen: ListenOption = "127.0.0.1:9450") -> None:
+    """Resume the running daemon; a pass follows at once."""
+    _ask_daemon("resume", listen, "resumed")
 
 
 @app.command()

@@ -37,8 +37,11 @@ def ensure_state_dir(state_dir: Path) -> None:
 
 
 @contextmanager
-def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iterator[None]:
-    """Hold the state directory's apply lock. StateError when the directory or the lock file cannot be used."""
+def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2, holder: str = "") -> Iterator[None]:
+    """Hold the state directory; `holder` says who in the lock file (`reconciler run`), for the refusal.
+
+    StateError when the directory or the lock file cannot be used.
+    """
     ensure_state_dir(state_dir)
     path = state_dir / "apply.lock"
     try:
@@ -57,16 +60,16 @@ def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2) -> Iter
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     handle.seek(0)
-                    holder = handle.read().strip() or "another process"
+                    current = handle.read().strip() or "another process"
                     raise TemporaryError(
-                        f"another apply is running ({holder})",
+                        f"another apply is running ({current})",
                         resource=str(path),
                         hint="wait for it, or pass --wait SECONDS",
                     ) from None
                 time.sleep(poll)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
+        handle.write(f"pid {os.getpid()}" + (f", {holder}" if holder else "") + "\n")
         handle.flush()
         yield
     finally:

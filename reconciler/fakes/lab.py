@@ -18,11 +18,12 @@ from reconciler.backends.memory import MemoryDocker, MemoryNvml, MemoryProxmox
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.observe import NvmlReader, Readers
 from reconciler.fakes.nvml import FakeGpu, FakeNvmlBuildError, build_library, write_state
+from reconciler.loop.wiring import Wiring
 from reconciler.planning.observed import NvmlObservation, ObservedGpu
 from reconciler.spec.models import Gpu
 from reconciler.spec.state import DesiredState
 
-__all__ = ["MemoryLab", "fake_gpus", "fake_uuid", "memory_lab"]
+__all__ = ["MemoryConnector", "MemoryLab", "fake_gpus", "fake_uuid", "memory_lab"]
 
 
 def fake_uuid(gpu: Gpu) -> str:
@@ -58,13 +59,35 @@ class MemoryLab:
     def readers(self) -> Readers:
         return Readers(proxmox=self.proxmox, docker=self.docker, nvml=self.nvml)
 
+    def connector(self) -> MemoryConnector:
+        """The loop's view of this lab: the same in-memory backends for every revision."""
+        return MemoryConnector(self)
+
     def probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
-        """In memory, a container answers its probe when it runs."""
-        port = probe.get("port")
+        """In memory, a container answers its probe when it runs and publishes the port probed."""
+        target = str(probe.get("tcp") or "")
+        port = int(target.rsplit(":", 1)[1]) if target.rpartition(":")[2].isdigit() else probe.get("port")
         for container in self.docker.containers.get(host, {}).values():
             if container.status == "running" and any(p.host == port for p in container.ports):
                 return ProbeResult(True, f"{host}:{port} answers (in memory)")
         return ProbeResult(False, f"nothing answers on {host}:{port}")
+
+
+class MemoryConnector:
+    def __init__(self, lab: MemoryLab) -> None:
+        self.lab = lab
+
+    def wiring(self, desired: DesiredState) -> Wiring:
+        return Wiring(
+            readers=self.lab.readers,
+            proxmox=self.lab.proxmox,
+            docker=self.lab.docker,
+            docker_endpoints={name: "unix:///demo.sock" for name in desired.docker_hosts()},
+            env={},
+        )
+
+    def close(self) -> None:
+        """Nothing to close: the lab lives as long as its owner keeps it."""
 
 
 def memory_lab(desired: DesiredState, *, work_dir: Path) -> MemoryLab:

@@ -75,6 +75,9 @@ class PassRecord:
     drift: tuple[DriftReport, ...] = ()
     message: str = ""  # the failure, the refusal or the first diagnostic; never a secret
     diagnostics: tuple[str, ...] = ()  # spec errors of an invalid revision, one line each
+    # The revision the lab was held to in this pass: `revision` itself, or the last good one when
+    # `revision` was rejected (invalid, unsigned, failed before) and drift was corrected against that.
+    reconciled_revision: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,7 @@ class LoopStatus:
     resources: tuple[ResourceStatus, ...] = ()
     gpus: tuple[GpuStatus, ...] = ()
     passes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # interval (s), next_pass_in (s: the interval or a retry)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

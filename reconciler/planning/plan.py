@@ -187,6 +187,9 @@ class Plan:
     warnings: tuple[Problem, ...] = ()
     observed_digest: str | None = None  # fingerprint of what was observed, to refuse a stale saved plan
     format: int = field(default=PLAN_FORMAT)
+    # Drift left alone by a `warn` or `ignore` policy, for the loop's drift report. Not executed, not
+    # serialised: a saved plan carries only what it would do.
+    held_drift: tuple[Change, ...] = ()
 
     @property
     def empty(self) -> bool:

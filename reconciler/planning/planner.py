@@ -102,6 +102,7 @@ def make_plan(desired: DesiredState, observed: Observed, inventory: Inventory | 
         blockers=tuple(planner.blockers),
         warnings=tuple(planner.warnings),
         observed_digest=_digest(changes),
+        held_drift=tuple(planner.held_drift),
     )
 
 
@@ -119,6 +120,7 @@ class _Planner:
     conflicts: list[Problem] = field(default_factory=list)
     blockers: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    held_drift: list[Change] = field(default_factory=list)  # drift a `warn` or `ignore` policy left alone
 
     def __post_init__(self) -> None:
         self.lab = self.desired.lab
@@ -188,6 +190,7 @@ class _Planner:
     def keep(self, change: Change, resource: Resource) -> None:
         """Record a change, unless it is drift the resource's policy says to leave alone."""
         if change.drift and resource.drift is not DriftPolicy.CORRECT:
+            self.held_drift.append(change)
             if resource.drift is DriftPolicy.WARN:
                 paths = ", ".join(f.path for f in change.fields) or str(change.action)
                 self.warnings.append(Problem(resource.ref, f"drift not corrected (drift: warn): {paths}"))
