@@ -276,3 +276,47 @@ def test_nvidia_userspace_on_an_lxc_without_gpus_is_a_warning(tmp_path: Path) ->
     result = _load(tmp_path, LXC + "provision: [nvidia-userspace]\n")
     assert _errors(result) == []
     assert any("no GPU" in d.message for d in result.diagnostics if d.severity is Severity.WARNING)
+
+
+# ---- files from a git commit ------------------------------------------------------------------
+
+
+@pytest.mark.git
+def test_a_commits_scripts_and_key_files_are_read_from_the_commit_not_the_working_copy(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from reconciler.sources.git import load_commit
+    from tests.support.components import missing
+
+    if shutil.which("git") is None:
+        missing("git", "the git command is not on PATH")
+    repo = tmp_path / "repo"
+    specs = repo / "lab"
+    specs.mkdir(parents=True)
+    key = _public_key()
+    (specs / "lab.yaml").write_text(LAB)
+    (specs / "guest.yaml").write_text(
+        LXC + "ssh_keys: [{file: keys/admin.pub}]\nprovision: [{script: setup.sh}, {script: linked.sh}]\n"
+    )
+    (specs / "keys").mkdir()
+    (specs / "keys" / "admin.pub").write_text(key + "\n")
+    (specs / "setup.sh").write_text("echo committed\n")
+    (tmp_path / "secret.sh").write_text("echo outside\n")
+    os.symlink(tmp_path / "secret.sh", specs / "linked.sh")
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "lab"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
+    (specs / "setup.sh").write_text("echo not committed\n")
+
+    result = load_commit(str(repo), ref="main", path="lab")
+    assert result.state.files["setup.sh"] == b"echo committed\n"
+    assert parse_public_keys(result.state.files["keys/admin.pub"].decode()) == (key,)
+    errors = _errors(result)
+    assert len(errors) == 1 and "linked.sh is not a file in main" in errors[0], errors

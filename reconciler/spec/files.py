@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import hashlib
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "Reference",
     "UnreadableFile",
     "attach_files",
+    "blobs_reader",
     "references",
     "tree_reader",
 ]
@@ -144,6 +145,20 @@ def attach_files(result: LoadResult, read: FileReader) -> LoadResult:
         revision = "tree-" + digest.hexdigest()[:12]
     attached = dataclasses.replace(state, files={**state.files, **files}, revision=revision)
     return LoadResult(attached, (*result.diagnostics, *found))
+
+
+def blobs_reader(blobs: Mapping[str, bytes], *, where: str = "the commit") -> FileReader:
+    """A reader of files already read (a git commit's small blobs, by path relative to the spec tree)."""
+
+    def read(name: str) -> bytes:
+        data = blobs.get(name)
+        if data is None:
+            raise UnreadableFile(
+                f"{name} is not a file in {where} (or is a symlink, or larger than {MAX_ATTACHED_BYTES // 1024} KiB)"
+            )
+        return data
+
+    return read
 
 
 def tree_reader(root: Path) -> FileReader:
