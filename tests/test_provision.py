@@ -9,6 +9,9 @@ stand-in `apt-get`/`systemctl`/`curl`/... placed first on the session's PATH by 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -183,12 +186,17 @@ def test_a_failing_step_stops_the_run_with_its_exit_code_and_last_lines(
 
 @pytest.mark.sshd
 def test_a_step_past_its_timeout_fails_and_is_stopped(sshd: Sshd, journal: Journal, tmp_path: Path) -> None:
-    files = {"slow.sh": f"echo starting\nsleep 60\ntouch {tmp_path}/finished\n".encode()}
+    marker = f"sleep 59.{os.getpid()}{time.monotonic_ns() % 100000}"  # a command line no other process has
+    files = {"slow.sh": f"echo starting\n{marker}\ntouch {tmp_path}/finished\n".encode()}
     report = _apply(sshd, journal, _plan(_steps({"script": "slow.sh", "timeout": "1s"}), files))
     failed = report.failed
-    assert failed is not None and failed.reason == "timed out after 1s" and failed.tail == ("starting",)
-    assert not (tmp_path / "finished").exists()
+    assert failed is not None and failed.reason == "timed out after 1s" and failed.exit_code == 124
+    assert failed.tail == ("starting",)
     assert journal.provision_hashes(ADDRESS) == {}
+    # The guest's timeout killed the step: nothing of it runs on, and it never finished.
+    running = subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False)
+    assert running.returncode == 1, running.stdout
+    assert not (tmp_path / "finished").exists()
 
 
 @pytest.mark.sshd

@@ -187,8 +187,9 @@ class SshSession:
 
         `env` is set for the command only (names must be shell identifiers; values are quoted).
         `stdin`, when given, is sent and then closed. Raises CommandTimedOut after `timeout` seconds
-        (the channel is closed, which ends the command with SIGHUP on OpenSSH), SshUnreachable when
-        the connection drops.
+        and closes the channel; a command without a terminal may go on in the guest after that, so a
+        long command should also run under the guest's own `timeout`. SshUnreachable when the
+        connection drops.
         """
         text = _with_env(command, env or {})
         lines: deque[str] = deque(maxlen=tail)

@@ -6,7 +6,8 @@ steps the plan lists (`planning.provision.steps_to_run`) and an open `SshSession
 1. its check first: `creates: PATH` that exists, or `unless: COMMAND` that succeeds, skips it (the
    hash is recorded as `skipped`, so it is not checked again until it changes);
 2. otherwise its script is sent over the session's stdin into a private temporary file and run,
-   with its inputs as environment variables; every output line goes to `on_line` as it comes;
+   with its inputs as environment variables, under the guest's `timeout` command (exit 124 is
+   reported as a timeout); every output line goes to `on_line` as it comes;
 3. its outcome is recorded in the journal (`ok`, `skipped` or `failed`, exit code, last lines).
 
 The first failing step (non-zero exit, or past its timeout) stops the run: later steps depend on
@@ -18,6 +19,7 @@ SSH errors other than a command's timeout (unreachable, auth, host key) are rais
 from __future__ import annotations
 
 import enum
+import math
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,13 @@ from reconciler.planning.provision import PlannedStep
 __all__ = ["CommandRunner", "ProvisionReport", "StepJournal", "StepResult", "StepStatus", "provision_guest"]
 
 CHECK_TIMEOUT: Final = 300.0  # an `unless` or `creates` check is a quick test, never a second step
-# Send the script into a private file, run it with nothing on stdin, remove it whatever happens.
+TIMED_OUT: Final = 124  # coreutils' and busybox's `timeout` exit code
+GRACE: Final = 15.0  # how much longer than the guest's own timeout the session waits
+# Send the script into a private file, run it with nothing on stdin under the guest's `timeout` (which
+# kills it: closing an SSH channel does not stop a command), and remove the file whatever happens.
 RUNNER: Final = (
-    'd="$(mktemp -d)" && trap \'rm -rf "$d"\' EXIT && cat > "$d/step" && chmod 700 "$d/step" && "$d/step" </dev/null'
+    'd="$(mktemp -d)" && trap \'rm -rf "$d"\' EXIT && cat > "$d/step" && chmod 700 "$d/step" && '
+    'if command -v timeout >/dev/null 2>&1; then timeout -k 5 {seconds} "$d/step"; else "$d/step"; fi </dev/null'
 )
 
 
@@ -107,12 +113,16 @@ def _run_step(session: CommandRunner, step: PlannedStep, on_line: Callable[[str]
     if skipped is not None:
         return StepResult(step.key, step.hash, StepStatus.SKIPPED, skipped)
     env = {**step.inputs, "RECONCILER_STEP": step.key}
+    command = RUNNER.format(seconds=math.ceil(step.timeout))
+    timed_out = f"timed out after {step.timeout:g}s"
     try:
-        result = session.run(RUNNER, timeout=step.timeout, on_line=on_line, stdin=step.script, env=env)
+        result = session.run(command, timeout=step.timeout + GRACE, on_line=on_line, stdin=step.script, env=env)
     except CommandTimedOut as exc:
-        return StepResult(step.key, step.hash, StepStatus.FAILED, f"timed out after {step.timeout:g}s", None, exc.tail)
-    status = StepStatus.OK if result.ok else StepStatus.FAILED
-    return StepResult(step.key, step.hash, status, f"exit {result.exit_code}", result.exit_code, result.tail)
+        return StepResult(step.key, step.hash, StepStatus.FAILED, timed_out, None, exc.tail)
+    if result.ok:
+        return StepResult(step.key, step.hash, StepStatus.OK, "exit 0", 0, result.tail)
+    reason = timed_out if result.exit_code == TIMED_OUT else f"exit {result.exit_code}"
+    return StepResult(step.key, step.hash, StepStatus.FAILED, reason, result.exit_code, result.tail)
 
 
 def provision_guest(
