@@ -200,6 +200,18 @@ def test_a_step_past_its_timeout_fails_and_is_stopped(sshd: Sshd, journal: Journ
 
 
 @pytest.mark.sshd
+def test_a_check_that_hangs_fails_its_step(sshd: Sshd, journal: Journal, tmp_path: Path) -> None:
+    log = tmp_path / "ran.log"
+    planned = _plan(
+        _steps({"script": "a.sh", "unless": "echo checking; sleep 30", "timeout": "1s"}), {"a.sh": _script(log, "a")}
+    )
+    report = _apply(sshd, journal, planned)
+    assert report.failed is not None and report.failed.reason == "its check timed out"
+    assert report.failed.tail == ("checking",)
+    assert not log.exists()
+
+
+@pytest.mark.sshd
 def test_forgetting_a_guest_runs_every_step_again(sshd: Sshd, journal: Journal, tmp_path: Path) -> None:
     log = tmp_path / "ran.log"
     planned = _plan(_steps({"script": "a.sh"}), {"a.sh": _script(log, "a")})

@@ -55,6 +55,17 @@ def test_a_changed_host_key_is_refused_and_says_what_to_do(sshd: Sshd) -> None:
     assert sshd.known_hosts.read_text() == recorded  # the impostor's key is not trusted
 
 
+def test_a_damaged_known_hosts_file_is_a_config_error_or_its_bad_lines_are_ignored(sshd: Sshd) -> None:
+    sshd.known_hosts.parent.mkdir(parents=True)
+    sshd.known_hosts.write_text("garbage\n# a comment\n[10.0.0.9]:22 ssh-ed25519\n")
+    with connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts) as session:
+        assert session.run("true", timeout=30).ok
+    assert f"[127.0.0.1]:{sshd.port} ssh-ed25519 " in sshd.known_hosts.read_text()
+    sshd.known_hosts.write_bytes(b"\xff\xfe not text\n")
+    with pytest.raises(ConfigError, match="known_hosts"):
+        connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts)
+
+
 def test_output_streams_line_by_line_and_the_tail_keeps_the_last_lines(sshd: Sshd, tmp_path: Path) -> None:
     seen: list[str] = []
     with connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts) as session:

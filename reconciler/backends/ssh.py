@@ -277,7 +277,7 @@ def connect(target: SshTarget, *, credentials: SshCredentials, known_hosts: Path
     if known_hosts.exists():
         try:
             client.load_host_keys(str(known_hosts))
-        except (OSError, paramiko.SSHException) as exc:
+        except (OSError, paramiko.SSHException, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(
                 f"cannot read {known_hosts}: {type(exc).__name__}", hint="fix or remove the file"
             ) from None

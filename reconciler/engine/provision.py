@@ -109,7 +109,10 @@ def _check(session: CommandRunner, step: PlannedStep) -> str | None:
 
 
 def _run_step(session: CommandRunner, step: PlannedStep, on_line: Callable[[str], None] | None) -> StepResult:
-    skipped = _check(session, step)
+    try:
+        skipped = _check(session, step)
+    except CommandTimedOut as exc:
+        return StepResult(step.key, step.hash, StepStatus.FAILED, "its check timed out", None, exc.tail)
     if skipped is not None:
         return StepResult(step.key, step.hash, StepStatus.SKIPPED, skipped)
     env = {**step.inputs, "RECONCILER_STEP": step.key}
