@@ -25,6 +25,7 @@ from reconciler.planning.provision import (
     PlannedStep,
     RunReason,
     StepInputMissing,
+    plan_provisioning,
     plan_steps,
     steps_to_run,
 )
@@ -80,6 +81,27 @@ def test_nvidia_userspace_without_a_driver_version_cannot_be_planned() -> None:
         _plan(_steps("nvidia-userspace"), {})
     with pytest.raises(StepInputMissing, match="not one"):
         _plan(_steps("nvidia-userspace"), {}, {DRIVER_VERSION_INPUT: "580; reboot"})
+
+
+def test_a_guests_provisioning_change_lists_due_steps_with_their_reasons_and_no_script_text() -> None:
+    from reconciler.spec.models import Lxc
+
+    lxc = Lxc.model_validate(
+        {
+            "name": "llm", "node": "pve1", "vmid": 955, "template": "local:vztmpl/debian.tar.zst",
+            "rootfs": {"storage": "local-lvm", "size": "8GiB"}, "docker": {"endpoint": "ssh://root@llm.lan"},
+            "provision": ["docker", {"script": "gpu.sh"}],
+        }
+    )  # fmt: skip
+    files = {"gpu.sh": b"echo secret-looking-script-text\n"}
+    options = {"files": files, "builtins": builtin_scripts(), "observed": {}}
+    change = plan_provisioning(lxc, recorded={}, **options)  # type: ignore[arg-type]
+    assert change is not None and str(change.target) == "root@llm.lan:22"
+    described = change.describe()
+    assert [s["step"] for s in described["steps"]] == ["docker", "gpu.sh"]  # type: ignore[index, union-attr]
+    assert "secret-looking-script-text" not in repr(described)
+    done = {step.key: step.hash for step, _ in change.due}
+    assert plan_provisioning(lxc, recorded=done, **options) is None  # type: ignore[arg-type]
 
 
 # ---- against a real sshd ------------------------------------------------------------------------

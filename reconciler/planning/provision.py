@@ -22,14 +22,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from reconciler.spec.access import BuiltinStep, ProvisionStep
+from reconciler.spec.access import BuiltinStep, ProvisionStep, SshTarget
+from reconciler.spec.access_checks import ssh_target_of
+from reconciler.spec.models import DockerHost, Lxc, Vm
 
 __all__ = [
     "DRIVER_VERSION_INPUT",
     "BuiltinScript",
     "PlannedStep",
+    "ProvisionChange",
     "RunReason",
     "StepInputMissing",
+    "plan_provisioning",
     "plan_steps",
     "step_hash",
     "steps_to_run",
@@ -145,3 +149,44 @@ def steps_to_run(
         elif before != step.hash:
             due.append((step, RunReason.CHANGED))
     return tuple(due)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionChange:
+    """What a plan says about one guest's provisioning: where to connect and which steps run, and why."""
+
+    ref: str  # the spec resource, `Lxc/llm`
+    target: SshTarget
+    due: tuple[tuple[PlannedStep, RunReason], ...]
+
+    def describe(self) -> dict[str, object]:
+        """The change as the plan's JSON shows it: no script text, no input that is not in the spec's hash."""
+        return {
+            "resource": self.ref,
+            "ssh": str(self.target),
+            "steps": [
+                {"step": step.key, "source": step.source, "hash": step.hash, "reason": reason.value}
+                for step, reason in self.due
+            ],
+        }
+
+
+def plan_provisioning(
+    resource: Lxc | Vm | DockerHost,
+    *,
+    files: Mapping[str, bytes],
+    builtins: Mapping[BuiltinStep, BuiltinScript],
+    observed: Mapping[str, str],
+    recorded: Mapping[str, str],
+) -> ProvisionChange | None:
+    """The provisioning change for `resource`, or None when it declares no steps or none is due.
+
+    `recorded` is the journal's `provision_hashes` for the guest: empty for a guest this plan
+    creates (or recreates), so that every step runs. Raises StepInputMissing (see `plan_steps`).
+    """
+    if not resource.provision:
+        return None
+    target = ssh_target_of(resource)
+    assert target is not None, "the validator requires an SSH target for provisioning"
+    due = steps_to_run(plan_steps(resource.provision, files=files, builtins=builtins, observed=observed), recorded)
+    return ProvisionChange(resource.ref, target, due) if due else None
