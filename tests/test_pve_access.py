@@ -336,3 +336,15 @@ def test_fakepve_answers_a_vm_resize_without_growing_the_disk(backend: ProxmoxBa
     backend.resize("qemu", "pve1", 200, disk="scsi0", size="8G")
     assert ("PUT", "/nodes/pve1/qemu/200/resize") in pve_server.requests
     assert "size=2G" in backend.observe_guest("qemu", "pve1", 200).config["scsi0"]
+
+
+@pytest.mark.fakepve
+def test_a_cloud_init_password_sent_at_create_is_not_read_back_in_clear(backend: ProxmoxBackend) -> None:
+    """Real PVE shows `cipassword` as `**********` (stored hashed): it can never be compared, only set.
+    fakepve 0.5 returns it in clear; the backend masks it whatever the server sends."""
+    vm = _vm(cloud_init={"user": "ops", "password_env": "INFER_PW"})
+    config = {**pve.vm_config(vm, hostpci=()), **vm_access_config(vm, {})}
+    backend.create_vm("pve1", 200, config={**config, **secret_create_params(vm, {"INFER_PW": "Pl41n-Secret"})})
+    live = backend.observe_guest("qemu", "pve1", 200)
+    assert live.config["ciuser"] == "ops" and live.config["cipassword"] == "**********"
+    assert "Pl41n-Secret" not in repr(live)

@@ -933,6 +933,12 @@ def _root_only(kind: GuestType, key: str, value: str) -> bool:
     return False
 
 
+_SECRET_KEYS = frozenset({"cipassword"})
+_MASK = "**********"
+"""Config keys PVE shows masked (`cipassword`: stored hashed, read as asterisks); masked here too, whatever
+the server sends (fakepve sends it in clear), so a password never reaches an observation, a plan or a log."""
+
+
 def _guest(
     kind: GuestType,
     vmid: int,
@@ -957,9 +963,9 @@ def _guest(
             digest = _text(item["value"]) if item.get("value") is not None else None
             continue
         if item.get("value") is not None:
-            config[key] = _text(item["value"])
+            config[key] = _MASK if key in _SECRET_KEYS else _text(item["value"])
         if item.get("pending") is not None:
-            pending[key] = _text(item["pending"])
+            pending[key] = _MASK if key in _SECRET_KEYS else _text(item["pending"])
         if item.get("delete"):
             deletes.add(key)
     lock = config.get("lock") or (str(inventory_lock) if inventory_lock else None)
