@@ -655,6 +655,32 @@ class ProxmoxBackend:
         """Create a VM (POST /nodes/{node}/qemu) and wait for the task; errors as `create_lxc`."""
         self._create(GuestType.QEMU, node, vmid, config, timeout)
 
+    def clone_vm(
+        self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
+    ) -> None:
+        """Clone VM `template` on `node` into `newid` (POST .../qemu/{template}/clone) and wait for the task.
+
+        `params` are `pve_access.clone_params`' (name, full, target, storage). A retry after a lost
+        answer finds the new VM locked by its clone and waits for it, as a create does; a vmid taken
+        by anything else is a PermanentError.
+        """
+        ref = _ref(GuestType.QEMU, newid)
+
+        def clone(attempt: int) -> None:
+            taken = self._inventory_row(newid)
+            if taken is not None and attempt > 0 and taken.get("type") == GuestType.QEMU.value:
+                self._await_unlocked(GuestType.QEMU, str(taken.get("node")), newid, lock="clone", timeout=timeout)
+                return
+            if taken is not None:
+                raise PermanentError(
+                    f"vmid {newid} is already taken by {taken.get('type')}/{newid} ({taken.get('name')})", resource=ref
+                )
+            path = f"nodes/{node}/qemu/{template}/clone"
+            upid = self._call("POST", path, resource=ref, params={**params, "newid": newid})
+            self._wait(upid, resource=ref, timeout=timeout)
+
+        self._write(clone, resource=ref, action="clone")
+
     def _create(self, kind: GuestType, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         self._check_root_only(kind, config, resource=ref)
@@ -952,6 +978,12 @@ def _root_only(kind: GuestType, key: str, value: str) -> bool:
     return False
 
 
+_SECRET_KEYS = frozenset({"cipassword"})
+_MASK = "**********"
+"""Config keys PVE shows masked (`cipassword`: stored hashed, read as asterisks); masked here too, whatever
+the server sends (fakepve sends it in clear), so a password never reaches an observation, a plan or a log."""
+
+
 def _guest(
     kind: GuestType,
     vmid: int,
@@ -976,9 +1008,9 @@ def _guest(
             digest = _text(item["value"]) if item.get("value") is not None else None
             continue
         if item.get("value") is not None:
-            config[key] = _text(item["value"])
+            config[key] = _MASK if key in _SECRET_KEYS else _text(item["value"])
         if item.get("pending") is not None:
-            pending[key] = _text(item["pending"])
+            pending[key] = _MASK if key in _SECRET_KEYS else _text(item["pending"])
         if item.get("delete"):
             deletes.add(key)
     lock = config.get("lock") or (str(inventory_lock) if inventory_lock else None)

@@ -84,6 +84,17 @@ CREATE TABLE IF NOT EXISTS failed_revisions (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS provision_steps (
+    address TEXT NOT NULL,
+    step TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    exit_code INTEGER,
+    tail TEXT,
+    run_id INTEGER,
+    at REAL NOT NULL,
+    PRIMARY KEY (address, step)
+);
 """
 
 
@@ -398,6 +409,39 @@ class Journal:
     def failed_revision(self, revision: str) -> str | None:
         rows = self._rows("SELECT reason FROM failed_revisions WHERE revision = ?", (revision,))
         return str(rows[0]["reason"]) if rows else None
+
+    # ---- provisioning steps (issue 11): the last attempt of each step in each guest ----------------
+
+    def record_provision_step(
+        self,
+        address: str,
+        step: str,
+        *,
+        step_hash: str,
+        outcome: str,
+        exit_code: int | None = None,
+        tail: tuple[str, ...] = (),
+        run_id: int | None = None,
+    ) -> None:
+        """Record a step's last attempt: its hash and outcome (`ok`, `skipped`, `failed`), exit code and last lines."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO provision_steps (address, step, hash, outcome, exit_code, tail, run_id, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (address, step, step_hash, outcome, exit_code, json.dumps(_scrubbed(list(tail))), run_id, time.time()),
+            )
+
+    def provision_hashes(self, address: str) -> dict[str, str]:
+        """Step -> hash of its last success (ran ok, or skipped by its check) in the guest at `address`."""
+        rows = self._rows(
+            "SELECT step, hash FROM provision_steps WHERE address = ? AND outcome IN ('ok', 'skipped')", (address,)
+        )
+        return {row["step"]: row["hash"] for row in rows}
+
+    def forget_provisioning(self, address: str) -> None:
+        """Forget what ran in a guest: it was destroyed (or recreated), so every step runs again."""
+        with self._tx() as db:
+            db.execute("DELETE FROM provision_steps WHERE address = ?", (address,))
 
 
 def _table_names(db: sqlite3.Connection) -> set[str]:

@@ -41,6 +41,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple, TypeAlias
+from urllib.parse import unquote
 
 from reconciler.spec.models import Lxc, Network, Startup, Vm
 
@@ -451,6 +452,11 @@ def _pci_list(value: str) -> tuple[str, ...]:
     return tuple(pci_address_key(part) for part in value.split(";") if part)
 
 
+def _sshkeys(value: str) -> frozenset[str]:
+    """A VM's `sshkeys` (URL-encoded, one key a line) as a set of `TYPE BASE64`: order and comments aside."""
+    return frozenset(" ".join(line.split()[:2]) for line in unquote(value).splitlines() if line.strip())
+
+
 def _path(value: str) -> str:
     return value.rstrip("/") or "/"
 
@@ -488,6 +494,7 @@ class _KeySpec(NamedTuple):
     norm: _Norm | None  # a plain value: how to normalise it; None for a property string
     default_key: str | None = None  # a property string's unnamed first element
     volume: bool = False  # the default key is a volume (storage comparison, size, replacement)
+    sized: bool = True  # a volume whose size the spec declares (efidisk0/tpmstate0: PVE sizes them itself)
 
 
 _STR: Final = _KeySpec(str.strip)
@@ -526,8 +533,12 @@ _QEMU_KEYS: Final[Mapping[str, _KeySpec]] = {
     "boot": _KeySpec(None, "legacy"),
     "rng0": _KeySpec(None, "source"),
     "smbios1": _KeySpec(None),
-    "efidisk0": _KeySpec(None, "file", volume=True),
-    "tpmstate0": _KeySpec(None, "file", volume=True),
+    "efidisk0": _KeySpec(None, "file", volume=True, sized=False),
+    "tpmstate0": _KeySpec(None, "file", volume=True, sized=False),
+    "sshkeys": _KeySpec(_sshkeys),
+    "nameserver": _KeySpec(_words),
+    "searchdomain": _KeySpec(_words),
+    "cicustom": _KeySpec(None),
 }
 _QEMU_INDEXED: Final[Mapping[str, _KeySpec]] = {
     **dict.fromkeys(_DISK_PREFIXES, _KeySpec(None, "file", volume=True)),
@@ -535,7 +546,7 @@ _QEMU_INDEXED: Final[Mapping[str, _KeySpec]] = {
     "net": _KeySpec(None, "model"),
     "hostpci": _KeySpec(None, "host"),
     "usb": _KeySpec(None, "host"),
-    "numa": _KeySpec(None, "cpus"),
+    "numa": _KeySpec(None),
     "ipconfig": _KeySpec(None),
 }
 _SCALAR_DEFAULTS: Final[Mapping[GuestKind, Mapping[str, str]]] = {
@@ -587,7 +598,13 @@ def _storage(volume: str) -> str | None:
 
 
 def _compare_volume(
-    name: str, desired: str, live: str | None, desired_fields: Mapping[str, str], live_fields: Mapping[str, str]
+    name: str,
+    desired: str,
+    live: str | None,
+    desired_fields: Mapping[str, str],
+    live_fields: Mapping[str, str],
+    *,
+    sized: bool = True,
 ) -> tuple[list[FieldChange], bool, bool]:
     """Compare a volume (the default key of rootfs, mpN or a disk): (changes, replace, resize)."""
     changes: list[FieldChange] = []
@@ -598,7 +615,7 @@ def _compare_volume(
         if live_storage != allocate.group(1):
             changes.append(FieldChange(name, live, desired))
             replace = live_storage is not None
-        elif "size" not in desired_fields and "size" in live_fields:
+        elif sized and "size" not in desired_fields and "size" in live_fields:
             wanted = int(float(allocate.group(2)) * GIB)
             try:
                 same_size = parse_pve_size(live_fields["size"]) == wanted
@@ -671,7 +688,9 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
     replace = resize = False
     volume_key = spec.default_key if spec.volume else None
     if volume_key is not None and volume_key in want:
-        changes, replace, resize = _compare_volume(volume_key, want[volume_key], have.get(volume_key), want, have)
+        changes, replace, resize = _compare_volume(
+            volume_key, want[volume_key], have.get(volume_key), want, have, sized=spec.sized
+        )
     backup_default = "1" if kind == "qemu" and spec.volume else "0"
     for name, wanted in want.items():
         if name == volume_key:

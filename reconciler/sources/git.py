@@ -12,9 +12,9 @@ memory all use.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +22,7 @@ import git
 
 from reconciler.errors import ConfigError, TemporaryError
 from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.files import MAX_ATTACHED_BYTES, attach_files, blobs_reader
 from reconciler.spec.loader import MAX_FILE_BYTES, SPEC_SUFFIXES, LoadResult, SpecFile, load_files
 from reconciler.spec.validate import validate
 
@@ -33,6 +34,7 @@ class Commit:
     sha: str
     files: tuple[SpecFile, ...]
     oversized: tuple[str, ...] = ()
+    attachable: Mapping[str, bytes] = field(default_factory=dict, repr=False)  # small other files: keys, scripts
 
 
 def read_commit(repository: str, *, ref: str = "HEAD", path: str = "", cache: Path | None = None) -> Commit:
@@ -52,17 +54,25 @@ def read_commit(repository: str, *, ref: str = "HEAD", path: str = "", cache: Pa
                 raise ConfigError(f"{path!r} does not exist in {ref} ({commit.hexsha[:12]})") from None
         files: list[SpecFile] = []
         oversized: list[str] = []
+        attachable: dict[str, bytes] = {}
+        budget = _ATTACHABLE_TOTAL
         for item in tree.traverse():
             name = str(getattr(item, "path", ""))
-            if not isinstance(item, git.Blob) or not name.endswith(SPEC_SUFFIXES):
+            if not isinstance(item, git.Blob) or any(part.startswith(".") for part in PurePosixPath(name).parts):
                 continue
-            if any(part.startswith(".") for part in PurePosixPath(name).parts):
+            if not name.endswith(SPEC_SUFFIXES):
+                # Files a spec may name (ssh keys, provisioning scripts); a symlink's blob is its target, not a file.
+                if item.mode != _SYMLINK and item.size <= min(MAX_ATTACHED_BYTES, budget):
+                    budget -= item.size
+                    attachable[str(PurePosixPath(name).relative_to(folder)) if folder else name] = (
+                        item.data_stream.read()
+                    )
                 continue
             if item.size > MAX_FILE_BYTES:
                 oversized.append(name)
                 continue
             files.append(SpecFile(name, item.data_stream.read()))
-        return Commit(commit.hexsha, tuple(files), tuple(oversized))
+        return Commit(commit.hexsha, tuple(files), tuple(oversized), attachable)
     finally:
         repo.close()
 
@@ -71,6 +81,7 @@ def load_commit(repository: str, *, ref: str = "HEAD", path: str = "", cache: Pa
     """Load and validate the spec tree of a commit; the revision is the commit's SHA."""
     commit = read_commit(repository, ref=ref, path=path, cache=cache)
     result = load_files(commit.files, revision=commit.sha, empty_hint=f"{repository}@{ref}:{path or '/'}")
+    result = attach_files(result, blobs_reader(commit.attachable, where=f"{ref} ({commit.sha[:12]})"))
     too_large = tuple(
         Diagnostic(
             Severity.ERROR,
@@ -82,6 +93,10 @@ def load_commit(repository: str, *, ref: str = "HEAD", path: str = "", cache: Pa
     if not result.ok or too_large:
         return LoadResult(result.state, (*too_large, *result.diagnostics))
     return LoadResult(result.state, (*result.diagnostics, *validate(result.state)))
+
+
+_SYMLINK = 0o120000
+_ATTACHABLE_TOTAL = 32 * 1024 * 1024  # what a commit's non-spec files may take in memory; past it they are not read
 
 
 def _is_local(repository: str) -> bool:

@@ -15,6 +15,16 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reconciler.spec.access import (
+    Clone,
+    CloudInit,
+    EfiDisk,
+    NumaNode,
+    ProvisionStep,
+    SshKey,
+    SshTarget,
+    TpmState,
+)
 from reconciler.spec.units import Duration, Size
 
 __all__ = [
@@ -222,6 +232,8 @@ class DockerHost(Resource):
     ca_file: str | None = None
     timeout: Duration = 60.0
     node: Name | None = Field(None, description="Proxmox node it runs on, when it is the hypervisor")
+    ssh: SshTarget | None = Field(None, description="where provisioning connects: user@host[:port]")
+    provision: tuple[ProvisionStep, ...] = Field((), description="steps run over SSH, in order (issue 11)")
 
 
 # ---- GPUs ------------------------------------------------------------------------------
@@ -336,6 +348,12 @@ class Lxc(Resource):
     state: PowerState = PowerState.RUNNING
     docker: DockerEndpoint | None = Field(None, description="this guest runs a Docker engine reached here")
     exclusive: GroupMembership | None = None
+    ssh_keys: tuple[SshKey, ...] = Field((), description="root's authorized keys, set at creation")
+    password_env: str | None = Field(
+        None, pattern=r"^[A-Z_][A-Z0-9_]{0,127}$", description="environment variable holding root's password"
+    )
+    ssh: SshTarget | None = Field(None, description="where provisioning connects; default: the ssh:// docker endpoint")
+    provision: tuple[ProvisionStep, ...] = Field((), description="steps run over SSH after the first start, in order")
 
     @field_validator("tags")
     @classmethod
@@ -389,6 +407,13 @@ class Vm(Resource):
     state: PowerState = PowerState.RUNNING
     docker: DockerEndpoint | None = None
     exclusive: GroupMembership | None = None
+    clone: Clone | None = Field(None, description="create the VM as a clone of a template")
+    cloud_init: CloudInit | None = None
+    efidisk0: EfiDisk | None = Field(None, description="OVMF variables volume (bios: ovmf)")
+    tpmstate0: TpmState | None = Field(None, description="software TPM state volume")
+    numa_nodes: tuple[NumaNode, ...] = Field((), description="guest NUMA nodes (numaN), pinned to host nodes")
+    ssh: SshTarget | None = Field(None, description="where provisioning connects; default: the ssh:// docker endpoint")
+    provision: tuple[ProvisionStep, ...] = Field((), description="steps run over SSH after the first start, in order")
 
     @field_validator("tags")
     @classmethod

@@ -46,6 +46,8 @@ class DesiredState:
     resources: tuple[Resource, ...]
     origins: Mapping[str, Origin] = field(default_factory=dict, repr=False)
     revision: str | None = None
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    """Files the specs name (ssh key files, provisioning scripts), by path relative to the tree: see spec/files.py."""
     _index: dict[str, Resource] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reconciler.spec.access_checks import check_access
 from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.files import attach_files, tree_reader
 from reconciler.spec.loader import LoadResult, load_tree
 from reconciler.spec.models import (
     Container,
@@ -42,7 +44,7 @@ DEFAULT_VLLM_UTILIZATION = 0.9
 
 def load_and_validate(root: Path) -> LoadResult:
     """Load a spec tree and, when it loaded cleanly, check it across documents."""
-    loaded = load_tree(root)
+    loaded = attach_files(load_tree(root), tree_reader(root))
     if not loaded.ok:
         return loaded
     return LoadResult(loaded.state, (*loaded.diagnostics, *validate(loaded.state)))
@@ -51,6 +53,7 @@ def load_and_validate(root: Path) -> LoadResult:
 def validate(state: DesiredState) -> tuple[Diagnostic, ...]:
     checker = _Checker(state)
     checker.run()
+    checker.found.extend(check_access(state))  # issue 11: guest access and provisioning
     unique: dict[tuple[object, ...], Diagnostic] = {}
     for diagnostic in checker.found:
         key = (diagnostic.position, diagnostic.kind, diagnostic.name, diagnostic.message)

@@ -11,7 +11,17 @@ from typing import NoReturn
 
 import pytest
 
-__all__ = ["in_ci", "missing"]
+__all__ = ["COMPONENTS", "in_ci", "missing"]
+
+COMPONENTS: dict[str, str] = {
+    "Docker engine": "Debian docker.io (dockerd, started by tests/support/dockerd.py)",
+    "busybox": "Debian busybox-static",
+    "cc": "Debian gcc, libc6-dev",
+    "git": "Debian git",
+    "fakepve": "pip fakepve (the dev extra)",
+    "sshd": "Debian openssh-server (/usr/sbin/sshd, started by tests/support/sshd.py)",
+}
+"""Every real component a test may need, and what provides it (.ci/run installs them)."""
 
 
 def in_ci() -> bool:
@@ -20,7 +30,8 @@ def in_ci() -> bool:
 
 def missing(component: str, reason: str) -> NoReturn:
     """Skip (locally) or fail (under CI) because `component` is not available."""
-    message = f"{component} is not available: {reason}"
+    provider = COMPONENTS.get(component)
+    message = f"{component} is not available: {reason}" + (f" (from {provider})" if provider else "")
     if in_ci():
         pytest.fail(f"{message} (CI must run the real tests)", pytrace=False)
     pytest.skip(message)
