@@ -81,6 +81,18 @@ def test_output_streams_line_by_line_and_the_tail_keeps_the_last_lines(sshd: Ssh
     assert (tmp_path / "ran").exists()
 
 
+def test_a_secret_the_process_holds_never_leaves_in_the_output(sshd: Sshd) -> None:
+    from reconciler import redact
+
+    secret = "s3cret-provisioning-token-4821"
+    redact.register(secret)
+    seen: list[str] = []
+    with connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts) as session:
+        result = session.run(f"echo token={secret}; echo {secret} >&2; exit 1", timeout=30, on_line=seen.append)
+    assert seen and all(secret not in line for line in seen)
+    assert all(secret not in line for line in result.tail)
+
+
 def test_stdin_and_env_reach_the_command_and_a_hostile_value_stays_a_value(sshd: Sshd, tmp_path: Path) -> None:
     hostile = f"'; touch {tmp_path}/pwned; echo '"
     with connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts) as session:
