@@ -63,6 +63,15 @@ def test_not_available_readings_are_none() -> None:
     assert "memory" in gpu.error
 
 
+def test_control_characters_never_reach_a_terminal() -> None:
+    line = "0, GPU-1\x1b[2J, 01:00.0, evil\x00\x1b]0;owned\x07name, 1, 1, 0, 0, 0, 0, 0, 580\x1b[0m\n"
+
+    (gpu,) = parse_nvidia_smi(line).gpus
+
+    assert (gpu.uuid, gpu.name) == ("GPU-1[2J", "evil]0;ownedname")
+    assert parse_nvidia_smi(line).driver_version == "580[0m"
+
+
 def test_no_gpus_is_an_empty_observation() -> None:
     observed = parse_nvidia_smi("\n\n")
     assert observed.available
@@ -80,8 +89,10 @@ def test_no_gpus_is_an_empty_observation() -> None:
         (TWO_3090 + SECTION_MARK + "\nGPU-1, 12\n", "expected gpu_uuid, pid, used_memory"),
         (TWO_3090 + SECTION_MARK + "\nGPU-1, twelve, 3\n", "pid 'twelve' is not a number"),
         ("x\n" * 5000, "more than 4096"),
+        ("0, " + "A" * 200_000 + "\n", "not CSV"),
+        ('0, "unterminated\n1, x\n', "expected 12 fields"),
     ],
-    ids=["short", "memory-text", "negative", "nan", "inf", "apps-short", "pid-text", "flood"],
+    ids=["short", "memory-text", "negative", "nan", "inf", "apps-short", "pid-text", "flood", "huge-field", "quote"],
 )
 def test_malformed_output_is_refused_naming_the_line(text: str, said: str) -> None:
     with pytest.raises(ValueError, match=r".*") as raised:

@@ -328,3 +328,14 @@ def test_gguf_package_is_the_one_that_wrote_the_file(tmp_path: Path) -> None:
     reader = gguf.GGUFReader(path)
     total = sum(int(t.n_bytes) for t in reader.tensors)
     assert total == read_model_shape(path).weights_bytes
+
+
+def test_config_text_is_made_printable(tmp_path: Path) -> None:
+    config = {
+        **QWEN25["7B"].config(),
+        "architectures": ["Qwen2\x1b[2J" + "x" * 500],
+        "quantization_config": {"quant_method": "awq\x07"},
+    }
+    shape = read_model_shape(_folder(tmp_path, "m", config, [Tensor("model.norm.weight", (8,), "BF16")]))
+    assert shape.architecture == ("Qwen2[2J" + "x" * 500)[:64]
+    assert shape.quantization == "awq"

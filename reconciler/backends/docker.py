@@ -739,7 +739,8 @@ def _query_gpus(api: Any, host: str, *, image: str, timeout: float, label: str) 
         return NvmlObservation(available=False, error=reason)
     if status != 0:
         said = (errors.strip() or output.strip()).splitlines()[-1:] or ["no message"]
-        return NvmlObservation(available=False, error=f"{where} exited with {status}: {said[0][:300]}")
+        text = "".join(c for c in said[0] if c.isprintable())[:300]  # a container's words reach a terminal
+        return NvmlObservation(available=False, error=f"{where} exited with {status}: {text}")
     try:
         return parse_nvidia_smi(output)
     except ValueError as exc:

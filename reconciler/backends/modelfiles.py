@@ -352,6 +352,11 @@ def _config(folder: Path) -> Mapping[str, Any]:
     return {**document, **text} if isinstance(text, dict) else document
 
 
+def _printable(value: Any, limit: int) -> str:
+    """A config's text as it may be shown: printable characters only, cut to `limit`."""
+    return "".join(c for c in str(value) if c.isprintable())[:limit]
+
+
 def _number(config: Mapping[str, Any], where: Path, *keys: str, default: int | None = None) -> int:
     for key in keys:
         value = config.get(key)
@@ -382,7 +387,7 @@ def _safetensors_folder(folder: Path) -> ModelShape:
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return ModelShape(
         format=ModelFormat.SAFETENSORS,
-        architecture=str((config.get("architectures") or [config.get("model_type", "unknown")])[0])[:64],
+        architecture=_printable((config.get("architectures") or [config.get("model_type", "unknown")])[0], 64),
         block_count=tally.blocks,
         embedding_length=hidden,
         head_count=heads,
@@ -398,7 +403,7 @@ def _safetensors_folder(folder: Path) -> ModelShape:
         expert_count=_number(config, folder, "num_local_experts", "num_experts", "n_routed_experts", default=0),
         expert_used_count=_number(config, folder, "num_experts_per_tok", "experts_per_token", default=0),
         dtype_bytes=4.0 if dtype in {"float32", "float"} else 2.0,
-        quantization=str(method)[:40] if method else None,
+        quantization=_printable(method, 40) if method else None,
         type_bytes=dict(tally.types),
         path=str(folder),
     )

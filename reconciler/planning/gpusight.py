@@ -76,6 +76,11 @@ def _missing(value: str) -> bool:
     return not text or text.startswith("[") or text.upper() == "N/A"
 
 
+def _clean(value: str) -> str:
+    """Text for people: no control characters (they would reach a terminal), at most 128 characters."""
+    return "" if _missing(value) else "".join(c for c in value if c.isprintable())[:128]
+
+
 def _number(value: str, line: int, what: str) -> float | None:
     if _missing(value):
         return None
@@ -92,11 +97,14 @@ def _rows(text: str) -> list[tuple[int, list[str]]]:
     lines = text.splitlines()
     if len(lines) > _MAX_LINES:
         raise ValueError(f"nvidia-smi printed {len(lines)} lines; more than {_MAX_LINES} is not a GPU list")
-    return [
-        (number, [cell.strip() for cell in row])
-        for number, row in enumerate(csv.reader(lines, skipinitialspace=True), start=1)
-        if row and any(cell.strip() for cell in row)
-    ]
+    try:
+        return [
+            (number, [cell.strip() for cell in row])
+            for number, row in enumerate(csv.reader(lines, skipinitialspace=True), start=1)
+            if row and any(cell.strip() for cell in row)
+        ]
+    except csv.Error as exc:  # a field past csv's size limit, a NUL byte: not a GPU list either
+        raise ValueError(f"nvidia-smi output is not CSV: {exc}") from None
 
 
 def _gpu(line: int, cells: list[str], processes: Mapping[str, tuple[GpuProcess, ...]]) -> ObservedGpu:
@@ -108,9 +116,9 @@ def _gpu(line: int, cells: list[str], processes: Mapping[str, tuple[GpuProcess, 
     utilization, temperature = _number(util, line, "utilization.gpu"), _number(temp, line, "temperature.gpu")
     return ObservedGpu(
         index=int(position) if position is not None else line - 1,
-        uuid="" if _missing(uuid) else uuid,
-        pci_bus_id="" if _missing(bus_id) else normalise_bus_id(bus_id),
-        name="" if _missing(name) else name,
+        uuid=_clean(uuid),
+        pci_bus_id=normalise_bus_id(_clean(bus_id)),
+        name=_clean(name),
         memory_total=total_b,
         memory_used=used_b,
         memory_free=free_b,
@@ -118,7 +126,7 @@ def _gpu(line: int, cells: list[str], processes: Mapping[str, tuple[GpuProcess, 
         temperature=None if temperature is None else int(temperature),
         power_usage=_number(draw, line, "power.draw"),
         power_limit=_number(limit, line, "power.limit"),
-        processes=processes.get(uuid, ()),
+        processes=processes.get(_clean(uuid), ()),
         error=None if known else "nvidia-smi does not report memory for this GPU ([N/A])",
     )
 
@@ -134,7 +142,7 @@ def _compute_apps(text: str, offset: int) -> dict[str, tuple[GpuProcess, ...]]:
             continue
         memory = _number(used, line + offset, "used_memory")
         process = GpuProcess(pid=int(number), used_memory=None if memory is None else int(memory * _MIB))
-        found.setdefault(uuid, []).append(process)
+        found.setdefault(_clean(uuid), []).append(process)
     return {uuid: tuple(processes) for uuid, processes in found.items()}
 
 
@@ -152,8 +160,8 @@ def parse_nvidia_smi(text: str) -> NvmlObservation:
         if len(cells) != _GPU_FIELDS:
             raise ValueError(f"nvidia-smi line {line}: expected {_GPU_FIELDS} fields, got {len(cells)}")
         gpus.append(_gpu(line, cells, processes))
-        if driver is None and not _missing(cells[-1]):
-            driver = cells[-1]
+        if driver is None and _clean(cells[-1]):
+            driver = _clean(cells[-1])
     return NvmlObservation(available=True, driver_version=driver, gpus=tuple(gpus))
 
 
