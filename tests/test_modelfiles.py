@@ -17,10 +17,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from reconciler.backends.modelfiles import ollama_model_path, read_model_shape
+from reconciler.backends.modelfiles import model_shape, ollama_model_path, read_model_shape
 from reconciler.errors import NotFoundError, PermanentError, PermissionDenied
 from reconciler.planning.vram import GpuSlot, ModelFormat, estimate
-from reconciler.spec.models import Engine
+from reconciler.spec.models import Engine, Model
 from tests.support.modelfiles import (
     QWEN25,
     Tensor,
@@ -339,3 +339,36 @@ def test_config_text_is_made_printable(tmp_path: Path) -> None:
     shape = read_model_shape(_folder(tmp_path, "m", config, [Tensor("model.norm.weight", (8,), "BF16")]))
     assert shape.architecture == ("Qwen2[2J" + "x" * 500)[:64]
     assert shape.quantization == "awq"
+
+
+def _model(**fields: object) -> Model:
+    return Model.model_validate({"name": "m", "host": "h", "port": 8000, **fields})
+
+
+def test_each_engine_finds_its_files_where_it_would(tmp_path: Path) -> None:
+    layout = QWEN25["7B"]
+    gguf_file = write_gguf(tmp_path / "q.gguf", "qwen2", qwen_gguf_metadata(layout), qwen_gguf_tensors(layout))
+    folder = _qwen(tmp_path, "7B", "AWQ")
+    store = tmp_path / "ollama"
+    digest = "c" * 64
+    manifest = store / "models/manifests/registry.ollama.ai/library/qwen2.5/latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(
+        json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}"}]})
+    )
+    (store / "models/blobs").mkdir()
+    (store / "models/blobs" / f"sha256-{digest}").symlink_to(gguf_file)
+
+    llamacpp = model_shape(_model(engine="llamacpp", source=str(gguf_file)))
+    vllm = model_shape(_model(engine="vllm", source=str(folder)))
+    ollama = model_shape(_model(engine="ollama", source="qwen2.5", models_dir=str(store)))
+
+    assert (llamacpp.format, vllm.format, ollama.format) == (
+        ModelFormat.GGUF,
+        ModelFormat.SAFETENSORS,
+        ModelFormat.GGUF,
+    )
+    assert ollama.weights_bytes == llamacpp.weights_bytes
+    with pytest.raises(NotFoundError) as raised:
+        model_shape(_model(engine="ollama", source="qwen2.5"))
+    assert "models_dir" in str(raised.value)

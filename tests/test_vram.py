@@ -19,8 +19,9 @@ from reconciler.planning.vram import (
     ModelShape,
     declared,
     estimate,
+    footprint_of,
 )
-from reconciler.spec.models import Engine
+from reconciler.spec.models import Engine, Model
 from tests.support.modelfiles import (
     QWEN25,
     gpt_oss_120b_config,
@@ -404,3 +405,37 @@ def test_each_gpu_gets_its_own_verdict_in_order() -> None:
     ]
     a, b = check_fit(gpus, placed)
     assert (a.gpu, a.fits, b.gpu, b.fits) == ("a", True, "b", False)
+
+
+# ---- declared or estimated: what the plan uses ------------------------------------------------------
+
+
+def _model(**fields: object) -> Model:
+    return Model.model_validate({"name": "qwen-7b", "host": "infer", "port": 8000, "source": "/models/q", **fields})
+
+
+def test_a_declared_vram_wins_over_the_files(qwen7_gguf: ModelShape) -> None:
+    footprint = footprint_of(_model(engine="llamacpp", vram="6GiB"), [GpuSlot("big", 16 * GIB)], qwen7_gguf)
+    assert (footprint.source, footprint.total) == (FootprintSource.DECLARED, 6 * GIB)
+
+
+def test_the_estimate_is_used_when_nothing_is_declared(qwen7_gguf: ModelShape) -> None:
+    model = _model(engine="llamacpp", context=4096, args={"cache_type_k": "q8_0"})
+    footprint = footprint_of(model, [GpuSlot("big", 16 * GIB)], qwen7_gguf)
+    assert footprint == estimate(qwen7_gguf, Engine.LLAMACPP, model.args, [GpuSlot("big", 16 * GIB)], context=4096)
+
+
+def test_unreadable_files_without_vram_are_a_refusal_not_zero() -> None:
+    footprint = footprint_of(_model(engine="llamacpp"), [GpuSlot("big", 16 * GIB)], None, unread="no model file")
+    assert footprint.total == 0
+    (refusal,) = footprint.refusals
+    assert refusal.startswith("Model qwen-7b: its files could not be read (no model file) and it declares no 'vram'")
+    assert "/models/q" in refusal
+
+
+def test_vllm_without_readable_files_still_books_its_share() -> None:
+    model = _model(engine="vllm", args={"gpu_memory_utilization": 0.88})
+    footprint = footprint_of(model, [GpuSlot("gpu0", 24 * GIB)], None, unread="on the GPU host")
+    assert footprint.refusals == ()
+    assert footprint.on("gpu0") == int(24 * GIB * 0.88)
+    assert "not checked" in footprint.notes[0]

@@ -31,14 +31,15 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, assert_never
 
 import gguf
 
 from reconciler.errors import NotFoundError, PermanentError, PermissionDenied, TemporaryError
 from reconciler.planning.vram import ModelFormat, ModelShape
+from reconciler.spec.models import Engine, Model
 
-__all__ = ["MAX_SAFETENSORS_HEADER", "ollama_model_path", "read_model_shape"]
+__all__ = ["MAX_SAFETENSORS_HEADER", "model_shape", "ollama_model_path", "read_model_shape"]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
 _MAX_SHARDS = 1024
@@ -83,6 +84,26 @@ def read_model_shape(path: str | Path) -> ModelShape:
         return _gguf_model(where)
     except OSError as exc:
         _raise_os(exc, where)
+
+
+def model_shape(model: Model) -> ModelShape:
+    """The shape of a Model's files, where its engine finds them: a GGUF file (llama.cpp), a folder
+    (vLLM), or Ollama's store (`models_dir`, its blob for `source`). Raises as `read_model_shape`.
+    """
+    match model.engine:
+        case Engine.LLAMACPP | Engine.VLLM:
+            return read_model_shape(model.source)
+        case Engine.OLLAMA:
+            if model.models_dir is None:
+                raise NotFoundError(
+                    f"Ollama model {model.source!r} has no models_dir: its store cannot be read",
+                    resource=model.ref,
+                    hint=_HINT,
+                )
+            # planning.containers mounts models_dir at /root/.ollama: the store is its models/ folder.
+            return read_model_shape(ollama_model_path(Path(model.models_dir) / "models", model.source))
+        case _:
+            assert_never(model.engine)
 
 
 def ollama_model_path(store: str | Path, name: str) -> Path:

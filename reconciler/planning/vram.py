@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import assert_never
 
-from reconciler.spec.models import Engine
+from reconciler.spec.models import Engine, Model
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
@@ -63,6 +63,7 @@ __all__ = [
     "ModelShape",
     "declared",
     "estimate",
+    "footprint_of",
     "gib",
     "kv_cache_bytes",
 ]
@@ -198,6 +199,38 @@ def declared(engine: Engine, vram: int, gpus: Sequence[GpuSlot]) -> Footprint:
         source=FootprintSource.DECLARED,
         shares=tuple(GpuShare(gpu=gpu.name, weights=vram) for gpu in gpus),
     )
+
+
+def footprint_of(
+    model: Model, gpus: Sequence[GpuSlot], shape: ModelShape | None, *, unread: str | None = None
+) -> Footprint:
+    """The footprint the plan uses for `model` on `gpus`: its declared `vram`, else the estimate.
+
+    `shape` is None when the model's files could not be read (`unread` says why). Then a declared
+    `vram` is required: without one the footprint carries a refusal saying so, never a silent 0.
+    vLLM is the exception: its footprint is `gpu_memory_utilization` x total whatever the files say,
+    so only the check that the model fits inside it is skipped, with a note.
+    """
+    if model.vram is not None:
+        return declared(model.engine, model.vram, gpus)
+    if shape is not None:
+        return estimate(shape, model.engine, model.args, gpus, context=model.context)
+    why = f" ({unread})" if unread else ""
+    if model.engine is Engine.VLLM:
+        options = _Options.of(model.args)
+        utilization = options.number("gpu-memory-utilization", low=0.01, high=1.0) or DEFAULT_VLLM_UTILIZATION
+        return Footprint(
+            engine=model.engine,
+            source=FootprintSource.ESTIMATED,
+            shares=tuple(GpuShare(gpu=g.name, kv_cache=int(g.total * utilization)) for g in gpus),
+            refusals=tuple(options.problems),
+            notes=(f"the files of {model.name} could not be read{why}: whether the model fits is not checked",),
+        )
+    refusal = (
+        f"Model {model.name}: its files could not be read{why} and it declares no 'vram'; declare 'vram' "
+        f"(its footprint per GPU), or make {model.source} readable where the reconciler runs"
+    )
+    return Footprint(engine=model.engine, source=FootprintSource.ESTIMATED, shares=(), refusals=(refusal,))
 
 
 def kv_cache_bytes(shape: ModelShape, tokens: int, *, k_bytes: float, v_bytes: float, layers: int) -> int:
