@@ -548,3 +548,61 @@ def test_setting_without_nvml_is_an_error_not_a_silent_skip(fake_nvml: FakeNvml)
     with pytest.raises(PermanentError) as raised:
         fake_nvml.backend().set_power_limit(RTX_5070_TI.uuid, 280)
     assert "DRIVER_NOT_LOADED" in str(raised.value)
+
+
+class _Clock:
+    """A clock that moves only when slept on: waits are counted in reads, not measured in time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+
+
+def test_a_switch_waits_until_the_memory_is_freed(fake_nvml: FakeNvml) -> None:
+    exited = FakeProcess(pid=5151, used_memory=14 * GIB, gone=True, release_after=3)
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+    clock = _Clock()
+
+    gpu = fake_nvml.backend().wait_for_free(RTX_5070_TI.uuid, 12 * GIB, timeout=30, clock=clock, sleep=clock.sleep)
+
+    assert gpu.memory_free == 16 * GIB
+    assert clock.sleeps == 3  # three reads still showed the exited process's memory
+
+
+def test_a_switch_whose_memory_is_never_freed_times_out(fake_nvml: FakeNvml) -> None:
+    exited = FakeProcess(pid=5151, used_memory=14 * GIB, gone=True, release_after=1000)
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+    clock = _Clock()
+
+    with pytest.raises(TemporaryError) as raised:
+        fake_nvml.backend().wait_for_free(
+            RTX_5070_TI.uuid, 12 * GIB, timeout=5, interval=1, clock=clock, sleep=clock.sleep
+        )
+
+    assert "2.0 GiB free after 5 s, 12.0 GiB needed" in str(raised.value)
+    assert clock.sleeps == 5
+
+
+def test_waiting_on_a_lost_or_missing_gpu_fails_at_once(fake_nvml: FakeNvml) -> None:
+    clock = _Clock()
+    backend = fake_nvml.backend()
+    fake_nvml.set(replace(RTX_5070_TI, lost=True))
+    with pytest.raises(PermanentError) as lost:
+        backend.wait_for_free(RTX_5070_TI.uuid, 1, timeout=5, clock=clock, sleep=clock.sleep)
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, failures={"nvmlDeviceGetPowerUsage": 15}))  # lost after its UUID
+    with pytest.raises(PermanentError) as lost_later:
+        backend.wait_for_free(GTX_970.uuid, 1, timeout=5, clock=clock, sleep=clock.sleep)
+    with pytest.raises(NotFoundError):
+        backend.wait_for_free("GPU-00000000-0000-0000-0000-000000000000", 1, timeout=5, clock=clock, sleep=clock.sleep)
+
+    assert not isinstance(lost.value, NotFoundError)
+    assert "NVML_ERROR_GPU_IS_LOST" in str(lost.value)
+    assert "NVML_ERROR_GPU_IS_LOST" in str(lost_later.value)
+    assert clock.sleeps == 0

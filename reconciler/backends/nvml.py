@@ -53,6 +53,7 @@ import ctypes
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -334,8 +335,8 @@ class NvmlBackend:
                 lambda: pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle),
             ),
         )
-        power = self._read_power(handle)
-        persistence, compute = self._read_modes(handle)
+        power = _read_power(handle)
+        persistence, compute = _read_modes(handle)
         if memory is None:
             total = used = free = 0
             error: str | None = "NVML does not report memory for this GPU (NVML_ERROR_NOT_SUPPORTED)"
@@ -364,34 +365,49 @@ class NvmlBackend:
             compute_mode=compute,
         )
 
-    @staticmethod
-    def _read_power(handle: Any) -> _Power:
-        """Power draw and limits, in watts (NVML answers milliwatts)."""
-        usage = _optional(("nvmlDeviceGetPowerUsage", lambda: pynvml.nvmlDeviceGetPowerUsage(handle)))
-        limit = _optional(("nvmlDeviceGetEnforcedPowerLimit", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
-        bounds = _optional(
-            (
-                "nvmlDeviceGetPowerManagementLimitConstraints",
-                lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle),
-            )
-        )
-        default = _optional(
-            (
-                "nvmlDeviceGetPowerManagementDefaultLimit",
-                lambda: pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle),
-            )
-        )
-        low, high = (None, None) if bounds is None else bounds
-        return _Power(_watts(usage), _watts(limit), _watts(low), _watts(high), _watts(default))
+    # -- waiting
 
-    @staticmethod
-    def _read_modes(handle: Any) -> tuple[bool | None, ComputeMode | None]:
-        persistence = _optional(("nvmlDeviceGetPersistenceMode", lambda: pynvml.nvmlDeviceGetPersistenceMode(handle)))
-        compute = _optional(("nvmlDeviceGetComputeMode", lambda: pynvml.nvmlDeviceGetComputeMode(handle)))
-        return (
-            None if persistence is None else int(persistence) == pynvml.NVML_FEATURE_ENABLED,
-            None if compute is None else _COMPUTE_MODES.get(int(compute)),
-        )
+    def wait_for_free(
+        self,
+        uuid: str,
+        needed: int,
+        *,
+        timeout: float,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> ObservedGpu:
+        """Observe GPU `uuid` until `needed` bytes are free; the reading that showed it.
+
+        A switch calls this between stopping the old model and starting the new one: the driver
+        may free a stopped process's memory seconds after the process is gone. Raises
+        `TemporaryError` when `timeout` seconds pass first (naming what is free and what is
+        needed), `NotFoundError` when NVML does not list the GPU, `PermanentError` when it is lost
+        or NVML is unavailable.
+        """
+        resource = f"gpu/{uuid}"
+        deadline = clock() + timeout
+        while True:
+            observed = self.observe()
+            if not observed.available:
+                raise PermanentError(f"NVML is not available: {observed.error}", resource=resource)
+            gpu = next((g for g in observed.gpus if g.uuid == uuid), None)
+            if gpu is None:
+                unknown = [g for g in observed.gpus if g.lost and not g.uuid]  # lost before its UUID was read
+                if unknown:
+                    raise PermanentError(f"GPU {uuid} is not listed, and {unknown[0].error}", resource=resource)
+                raise NotFoundError(f"NVML lists no GPU with UUID {uuid}", resource=resource)
+            if gpu.lost:
+                raise PermanentError(gpu.error or "the GPU is lost", resource=resource)
+            if gpu.memory_free >= needed:
+                return gpu
+            if clock() >= deadline:
+                raise TemporaryError(
+                    f"{gpu.memory_free / 2**30:.1f} GiB free after {timeout:g} s, {needed / 2**30:.1f} GiB needed",
+                    resource=resource,
+                    hint="a process still holds the memory (nvidia-smi lists it), or the wait is too short",
+                )
+            sleep(interval)
 
     # -- settings
 
@@ -517,3 +533,32 @@ def _setting_failure(failure: _NvmlFailure, uuid: str) -> BackendError:
     if failure.code in _GPU_GONE:
         return PermanentError(f"{failure}; a reboot or GPU reset is needed first", resource=resource)
     return failure.translate(resource)
+
+
+def _read_power(handle: Any) -> _Power:
+    """Power draw and limits, in watts (NVML answers milliwatts)."""
+    usage = _optional(("nvmlDeviceGetPowerUsage", lambda: pynvml.nvmlDeviceGetPowerUsage(handle)))
+    limit = _optional(("nvmlDeviceGetEnforcedPowerLimit", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
+    bounds = _optional(
+        (
+            "nvmlDeviceGetPowerManagementLimitConstraints",
+            lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle),
+        )
+    )
+    default = _optional(
+        (
+            "nvmlDeviceGetPowerManagementDefaultLimit",
+            lambda: pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle),
+        )
+    )
+    low, high = (None, None) if bounds is None else bounds
+    return _Power(_watts(usage), _watts(limit), _watts(low), _watts(high), _watts(default))
+
+
+def _read_modes(handle: Any) -> tuple[bool | None, ComputeMode | None]:
+    persistence = _optional(("nvmlDeviceGetPersistenceMode", lambda: pynvml.nvmlDeviceGetPersistenceMode(handle)))
+    compute = _optional(("nvmlDeviceGetComputeMode", lambda: pynvml.nvmlDeviceGetComputeMode(handle)))
+    return (
+        None if persistence is None else int(persistence) == pynvml.NVML_FEATURE_ENABLED,
+        None if compute is None else _COMPUTE_MODES.get(int(compute)),
+    )

@@ -52,7 +52,8 @@
  *          A switch that waits for memory to be freed reads it several times.
  * set      what the Set calls (power limit, persistence, compute mode)
  *          appended to the file: applied to GPU `gpu` over its gpu line, the
- *          later line winning. Writing the file anew forgets them.
+ *          later line winning (at most 1024 of them). Writing the file
+ *          anew forgets them.
  * fail     comma-separated `function:code` pairs: that exported function
  *          returns that code for this GPU (gpu line) or for the system
  *          (system line). `nvmlInit` covers all three init entry points.
