@@ -109,6 +109,8 @@ def test_llamacpp_default_context_is_the_preset_one(qwen7_gguf: ModelShape) -> N
     # An argument beats the Model's `context`, as on the command line the container gets.
     overridden = estimate(qwen7_gguf, Engine.LLAMACPP, {"ctx-size": 2048}, [GpuSlot("big", 24 * GIB)], context=4096)
     assert overridden.shares[0].kv_cache == 2048 * KV_PER_TOKEN_QWEN7_F16
+    trained = estimate(qwen7_gguf, Engine.LLAMACPP, {"ctx_size": 0}, [GpuSlot("big", 24 * GIB)], context=4096)
+    assert trained.shares[0].kv_cache == 32768 * KV_PER_TOKEN_QWEN7_F16  # 0: the model's own context length
 
 
 def test_llamacpp_partial_offload_takes_the_last_layers(qwen7_gguf: ModelShape) -> None:

@@ -710,6 +710,7 @@ _GPU_SCRIPT = (
     f"nvidia-smi --query-compute-apps={COMPUTE_APPS_QUERY} --format=csv,noheader,nounits || true\n"
 )
 _GPU_OUTPUT_LIMIT = 1024 * 1024  # a GPU list is a few hundred bytes; more is not one
+_GPU_OUTPUT_LINES = 4097  # one more than the parser accepts, so a flood is still recognised as one
 _NO_COMMAND = 127  # sh: the command is not there
 
 
@@ -729,8 +730,10 @@ def _query_gpus(api: Any, host: str, *, image: str, timeout: float, label: str) 
     try:
         api.start(identifier)
         status = int(api.wait(identifier, timeout=timeout).get("StatusCode", -1))
-        output = api.logs(identifier, stdout=True, stderr=False)[:_GPU_OUTPUT_LIMIT].decode("utf-8", "replace")
-        errors = api.logs(identifier, stdout=False, stderr=True)[-2000:].decode("utf-8", "replace")
+        # `tail` bounds what is read (the engine splits long lines at 16 KiB); more lines are not a GPU list.
+        raw = api.logs(identifier, stdout=True, stderr=False, tail=_GPU_OUTPUT_LINES)
+        output = raw[:_GPU_OUTPUT_LIMIT].decode("utf-8", "replace")
+        errors = api.logs(identifier, stdout=False, stderr=True, tail=5)[-2000:].decode("utf-8", "replace")
     finally:
         api.remove_container(identifier, force=True)
     where = f"nvidia-smi on docker host {host!r}"

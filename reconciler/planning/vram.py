@@ -257,7 +257,8 @@ def estimate(
         case Engine.VLLM:
             return _vllm(shape, options, gpus, context)
         case Engine.LLAMACPP:
-            return _llamacpp(shape, options, gpus, _LlamaSettings.for_llamacpp(options, context))
+            settings = _LlamaSettings.for_llamacpp(options, context, shape.context_length)
+            return _llamacpp(shape, options, gpus, settings)
         case Engine.OLLAMA:
             return _llamacpp(shape, options, gpus, _LlamaSettings.for_ollama(options, context), engine=engine)
         case _:
@@ -334,14 +335,18 @@ class _LlamaSettings:
     cpu_moe_layers: int  # the first N blocks keep their experts in host memory
 
     @classmethod
-    def for_llamacpp(cls, options: _Options, context: int | None) -> _LlamaSettings:
+    def for_llamacpp(cls, options: _Options, context: int | None, trained: int) -> _LlamaSettings:
+        """`trained`: the model's own context length, which `--ctx-size 0` asks for."""
         split_text = options.text("split-mode", "sm") or "layer"
         if split_text not in {s.value for s in _Split}:
             options.problems.append(f"split-mode={split_text!r} is not none, layer or row")
             split_text = "layer"
         cpu_moe = 1 << 30 if options.flag("cpu-moe") else options.integer("n-cpu-moe", low=0, high=1 << 30) or 0
+        asked = options.integer("ctx-size", "c", low=0, high=1 << 24)
         return cls(
-            context=options.integer("ctx-size", "c", low=0, high=1 << 24) or context or DEFAULT_LLAMACPP_CONTEXT,
+            context=(trained or DEFAULT_LLAMACPP_CONTEXT)
+            if asked == 0
+            else asked or context or DEFAULT_LLAMACPP_CONTEXT,
             gpu_layers=_gpu_layers(options),
             k_bytes=options.kv_type("cache-type-k", "ctk"),
             v_bytes=options.kv_type("cache-type-v", "ctv"),
