@@ -8,13 +8,16 @@ import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler.backends.nvml import NvmlBackend
-from reconciler.errors import PermanentError, PermissionDenied, TemporaryError
+from reconciler.errors import NotFoundError, PermanentError, PermissionDenied, TemporaryError
 from reconciler.fakes.nvml import FakeGpu, FakeProcess
-from reconciler.planning.observed import GpuProcess, NvmlObservation, ObservedGpu
+from reconciler.planning.gpufit import ForeignProcess, GpuCapacity, Placement, check_fit
+from reconciler.planning.observed import ComputeMode, GpuProcess, NvmlObservation, ObservedGpu
+from reconciler.planning.vram import FootprintSource
 from tests.support.nvml import FakeNvml, fake_nvml_fixture  # noqa: F401 - the fake_nvml fixture
 
 pytestmark = pytest.mark.nvml
@@ -34,6 +37,11 @@ RTX_5070_TI = FakeGpu(
     temperature=52,
     power_usage_w=87.5,
     power_limit_w=300.0,
+    power_min_w=250.0,
+    power_max_w=350.0,
+    power_default_w=300.0,
+    persistence_mode=True,
+    compute_mode=3,
     processes=(FakeProcess(pid=4242, used_memory=9 * GIB, name="/usr/bin/llama-server"),),
 )
 
@@ -73,6 +81,11 @@ def test_two_mismatched_gpus_are_read_in_full(fake_nvml: FakeNvml) -> None:
                 power_usage=87.5,
                 power_limit=300.0,
                 processes=(GpuProcess(pid=4242, used_memory=9 * GIB, name="/usr/bin/llama-server"),),
+                power_limit_min=250.0,
+                power_limit_max=350.0,
+                power_limit_default=300.0,
+                persistence_mode=True,
+                compute_mode=ComputeMode.EXCLUSIVE_PROCESS,
             ),
             ObservedGpu(
                 index=1,
@@ -86,6 +99,8 @@ def test_two_mismatched_gpus_are_read_in_full(fake_nvml: FakeNvml) -> None:
                 temperature=34,
                 power_usage=13.25,
                 power_limit=145.0,
+                persistence_mode=False,  # constraints not given: NOT_SUPPORTED, read as None
+                compute_mode=ComputeMode.DEFAULT,
             ),
         ),
     )
@@ -376,3 +391,218 @@ def test_fake_library_follows_the_nvml_contract(fake_nvml: FakeNvml) -> None:
         assert lib.nvmlDeviceGetHandleByPciBusId_v2(b"0000:0A:00.0", ctypes.byref(handle)) == 6
     finally:
         assert lib.nvmlShutdown() == 0
+
+
+# ---- what issue 10 needs of the fake: full GPUs, strangers, late frees, settings ------------------------
+
+
+def test_a_full_gpu_reads_no_free_memory_and_the_fit_check_refuses_a_start(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0, memory_used=4 * GIB - 200 * MIB, memory_reserved=200 * MIB))
+
+    gtx = fake_nvml.backend().observe().gpus[0]
+    (fit,) = check_fit(
+        [GpuCapacity("small", vram=4 * GIB, nvml_total=gtx.memory_total, nvml_free=gtx.memory_free)],
+        [Placement("small", "whisper", 1 * GIB, FootprintSource.DECLARED)],
+    )
+
+    assert (gtx.memory_free, gtx.memory_used) == (0, 4 * GIB)
+    assert fit.problems == (
+        "GPU small (4.0 GiB) now: whisper 1.0 GiB would start, NVML shows 0.0 GiB free = 0.0 GiB, short by 1.0 GiB",
+    )
+
+
+def test_a_foreign_process_read_through_nvml_shows_in_the_diagnostic(fake_nvml: FakeNvml) -> None:
+    stranger = FakeProcess(pid=4242, used_memory=1 * GIB + 410 * MIB, name="/opt/game/game.x86_64")
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=1 * GIB + 410 * MIB, processes=(stranger,)))
+
+    rtx = fake_nvml.backend().observe().gpus[0]
+    foreign = [ForeignProcess("big", p.pid, p.used_memory, p.name) for p in rtx.processes]
+    placed = [
+        Placement("big", "qwen-14b", int(11.2 * GIB), FootprintSource.ESTIMATED),
+        Placement("big", "llama-8b", int(6.1 * GIB), FootprintSource.DECLARED),
+    ]
+    (fit,) = check_fit([GpuCapacity("big", vram=16 * GIB)], placed, foreign=foreign)
+
+    assert fit.problems[0] == (
+        "GPU big (16.0 GiB): qwen-14b 11.2 GiB + llama-8b 6.1 GiB + pid 4242 (not managed) 1.4 GiB = 18.7 GiB, "
+        "over by 2.7 GiB"
+    )
+
+
+def test_memory_of_a_stopped_process_is_freed_late(fake_nvml: FakeNvml) -> None:
+    """The old member of a group has exited, but the driver frees its 14 GiB only on the third read."""
+    backend = fake_nvml.backend()
+    exited = FakeProcess(pid=5151, used_memory=14 * GIB, gone=True, release_after=2)
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+
+    reads = [backend.observe().gpus[0] for _ in range(3)]
+
+    assert [gpu.memory_free for gpu in reads] == [2 * GIB, 2 * GIB, 16 * GIB]
+    assert all(gpu.processes == () for gpu in reads)  # gone: no longer listed, even while its memory is held
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+    assert backend.observe().gpus[0].memory_free == 2 * GIB  # a new state file starts counting again
+
+
+def test_power_limit_is_set_and_read_back(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI, GTX_970)
+    backend = fake_nvml.backend()
+
+    backend.set_power_limit(RTX_5070_TI.uuid, 280.5)
+
+    rtx, gtx = backend.observe().gpus
+    assert (rtx.power_limit, rtx.power_limit_min, rtx.power_limit_max, rtx.power_limit_default) == (
+        280.5,
+        250.0,
+        350.0,
+        300.0,
+    )
+    assert gtx.power_limit == GTX_970.power_limit_w
+    assert _fake_init_count_is_zero(fake_nvml.library)
+    fake_nvml.set(RTX_5070_TI, GTX_970)  # a state written anew forgets what was set
+    assert backend.observe().gpus[0].power_limit == 300.0
+
+
+def test_a_power_limit_outside_the_gpus_range_is_refused_with_the_range(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(RTX_5070_TI)
+
+    with pytest.raises(PermanentError) as raised:
+        fake_nvml.backend().set_power_limit(RTX_5070_TI.uuid, 450)
+
+    assert "allows 250 to 350 W" in str(raised.value)
+    assert fake_nvml.backend().observe().gpus[0].power_limit == 300.0
+
+
+@pytest.mark.parametrize("watts", [float("nan"), float("inf"), -10.0, 0.0, 1e9])
+def test_nonsense_power_limits_never_reach_nvml(fake_nvml: FakeNvml, watts: float) -> None:
+    fake_nvml.set(RTX_5070_TI)
+    with pytest.raises(PermanentError):
+        fake_nvml.backend().set_power_limit(RTX_5070_TI.uuid, watts)
+    assert fake_nvml.backend().observe().gpus[0].power_limit == 300.0
+
+
+def test_a_gpu_without_power_management_cannot_have_its_limit_set(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0))
+    with pytest.raises(PermanentError) as raised:
+        fake_nvml.backend().set_power_limit(GTX_970.uuid, 120)
+    assert "cannot change that setting" in str(raised.value)
+
+
+def test_persistence_and_compute_mode_are_set_and_read_back(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(GTX_970, index=0))
+    backend = fake_nvml.backend()
+    assert backend.observe().gpus[0].persistence_mode is False
+
+    backend.set_persistence_mode(GTX_970.uuid, True)
+    backend.set_compute_mode(GTX_970.uuid, ComputeMode.EXCLUSIVE_PROCESS)
+    after = backend.observe().gpus[0]
+    backend.set_compute_mode(GTX_970.uuid, ComputeMode.DEFAULT)  # a rollback puts the old value back
+
+    assert (after.persistence_mode, after.compute_mode) == (True, ComputeMode.EXCLUSIVE_PROCESS)
+    assert backend.observe().gpus[0].compute_mode is ComputeMode.DEFAULT
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b.set_power_limit(RTX_5070_TI.uuid, 280),
+        lambda b: b.set_persistence_mode(RTX_5070_TI.uuid, True),
+        lambda b: b.set_compute_mode(RTX_5070_TI.uuid, ComputeMode.PROHIBITED),
+    ],
+    ids=["power", "persistence", "compute"],
+)
+def test_settings_without_root_are_permission_denied(fake_nvml: FakeNvml, change: Any) -> None:
+    fake_nvml.set(RTX_5070_TI, root=False)
+
+    with pytest.raises(PermissionDenied) as raised:
+        change(fake_nvml.backend())
+
+    assert raised.value.hint is not None
+    assert "root on the GPU's host" in raised.value.hint
+    rtx = fake_nvml.backend().observe().gpus[0]
+    assert (rtx.power_limit, rtx.persistence_mode, rtx.compute_mode) == (300.0, True, ComputeMode.EXCLUSIVE_PROCESS)
+
+
+def test_settings_of_an_unknown_or_lost_gpu_are_refused(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(RTX_5070_TI, lost=True))
+    backend = fake_nvml.backend()
+
+    with pytest.raises(NotFoundError):
+        backend.set_persistence_mode("GPU-00000000-0000-0000-0000-000000000000", True)
+    with pytest.raises(PermanentError) as raised:
+        backend.set_power_limit(RTX_5070_TI.uuid, 280)
+    assert "GPU_IS_LOST" in str(raised.value)
+    with pytest.raises(PermanentError):
+        backend.set_compute_mode(RTX_5070_TI.uuid, ComputeMode.EXCLUSIVE_THREAD)
+
+
+def test_a_transient_failure_while_setting_is_temporary(fake_nvml: FakeNvml) -> None:
+    fake_nvml.set(replace(RTX_5070_TI, failures={"nvmlDeviceSetPersistenceMode": 10}))
+    with pytest.raises(TemporaryError):
+        fake_nvml.backend().set_persistence_mode(RTX_5070_TI.uuid, False)
+    assert fake_nvml.backend().observe().gpus[0].persistence_mode is True
+    assert _fake_init_count_is_zero(fake_nvml.library)
+
+
+def test_setting_without_nvml_is_an_error_not_a_silent_skip(fake_nvml: FakeNvml) -> None:
+    fake_nvml.state.unlink()
+    with pytest.raises(PermanentError) as raised:
+        fake_nvml.backend().set_power_limit(RTX_5070_TI.uuid, 280)
+    assert "DRIVER_NOT_LOADED" in str(raised.value)
+
+
+class _Clock:
+    """A clock that moves only when slept on: waits are counted in reads, not measured in time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+
+
+def test_a_switch_waits_until_the_memory_is_freed(fake_nvml: FakeNvml) -> None:
+    exited = FakeProcess(pid=5151, used_memory=14 * GIB, gone=True, release_after=3)
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+    clock = _Clock()
+
+    gpu = fake_nvml.backend().wait_for_free(RTX_5070_TI.uuid, 12 * GIB, timeout=30, clock=clock, sleep=clock.sleep)
+
+    assert gpu.memory_free == 16 * GIB
+    assert clock.sleeps == 3  # three reads still showed the exited process's memory
+
+
+def test_a_switch_whose_memory_is_never_freed_times_out(fake_nvml: FakeNvml) -> None:
+    exited = FakeProcess(pid=5151, used_memory=14 * GIB, gone=True, release_after=1000)
+    fake_nvml.set(replace(RTX_5070_TI, memory_used=0, memory_reserved=0, processes=(exited,)))
+    clock = _Clock()
+
+    with pytest.raises(TemporaryError) as raised:
+        fake_nvml.backend().wait_for_free(
+            RTX_5070_TI.uuid, 12 * GIB, timeout=5, interval=1, clock=clock, sleep=clock.sleep
+        )
+
+    assert "2.0 GiB free after 5 s, 12.0 GiB needed" in str(raised.value)
+    assert clock.sleeps == 5
+
+
+def test_waiting_on_a_lost_or_missing_gpu_fails_at_once(fake_nvml: FakeNvml) -> None:
+    clock = _Clock()
+    backend = fake_nvml.backend()
+    fake_nvml.set(replace(RTX_5070_TI, lost=True))
+    with pytest.raises(PermanentError) as lost:
+        backend.wait_for_free(RTX_5070_TI.uuid, 1, timeout=5, clock=clock, sleep=clock.sleep)
+    fake_nvml.set(RTX_5070_TI, replace(GTX_970, failures={"nvmlDeviceGetPowerUsage": 15}))  # lost after its UUID
+    with pytest.raises(PermanentError) as lost_later:
+        backend.wait_for_free(GTX_970.uuid, 1, timeout=5, clock=clock, sleep=clock.sleep)
+    with pytest.raises(NotFoundError):
+        backend.wait_for_free("GPU-00000000-0000-0000-0000-000000000000", 1, timeout=5, clock=clock, sleep=clock.sleep)
+
+    assert not isinstance(lost.value, NotFoundError)
+    assert "NVML_ERROR_GPU_IS_LOST" in str(lost.value)
+    assert "NVML_ERROR_GPU_IS_LOST" in str(lost_later.value)
+    assert clock.sleeps == 0

@@ -47,7 +47,14 @@ from reconciler.errors import (
     PermissionDenied,
     TemporaryError,
 )
-from reconciler.planning.observed import ContainerPort, ContainerVolume, DockerObservation, ObservedContainer
+from reconciler.planning.gpusight import COMPUTE_APPS_QUERY, GPU_QUERY, SECTION_MARK, parse_nvidia_smi
+from reconciler.planning.observed import (
+    ContainerPort,
+    ContainerVolume,
+    DockerObservation,
+    NvmlObservation,
+    ObservedContainer,
+)
 from reconciler.spec.models import DockerEndpoint, DockerHost
 
 __all__ = [
@@ -681,3 +688,69 @@ class DockerBackend:
                 return  # done by an earlier try
             raise
         log.info("renamed container %s to %s on docker host %s", name, new_name, host)
+
+    # -- GPUs, seen through the engine
+
+    def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation:
+        """The GPUs of `host`, read by `nvidia-smi` in a short-lived container holding every GPU.
+
+        For a GPU the reconciler's own NVML cannot see (it runs outside the VM or LXC that holds it).
+        The NVIDIA container toolkit puts `nvidia-smi` into any image (`utility` capability); `image`
+        needs a POSIX `sh`. Reported, not raised: no GPU, no driver or no toolkit on the host, and
+        output that is not a GPU list (`available=False` with the reason). Raised: the engine's
+        errors (a missing image is `NotFoundError`), translated as for every other call.
+        """
+        return self._call(
+            host,
+            lambda api: _query_gpus(api, host, image=image, timeout=timeout, label=f"{self._owner_label}.probe"),
+            action="reading GPUs with nvidia-smi",
+            resource=f"{host}/gpus",
+        )
+
+
+# ---- reading GPUs through an engine ---------------------------------------------------------------------
+
+_GPU_SCRIPT = (
+    f"nvidia-smi --query-gpu={GPU_QUERY} --format=csv,noheader,nounits || exit $?\n"
+    f"echo '{SECTION_MARK}'\n"
+    f"nvidia-smi --query-compute-apps={COMPUTE_APPS_QUERY} --format=csv,noheader,nounits || true\n"
+)
+_GPU_OUTPUT_LIMIT = 1024 * 1024  # a GPU list is a few hundred bytes; more is not one
+_GPU_OUTPUT_LINES = 4097  # one more than the parser accepts, so a flood is still recognised as one
+_NO_COMMAND = 127  # sh: the command is not there
+
+
+def _query_gpus(api: Any, host: str, *, image: str, timeout: float, label: str) -> NvmlObservation:
+    """Create, run, read and remove the probe container (the SDK's low-level client `api`)."""
+    container = api.create_container(
+        image,
+        command=["sh", "-c", _GPU_SCRIPT],
+        labels={label: "gpus"},
+        network_disabled=True,
+        host_config=api.create_host_config(
+            network_mode="none",
+            device_requests=[docker.types.DeviceRequest(driver="nvidia", count=-1, capabilities=[["gpu", "utility"]])],
+        ),
+    )
+    identifier = container["Id"]
+    try:
+        api.start(identifier)
+        status = int(api.wait(identifier, timeout=timeout).get("StatusCode", -1))
+        # `tail` bounds what is read (the engine splits long lines at 16 KiB); more lines are not a GPU list.
+        raw = api.logs(identifier, stdout=True, stderr=False, tail=_GPU_OUTPUT_LINES)
+        output = raw[:_GPU_OUTPUT_LIMIT].decode("utf-8", "replace")
+        errors = api.logs(identifier, stdout=False, stderr=True, tail=5)[-2000:].decode("utf-8", "replace")
+    finally:
+        api.remove_container(identifier, force=True)
+    where = f"nvidia-smi on docker host {host!r}"
+    if status == _NO_COMMAND:
+        reason = f"{where}: not found in the container; is the NVIDIA container toolkit installed on the host?"
+        return NvmlObservation(available=False, error=reason)
+    if status != 0:
+        said = (errors.strip() or output.strip()).splitlines()[-1:] or ["no message"]
+        text = "".join(c for c in said[0] if c.isprintable())[:300]  # a container's words reach a terminal
+        return NvmlObservation(available=False, error=f"{where} exited with {status}: {text}")
+    try:
+        return parse_nvidia_smi(output)
+    except ValueError as exc:
+        return NvmlObservation(available=False, error=f"{where} printed something that is not a GPU list: {exc}")

@@ -1,11 +1,15 @@
-"""NVML backend: reads this host's NVIDIA GPUs (VRAM, load, compute processes) through nvidia-ml-py.
+"""NVML backend: reads this host's NVIDIA GPUs (VRAM, load, compute processes, settings) through nvidia-ml-py.
 
 The engine's observe step calls `NvmlBackend.observe()` once a pass, on the
 host the reconciler runs on, so the planner can place models by the VRAM each
-GPU has free and see processes it did not start. It only reads. This is the
-only module of the project that imports `pynvml`: binding objects never leave
-it, and NVML return codes are translated here, by code and never by message
-text, into `planning.observed` values or the project's error tree.
+GPU has free and see processes it did not start; /metrics reads utilization,
+temperature and power from the same observation. The apply step calls the
+setters (`set_power_limit`, `set_persistence_mode`, `set_compute_mode`) for a
+`Gpu` whose settings differ from the spec; a rollback calls them with the
+values observed before. This is the only module of the project that imports
+`pynvml`: binding objects never leave it, and NVML return codes are
+translated here, by code and never by message text, into `planning.observed`
+values or the project's error tree.
 
 What is reported rather than raised:
 
@@ -18,6 +22,12 @@ What is reported rather than raised:
 - a reading the GPU or driver does not offer (`NOT_SUPPORTED`, or a function
   this driver lacks): None for that field (memory, which is not optional in
   `ObservedGpu`, becomes 0 with an error on the GPU).
+
+Setters find the GPU by its NVML UUID (stable across reboots and PCI moves)
+and raise: `PermissionDenied` without root on the GPU's host
+(NVML_ERROR_NO_PERMISSION), `NotFoundError` for a UUID NVML does not know,
+`PermanentError` for a value the GPU refuses (outside its power limits: the
+message gives them), a setting it does not support, a lost GPU, or no NVML.
 
 Any other NVML error aborts the observation as a `BackendError` subclass:
 `TemporaryError` for codes a later pass may not see again (timeout, unknown,
@@ -41,10 +51,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
 import pynvml
 
@@ -55,7 +68,7 @@ from reconciler.errors import (
     PermissionDenied,
     TemporaryError,
 )
-from reconciler.planning.observed import GpuProcess, NvmlObservation, ObservedGpu
+from reconciler.planning.observed import ComputeMode, GpuProcess, NvmlObservation, ObservedGpu
 
 __all__ = ["DEFAULT_LIBRARY", "NvmlBackend"]
 
@@ -72,6 +85,15 @@ _FUNCTION_NOT_FOUND: int = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
 _ARGUMENT_VERSION_MISMATCH: int = pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH
 _NO_PERMISSION: int = pynvml.NVML_ERROR_NO_PERMISSION
 _NOT_FOUND: int = pynvml.NVML_ERROR_NOT_FOUND
+_INVALID_ARGUMENT: int = pynvml.NVML_ERROR_INVALID_ARGUMENT
+
+_COMPUTE_MODES: dict[int, ComputeMode] = {
+    pynvml.NVML_COMPUTEMODE_DEFAULT: ComputeMode.DEFAULT,
+    pynvml.NVML_COMPUTEMODE_EXCLUSIVE_THREAD: ComputeMode.EXCLUSIVE_THREAD,
+    pynvml.NVML_COMPUTEMODE_PROHIBITED: ComputeMode.PROHIBITED,
+    pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS: ComputeMode.EXCLUSIVE_PROCESS,
+}
+_ROOT_HINT = "changing GPU settings needs root on the GPU's host: run the reconciler there as root"
 
 # A reading that this GPU or driver does not offer: the field is None.
 _UNSUPPORTED = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _ARGUMENT_VERSION_MISMATCH})
@@ -202,6 +224,17 @@ class _Reading:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Power:
+    """Watts: draw, enforced limit, the limits it may be set to, and the default limit."""
+
+    usage: float | None
+    limit: float | None
+    low: float | None
+    high: float | None
+    default: float | None
+
+
 class NvmlBackend:
     """Reads the GPUs NVML sees. `library`: path of libnvidia-ml.so.1; None loads it by name."""
 
@@ -292,8 +325,6 @@ class NvmlBackend:
         )
         utilization = _optional(("nvmlDeviceGetUtilizationRates", lambda: pynvml.nvmlDeviceGetUtilizationRates(handle)))
         temperature = _optional(*self._temperature_attempts(handle))
-        power = _optional(("nvmlDeviceGetPowerUsage", lambda: pynvml.nvmlDeviceGetPowerUsage(handle)))
-        limit = _optional(("nvmlDeviceGetEnforcedPowerLimit", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
         processes = _optional(
             (
                 "nvmlDeviceGetComputeRunningProcesses_v3",
@@ -304,6 +335,8 @@ class NvmlBackend:
                 lambda: pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle),
             ),
         )
+        power = _read_power(handle)
+        persistence, compute = _read_modes(handle)
         if memory is None:
             total = used = free = 0
             error: str | None = "NVML does not report memory for this GPU (NVML_ERROR_NOT_SUPPORTED)"
@@ -321,11 +354,133 @@ class NvmlBackend:
             memory_free=free,
             utilization=None if utilization is None else int(utilization.gpu),
             temperature=None if temperature is None else int(temperature),
-            power_usage=None if power is None else int(power) / 1000.0,
-            power_limit=None if limit is None else int(limit) / 1000.0,
             processes=tuple(self._process(info) for info in processes or ()),
             error=error,
+            power_usage=power.usage,
+            power_limit=power.limit,
+            power_limit_min=power.low,
+            power_limit_max=power.high,
+            power_limit_default=power.default,
+            persistence_mode=persistence,
+            compute_mode=compute,
         )
+
+    # -- waiting
+
+    def wait_for_free(
+        self,
+        uuid: str,
+        needed: int,
+        *,
+        timeout: float,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> ObservedGpu:
+        """Observe GPU `uuid` until `needed` bytes are free; the reading that showed it.
+
+        A switch calls this between stopping the old model and starting the new one: the driver
+        may free a stopped process's memory seconds after the process is gone. Raises
+        `TemporaryError` when `timeout` seconds pass first (naming what is free and what is
+        needed), `NotFoundError` when NVML does not list the GPU, `PermanentError` when it is lost
+        or NVML is unavailable.
+        """
+        resource = f"gpu/{uuid}"
+        deadline = clock() + timeout
+        while True:
+            observed = self.observe()
+            if not observed.available:
+                raise PermanentError(f"NVML is not available: {observed.error}", resource=resource)
+            gpu = next((g for g in observed.gpus if g.uuid == uuid), None)
+            if gpu is None:
+                unknown = [g for g in observed.gpus if g.lost and not g.uuid]  # lost before its UUID was read
+                if unknown:
+                    raise PermanentError(f"GPU {uuid} is not listed, and {unknown[0].error}", resource=resource)
+                raise NotFoundError(f"NVML lists no GPU with UUID {uuid}", resource=resource)
+            if gpu.lost:
+                raise PermanentError(gpu.error or "the GPU is lost", resource=resource)
+            if gpu.memory_free >= needed:
+                return gpu
+            if clock() >= deadline:
+                raise TemporaryError(
+                    f"{gpu.memory_free / 2**30:.1f} GiB free after {timeout:g} s, {needed / 2**30:.1f} GiB needed",
+                    resource=resource,
+                    hint="a process still holds the memory (nvidia-smi lists it), or the wait is too short",
+                )
+            sleep(interval)
+
+    # -- settings
+
+    def set_power_limit(self, uuid: str, watts: float) -> None:
+        """Set the GPU's power management limit (the value `nvidia-smi -pl` sets); needs root."""
+        if not math.isfinite(watts) or not 0 < watts < 100_000:
+            raise PermanentError(f"{watts!r} W is not a power limit", resource=f"gpu/{uuid}")
+        milliwatts = round(watts * 1000)
+        with self._device(uuid) as handle:
+            try:
+                _call(
+                    "nvmlDeviceSetPowerManagementLimit",
+                    lambda: pynvml.nvmlDeviceSetPowerManagementLimit(handle, milliwatts),
+                )
+            except _NvmlFailure as failure:
+                if failure.code != _INVALID_ARGUMENT:
+                    raise
+                bounds = _optional(
+                    (
+                        "nvmlDeviceGetPowerManagementLimitConstraints",
+                        lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle),
+                    )
+                )
+                allowed = "" if bounds is None else f": it allows {_watts(bounds[0]):g} to {_watts(bounds[1]):g} W"
+                raise PermanentError(
+                    f"GPU {uuid} refuses a power limit of {watts:g} W{allowed}", resource=f"gpu/{uuid}"
+                ) from failure
+
+    def set_persistence_mode(self, uuid: str, enabled: bool) -> None:
+        """Keep the driver loaded while no process uses the GPU (persistence mode); needs root."""
+        mode = pynvml.NVML_FEATURE_ENABLED if enabled else pynvml.NVML_FEATURE_DISABLED
+        with self._device(uuid) as handle:
+            _call("nvmlDeviceSetPersistenceMode", lambda: pynvml.nvmlDeviceSetPersistenceMode(handle, mode))
+
+    def set_compute_mode(self, uuid: str, mode: ComputeMode) -> None:
+        """Set who may run compute work on the GPU; needs root."""
+        match mode:
+            case ComputeMode.DEFAULT:
+                code = pynvml.NVML_COMPUTEMODE_DEFAULT
+            case ComputeMode.EXCLUSIVE_PROCESS:
+                code = pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS
+            case ComputeMode.PROHIBITED:
+                code = pynvml.NVML_COMPUTEMODE_PROHIBITED
+            case ComputeMode.EXCLUSIVE_THREAD:
+                raise PermanentError("exclusive_thread compute mode is no longer supported by the driver")
+            case _:
+                assert_never(mode)
+        with self._device(uuid) as handle:
+            _call("nvmlDeviceSetComputeMode", lambda: pynvml.nvmlDeviceSetComputeMode(handle, code))
+
+    @contextmanager
+    def _device(self, uuid: str) -> Iterator[Any]:
+        """NVML initialised, and the handle of the GPU with this UUID; NVML failures translated."""
+        resource = f"gpu/{uuid}"
+        with _LOCK:
+            problem = self._use_library()
+            if problem is not None:
+                raise PermanentError(problem, resource=resource)
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError as exc:
+                raise _init_failure(_code(exc), resource) from exc
+            try:
+                try:
+                    handle = _call("nvmlDeviceGetHandleByUUID", lambda: pynvml.nvmlDeviceGetHandleByUUID(uuid))
+                    yield handle
+                except _NvmlFailure as failure:
+                    raise _setting_failure(failure, uuid) from failure
+            finally:
+                try:
+                    pynvml.nvmlShutdown()
+                except pynvml.NVMLError as exc:
+                    log.warning("nvml shutdown failed", extra={"library": self.library, "code": _code(exc)})
 
     @staticmethod
     def _temperature_attempts(handle: Any) -> list[tuple[str, Callable[[], Any]]]:
@@ -351,3 +506,59 @@ class NvmlBackend:
             used_memory=None if used is None else int(used),
             name=None if name is None else _text(name) or None,
         )
+
+
+def _watts(milliwatts: Any) -> float | None:
+    return None if milliwatts is None else int(milliwatts) / 1000.0
+
+
+def _init_failure(code: int, resource: str) -> BackendError:
+    """nvmlInit failed where something must be changed: no NVML here is an error, not an observation."""
+    if code == _NO_PERMISSION:
+        return PermissionDenied(_describe("nvmlInit", code), resource=resource, hint=_UNAVAILABLE_HINTS[code])
+    hint = _UNAVAILABLE_HINTS.get(code)
+    if hint is not None:
+        return PermanentError(_describe("nvmlInit", code), resource=resource, hint=hint)
+    return _NvmlFailure("nvmlInit", code).translate(resource)
+
+
+def _setting_failure(failure: _NvmlFailure, uuid: str) -> BackendError:
+    resource = f"gpu/{uuid}"
+    if failure.code == _NO_PERMISSION:
+        return PermissionDenied(str(failure), resource=resource, hint=_ROOT_HINT)
+    if failure.code in {_NOT_FOUND, pynvml.NVML_ERROR_GPU_NOT_FOUND}:
+        return NotFoundError(f"NVML knows no GPU with UUID {uuid} ({failure})", resource=resource)
+    if failure.code in _UNSUPPORTED:
+        return PermanentError(f"this GPU or driver cannot change that setting ({failure})", resource=resource)
+    if failure.code in _GPU_GONE:
+        return PermanentError(f"{failure}; a reboot or GPU reset is needed first", resource=resource)
+    return failure.translate(resource)
+
+
+def _read_power(handle: Any) -> _Power:
+    """Power draw and limits, in watts (NVML answers milliwatts)."""
+    usage = _optional(("nvmlDeviceGetPowerUsage", lambda: pynvml.nvmlDeviceGetPowerUsage(handle)))
+    limit = _optional(("nvmlDeviceGetEnforcedPowerLimit", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
+    bounds = _optional(
+        (
+            "nvmlDeviceGetPowerManagementLimitConstraints",
+            lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle),
+        )
+    )
+    default = _optional(
+        (
+            "nvmlDeviceGetPowerManagementDefaultLimit",
+            lambda: pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle),
+        )
+    )
+    low, high = (None, None) if bounds is None else bounds
+    return _Power(_watts(usage), _watts(limit), _watts(low), _watts(high), _watts(default))
+
+
+def _read_modes(handle: Any) -> tuple[bool | None, ComputeMode | None]:
+    persistence = _optional(("nvmlDeviceGetPersistenceMode", lambda: pynvml.nvmlDeviceGetPersistenceMode(handle)))
+    compute = _optional(("nvmlDeviceGetComputeMode", lambda: pynvml.nvmlDeviceGetComputeMode(handle)))
+    return (
+        None if persistence is None else int(persistence) == pynvml.NVML_FEATURE_ENABLED,
+        None if compute is None else _COMPUTE_MODES.get(int(compute)),
+    )

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ComputeMode",
     "ContainerPort",
     "ContainerVolume",
     "DockerObservation",
@@ -135,6 +136,15 @@ class DockerObservation:
     images: frozenset[str] = frozenset()  # tags present on the host
 
 
+class ComputeMode(enum.StrEnum):
+    """NVML's compute modes (nvmlComputeMode_t), by what they allow."""
+
+    DEFAULT = "default"  # any number of processes
+    EXCLUSIVE_THREAD = "exclusive_thread"  # removed from current drivers
+    PROHIBITED = "prohibited"  # no compute process
+    EXCLUSIVE_PROCESS = "exclusive_process"  # one process at a time
+
+
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
     pid: int
@@ -158,6 +168,11 @@ class ObservedGpu:
     processes: tuple[GpuProcess, ...] = ()
     lost: bool = False
     error: str | None = None
+    power_limit_min: float | None = None  # watts: what the power limit may be set to
+    power_limit_max: float | None = None
+    power_limit_default: float | None = None
+    persistence_mode: bool | None = None
+    compute_mode: ComputeMode | None = None
 
 
 @dataclass(frozen=True, slots=True)

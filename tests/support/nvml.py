@@ -46,9 +46,10 @@ class FakeNvml:
         *gpus: FakeGpu,
         driver_version: str = DEFAULT_DRIVER_VERSION,
         failures: Mapping[str, int] | None = None,
+        root: bool = True,
     ) -> None:
-        """Replace the GPUs the library reports (seen by the next NVML call)."""
-        write_state(self.state, gpus, driver_version=driver_version, failures=failures)
+        """Replace the GPUs the library reports (seen by the next NVML call); `root=False` refuses Set calls."""
+        write_state(self.state, gpus, driver_version=driver_version, failures=failures, root=root)
 
     def backend(self) -> NvmlBackend:
         return NvmlBackend(library=str(self.library))

@@ -9,6 +9,12 @@ driver is fake. The library re-reads the file on every call: writing a new
 state between two observes is how a test fills VRAM, adds a process or loses
 a GPU. The file format is documented at the top of fake_nvml.c.
 
+The library's Set calls (power limit, persistence mode, compute mode) append
+`set` lines to the same file, so what a test set is what the next read sees;
+`write_state()` starts afresh. A process can be `gone` with its memory
+released only after a number of memory reads, which is how a test makes a
+switch wait for VRAM to be freed.
+
 The state path is an environment variable, so one process has one fake state
 at a time.
 """
@@ -60,6 +66,8 @@ class FakeProcess:
     pid: int
     used_memory: int | None  # bytes; None: NVML reports "not available"
     name: str | None = None  # answers nvmlSystemGetProcessName; None: NOT_FOUND
+    gone: bool = False  # exited: not listed, but its memory stays used for `release_after` memory reads
+    release_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +84,12 @@ class FakeGpu:
     utilization: int | None = 0  # percent
     temperature: int | None = 40  # Celsius
     power_usage_w: float | None = 20.0
-    power_limit_w: float | None = 250.0
+    power_limit_w: float | None = 250.0  # enforced and management limit
+    power_min_w: float | None = None  # constraints; None: NOT_SUPPORTED, and setting a limit is too
+    power_max_w: float | None = None
+    power_default_w: float | None = None
+    persistence_mode: bool | None = False
+    compute_mode: int | None = 0  # 0 default, 2 prohibited, 3 exclusive process
     lost: bool = False  # every call for this GPU returns NVML_ERROR_GPU_IS_LOST
     processes: tuple[FakeProcess, ...] = ()
     failures: Mapping[str, int] = field(default_factory=dict)  # exported NVML function -> return code
@@ -132,13 +145,15 @@ def write_state(
     *,
     driver_version: str = DEFAULT_DRIVER_VERSION,
     failures: Mapping[str, int] | None = None,
+    root: bool = True,
 ) -> None:
     """Write the state the fake library reports, replacing the file atomically.
 
     `failures` maps exported NVML functions to the code they return for the
     whole system; `{"nvmlInit": 9}` makes init fail with DRIVER_NOT_LOADED.
+    `root=False` makes every Set call answer NVML_ERROR_NO_PERMISSION.
     """
-    lines = [f"system driver={_text(driver_version)}{_failures(failures or {})}"]
+    lines = [f"system driver={_text(driver_version)} root={int(root)}{_failures(failures or {})}"]
     processes: list[str] = []
     for gpu in gpus:
         lines.append(
@@ -146,11 +161,17 @@ def write_state(
             f" memory_total={_number(gpu.memory_total)} memory_used={gpu.memory_used}"
             f" memory_reserved={gpu.memory_reserved} utilization={_number(gpu.utilization)}"
             f" temperature={_number(gpu.temperature)} power_usage_mw={_milliwatts(gpu.power_usage_w)}"
-            f" power_limit_mw={_milliwatts(gpu.power_limit_w)} lost={int(gpu.lost)}{_failures(gpu.failures)}"
+            f" power_limit_mw={_milliwatts(gpu.power_limit_w)} power_min_mw={_milliwatts(gpu.power_min_w)}"
+            f" power_max_mw={_milliwatts(gpu.power_max_w)} power_default_mw={_milliwatts(gpu.power_default_w)}"
+            f" persistence={_number(_flag(gpu.persistence_mode))} compute_mode={_number(gpu.compute_mode)}"
+            f" lost={int(gpu.lost)}{_failures(gpu.failures)}"
         )
         for process in gpu.processes:
             name = "" if process.name is None else f" name={_text(process.name)}"
-            processes.append(f"process gpu={gpu.index} pid={process.pid} memory={_number(process.used_memory)}{name}")
+            gone = f" gone=1 release_after={process.release_after}" if process.gone else ""
+            processes.append(
+                f"process gpu={gpu.index} pid={process.pid} memory={_number(process.used_memory)}{name}{gone}"
+            )
     text = "\n".join([*lines, *processes]) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -166,6 +187,10 @@ def _text(value: str) -> str:
 
 def _number(value: int | None) -> str:
     return "na" if value is None else str(value)
+
+
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _milliwatts(watts: float | None) -> str:

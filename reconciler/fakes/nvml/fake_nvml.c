@@ -17,14 +17,20 @@
  * call that reports it return NVML_ERROR_NOT_SUPPORTED. Unknown kinds or keys
  * are errors: the call returns NVML_ERROR_UNKNOWN and a line goes to stderr.
  *
- *   system driver=580.105.08 nvml=13.580.105.08 fail=nvmlInit:9
+ *   system driver=580.105.08 nvml=13.580.105.08 root=1 fail=nvmlInit:9
  *   gpu index=0 uuid=GPU-... pci_bus_id=0000:01:00.0 name=NVIDIA%20... \
  *       memory_total=17179869184 memory_used=0 memory_reserved=0 \
  *       utilization=0 temperature=40 power_usage_mw=30000 \
- *       power_limit_mw=300000 lost=0 fail=nvmlDeviceGetPowerUsage:3
+ *       power_limit_mw=300000 power_min_mw=100000 power_max_mw=350000 \
+ *       power_default_mw=300000 persistence=0 compute_mode=0 \
+ *       lost=0 fail=nvmlDeviceGetPowerUsage:3
  *   process gpu=0 pid=4242 memory=1073741824 name=/usr/bin/python3
+ *   process gpu=0 pid=5151 memory=8589934592 gone=1 release_after=2
+ *   set gpu=0 power_limit_mw=250000 persistence=1 compute_mode=3
  *
- * system   driver (default 580.105.08), nvml (default 13.<driver>).
+ * system   driver (default 580.105.08), nvml (default 13.<driver>);
+ *          root=0: every Set call answers NVML_ERROR_NO_PERMISSION, as for a
+ *          user who is not root (default 1).
  * gpu      index defaults to the line's position among gpu lines; indexes
  *          must be 0..n-1. uuid, pci_bus_id and name are required.
  *          memory_used and memory_reserved default to 0; free is
@@ -32,11 +38,29 @@
  *          memory as used, as the real library does.
  *          lost=1: every call for this GPU, handle lookups included, returns
  *          NVML_ERROR_GPU_IS_LOST.
+ *          power_limit_mw is the enforced (and management) limit;
+ *          power_min/max/default_mw answer the constraint and default calls
+ *          (na: NOT_SUPPORTED, and setting a limit is NOT_SUPPORTED too).
+ *          persistence (0/1) and compute_mode (0 default, 2 prohibited,
+ *          3 exclusive process) default to 0.
  * process  a compute process on GPU `gpu`; memory=na reports
  *          NVML_VALUE_NOT_AVAILABLE. name answers nvmlSystemGetProcessName.
+ *          gone=1: the process has exited and is not listed, but the driver
+ *          frees its memory late: it still counts as used for the first
+ *          `release_after` memory reads of that GPU (nvmlDeviceGetMemoryInfo
+ *          and _v2) after the file was written, and is free from then on.
+ *          A switch that waits for memory to be freed reads it several times.
+ * set      what the Set calls (power limit, persistence, compute mode)
+ *          appended to the file: applied to GPU `gpu` over its gpu line, the
+ *          later line winning (at most 1024 of them). Writing the file
+ *          anew forgets them.
  * fail     comma-separated `function:code` pairs: that exported function
  *          returns that code for this GPU (gpu line) or for the system
  *          (system line). `nvmlInit` covers all three init entry points.
+ *
+ * Memory-read counts are kept per GPU while the file stays the same file
+ * (device and inode): the Python side replaces it atomically, which starts
+ * them again; the Set calls append, which keeps them.
  *
  * Without FAKE_NVML_STATE, or when the file cannot be read, calls return
  * NVML_ERROR_DRIVER_NOT_LOADED, as a host without the NVIDIA driver does.
@@ -50,6 +74,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -91,6 +116,8 @@ enum {
 };
 
 #define NVML_TEMPERATURE_GPU 0
+#define NVML_COMPUTEMODE_EXCLUSIVE_THREAD 1 /* support removed from the driver */
+#define NVML_COMPUTEMODE_COUNT 4
 #define NVML_VALUE_NOT_AVAILABLE_ULL (~0ULL)
 #define NVML_VALUE_NOT_AVAILABLE_UINT (~0U)
 
@@ -99,6 +126,7 @@ enum {
 #define MAX_GPUS 16
 #define MAX_PROCS 64
 #define MAX_FAILS 16
+#define MAX_SETS 1024
 #define STR_LEN 96
 #define LINE_LEN 4096
 
@@ -183,6 +211,7 @@ typedef struct {
     unsigned int domain, bus, device, function;
     number_t memory_total, memory_used, memory_reserved;
     number_t utilization, temperature, power_usage_mw, power_limit_mw;
+    number_t power_min_mw, power_max_mw, power_default_mw, persistence, compute_mode;
     int lost;
     failures_t failures;
 } gpu_t;
@@ -192,7 +221,14 @@ typedef struct {
     unsigned int pid;
     number_t memory;
     char name[STR_LEN];
+    int gone;
+    unsigned int release_after;
 } process_t;
+
+typedef struct {
+    unsigned int gpu;
+    number_t power_limit_mw, persistence, compute_mode;
+} setting_t;
 
 typedef struct {
     char driver[80]; /* NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE */
@@ -202,11 +238,22 @@ typedef struct {
     int gpu_count;
     process_t processes[MAX_PROCS];
     int process_count;
+    setting_t settings[MAX_SETS];
+    int setting_count;
+    int root;
+    dev_t file_device;
+    ino_t file_inode;
 } state_t;
 
 static struct nvmlDevice_st devices[MAX_GPUS];
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
 static int init_count = 0;
+
+/* Memory reads per GPU since the state file (this device and inode) was written. */
+static pthread_mutex_t reads_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned int memory_reads[MAX_GPUS];
+static dev_t reads_device;
+static ino_t reads_inode;
 
 static int complain(const char *path, int line, const char *what, const char *detail) {
     fprintf(stderr, "fake_nvml: %s:%d: %s%s%s\n", path, line, what, detail ? ": " : "", detail ? detail : "");
@@ -303,6 +350,12 @@ static int parse_system(state_t *s, const char *key, const char *value) {
     if (strcmp(key, "driver") == 0) return decode(s->driver, sizeof s->driver, value);
     if (strcmp(key, "nvml") == 0) return decode(s->nvml, sizeof s->nvml, value);
     if (strcmp(key, "fail") == 0) return parse_failures(&s->failures, value);
+    if (strcmp(key, "root") == 0) {
+        unsigned int root = 0;
+        if (!parse_uint(&root, value) || root > 1) return 0;
+        s->root = (int)root;
+        return 1;
+    }
     return 0;
 }
 
@@ -325,6 +378,11 @@ static int parse_gpu(gpu_t *g, const char *key, const char *value) {
     if (strcmp(key, "temperature") == 0) return parse_number(&g->temperature, value);
     if (strcmp(key, "power_usage_mw") == 0) return parse_number(&g->power_usage_mw, value);
     if (strcmp(key, "power_limit_mw") == 0) return parse_number(&g->power_limit_mw, value);
+    if (strcmp(key, "power_min_mw") == 0) return parse_number(&g->power_min_mw, value);
+    if (strcmp(key, "power_max_mw") == 0) return parse_number(&g->power_max_mw, value);
+    if (strcmp(key, "power_default_mw") == 0) return parse_number(&g->power_default_mw, value);
+    if (strcmp(key, "persistence") == 0) return parse_number(&g->persistence, value);
+    if (strcmp(key, "compute_mode") == 0) return parse_number(&g->compute_mode, value);
     if (strcmp(key, "lost") == 0) {
         if (!parse_uint(&number, value) || number > 1) return 0;
         g->lost = (int)number;
@@ -339,7 +397,36 @@ static int parse_process(process_t *p, const char *key, const char *value) {
     if (strcmp(key, "pid") == 0) return parse_uint(&p->pid, value);
     if (strcmp(key, "memory") == 0) return parse_number(&p->memory, value);
     if (strcmp(key, "name") == 0) return decode(p->name, sizeof p->name, value);
+    if (strcmp(key, "gone") == 0) {
+        unsigned int gone = 0;
+        if (!parse_uint(&gone, value) || gone > 1) return 0;
+        p->gone = (int)gone;
+        return 1;
+    }
+    if (strcmp(key, "release_after") == 0) return parse_uint(&p->release_after, value);
     return 0;
+}
+
+static int parse_setting(setting_t *t, const char *key, const char *value) {
+    if (strcmp(key, "gpu") == 0) return parse_uint(&t->gpu, value);
+    if (strcmp(key, "power_limit_mw") == 0) return parse_number(&t->power_limit_mw, value);
+    if (strcmp(key, "persistence") == 0) return parse_number(&t->persistence, value);
+    if (strcmp(key, "compute_mode") == 0) return parse_number(&t->compute_mode, value);
+    return 0;
+}
+
+/* The Set calls' lines, in order, over the GPUs they name. */
+static int apply_settings(state_t *s, const char *path) {
+    for (int i = 0; i < s->setting_count; i++) {
+        const setting_t *t = &s->settings[i];
+        gpu_t *g;
+        if (t->gpu >= (unsigned int)s->gpu_count) return complain(path, 0, "a set line names a missing gpu", NULL);
+        g = &s->gpus[t->gpu];
+        if (t->power_limit_mw.present) g->power_limit_mw = t->power_limit_mw;
+        if (t->persistence.present) g->persistence = t->persistence;
+        if (t->compute_mode.present) g->compute_mode = t->compute_mode;
+    }
+    return 1;
 }
 
 /* Check the parsed file and order the GPUs by index; 0 (after complaining) when inconsistent. */
@@ -360,6 +447,7 @@ static int finish_state(state_t *s, const char *path) {
         if (s->processes[i].gpu >= (unsigned int)s->gpu_count || s->processes[i].pid == 0)
             return complain(path, 0, "a process needs a pid and the index of an existing gpu", NULL);
     }
+    if (!apply_settings(s, path)) return 0;
     if (!s->driver[0]) strcpy(s->driver, FAKE_DEFAULT_DRIVER);
     if (!s->nvml[0]) snprintf(s->nvml, sizeof s->nvml, "%s.%s", FAKE_NVML_MAJOR, s->driver);
     return 1;
@@ -380,6 +468,7 @@ static nvmlReturn_t parse_file(state_t *s, FILE *file, const char *path) {
         if (!kind || kind[0] == '#') continue;
         gpu_t *gpu = NULL;
         process_t *process = NULL;
+        setting_t *setting = NULL;
         if (strcmp(kind, "gpu") == 0) {
             if (s->gpu_count >= MAX_GPUS) {
                 complain(path, number, "too many gpus", NULL);
@@ -387,12 +476,20 @@ static nvmlReturn_t parse_file(state_t *s, FILE *file, const char *path) {
             }
             gpu = &s->gpus[s->gpu_count++];
             gpu->index = -1;
+            gpu->persistence.present = 1;
+            gpu->compute_mode.present = 1;
         } else if (strcmp(kind, "process") == 0) {
             if (s->process_count >= MAX_PROCS) {
                 complain(path, number, "too many processes", NULL);
                 return NVML_ERROR_UNKNOWN;
             }
             process = &s->processes[s->process_count++];
+        } else if (strcmp(kind, "set") == 0) {
+            if (s->setting_count >= MAX_SETS) {
+                complain(path, number, "too many set lines", NULL);
+                return NVML_ERROR_UNKNOWN;
+            }
+            setting = &s->settings[s->setting_count++];
         } else if (strcmp(kind, "system") != 0) {
             complain(path, number, "unknown record", kind);
             return NVML_ERROR_UNKNOWN;
@@ -409,6 +506,8 @@ static nvmlReturn_t parse_file(state_t *s, FILE *file, const char *path) {
                 ok = parse_gpu(gpu, pair, eq + 1);
             else if (process)
                 ok = parse_process(process, pair, eq + 1);
+            else if (setting)
+                ok = parse_setting(setting, pair, eq + 1);
             else
                 ok = parse_system(s, pair, eq + 1);
             if (!ok) {
@@ -438,6 +537,14 @@ static nvmlReturn_t load_state(state_t **out) {
     if (!s) {
         fclose(file);
         return NVML_ERROR_MEMORY;
+    }
+    s->root = 1;
+    {
+        struct stat info;
+        if (fstat(fileno(file), &info) == 0) {
+            s->file_device = info.st_dev;
+            s->file_inode = info.st_ino;
+        }
     }
     result = parse_file(s, file, path);
     fclose(file);
@@ -596,7 +703,7 @@ EXPORT nvmlReturn_t nvmlSystemGetProcessName(unsigned int pid, char *name, unsig
     if (result == NVML_SUCCESS) {
         result = NVML_ERROR_NOT_FOUND;
         for (int i = 0; i < s->process_count; i++) {
-            if (s->processes[i].pid == pid && s->processes[i].name[0]) {
+            if (s->processes[i].pid == pid && s->processes[i].name[0] && !s->processes[i].gone) {
                 snprintf(name, length, "%s", s->processes[i].name);
                 result = NVML_SUCCESS;
                 break;
@@ -720,10 +827,30 @@ EXPORT nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *
     return result;
 }
 
-static void memory_split(const gpu_t *g, unsigned long long *used, unsigned long long *reserved,
+/* Count one memory read of `g`; the memory of exited processes the driver has not freed yet. */
+static unsigned long long lingering_memory(const state_t *s, const gpu_t *g) {
+    unsigned int reads;
+    unsigned long long held = 0;
+    pthread_mutex_lock(&reads_lock);
+    if (reads_device != s->file_device || reads_inode != s->file_inode) {
+        memset(memory_reads, 0, sizeof memory_reads);
+        reads_device = s->file_device;
+        reads_inode = s->file_inode;
+    }
+    reads = ++memory_reads[g->index];
+    pthread_mutex_unlock(&reads_lock);
+    for (int i = 0; i < s->process_count; i++) {
+        const process_t *p = &s->processes[i];
+        if (p->gone && p->gpu == (unsigned int)g->index && p->memory.present && reads <= p->release_after)
+            held += p->memory.value;
+    }
+    return held;
+}
+
+static void memory_split(const state_t *s, const gpu_t *g, unsigned long long *used, unsigned long long *reserved,
                          unsigned long long *free_bytes) {
     unsigned long long total = g->memory_total.value;
-    *used = g->memory_used.present ? g->memory_used.value : 0;
+    *used = (g->memory_used.present ? g->memory_used.value : 0) + lingering_memory(s, g);
     *reserved = g->memory_reserved.present ? g->memory_reserved.value : 0;
     *free_bytes = (*used + *reserved >= total) ? 0 : total - *used - *reserved;
 }
@@ -736,7 +863,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *m
     if (result == NVML_SUCCESS && !memory) result = NVML_ERROR_INVALID_ARGUMENT;
     if (result == NVML_SUCCESS && !g->memory_total.present) result = NVML_ERROR_NOT_SUPPORTED;
     if (result == NVML_SUCCESS) {
-        memory_split(g, &used, &reserved, &free_bytes);
+        memory_split(s, g, &used, &reserved, &free_bytes);
         memory->total = g->memory_total.value;
         memory->free = free_bytes;
         memory->used = memory->total - free_bytes;
@@ -755,7 +882,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v
         result = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
     if (result == NVML_SUCCESS && !g->memory_total.present) result = NVML_ERROR_NOT_SUPPORTED;
     if (result == NVML_SUCCESS) {
-        memory_split(g, &used, &reserved, &free_bytes);
+        memory_split(s, g, &used, &reserved, &free_bytes);
         memory->total = g->memory_total.value;
         memory->reserved = reserved;
         memory->free = free_bytes;
@@ -832,7 +959,8 @@ static nvmlReturn_t compute_processes(nvmlDevice_t device, const char *function,
     nvmlReturn_t result = device_begin(device, function, &s, &g);
     if (result == NVML_SUCCESS && !infoCount) result = NVML_ERROR_INVALID_ARGUMENT;
     if (result == NVML_SUCCESS) {
-        for (int i = 0; i < s->process_count; i++) needed += s->processes[i].gpu == (unsigned int)g->index;
+        for (int i = 0; i < s->process_count; i++)
+            needed += s->processes[i].gpu == (unsigned int)g->index && !s->processes[i].gone;
         if (*infoCount < needed) {
             *infoCount = needed;
             result = NVML_ERROR_INSUFFICIENT_SIZE;
@@ -843,7 +971,7 @@ static nvmlReturn_t compute_processes(nvmlDevice_t device, const char *function,
     if (result == NVML_SUCCESS) {
         for (int i = 0; i < s->process_count; i++) {
             const process_t *p = &s->processes[i];
-            if (p->gpu != (unsigned int)g->index) continue;
+            if (p->gpu != (unsigned int)g->index || p->gone) continue;
             infos[written].pid = p->pid;
             infos[written].usedGpuMemory = p->memory.present ? p->memory.value : NVML_VALUE_NOT_AVAILABLE_ULL;
             infos[written].gpuInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
@@ -864,4 +992,113 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
 EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *infoCount,
                                                              nvmlProcessInfo_t *infos) {
     return compute_processes(device, __func__, infoCount, infos);
+}
+
+/* ---- power, persistence and compute mode: read and set ---- */
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = device_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS) result = put_uint(limit, &g->power_limit_mw);
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device, unsigned int *limit) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = device_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS) result = put_uint(limit, &g->power_default_mw);
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(nvmlDevice_t device, unsigned int *minLimit,
+                                                                 unsigned int *maxLimit) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = device_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS) result = put_uint(minLimit, &g->power_min_mw);
+    if (result == NVML_SUCCESS) result = put_uint(maxLimit, &g->power_max_mw);
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPersistenceMode(nvmlDevice_t device, int *mode) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    unsigned int value = 0;
+    nvmlReturn_t result = device_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS && !mode) result = NVML_ERROR_INVALID_ARGUMENT;
+    if (result == NVML_SUCCESS) result = put_uint(&value, &g->persistence);
+    if (result == NVML_SUCCESS) *mode = (int)value;
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeMode(nvmlDevice_t device, int *mode) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    unsigned int value = 0;
+    nvmlReturn_t result = device_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS && !mode) result = NVML_ERROR_INVALID_ARGUMENT;
+    if (result == NVML_SUCCESS) result = put_uint(&value, &g->compute_mode);
+    if (result == NVML_SUCCESS) *mode = (int)value;
+    free(s);
+    return result;
+}
+
+/* Record a setting of GPU `index` by appending a `set` line to the state file. */
+static nvmlReturn_t append_setting(int index, const char *key, unsigned long long value) {
+    const char *path = getenv("FAKE_NVML_STATE");
+    FILE *file = path ? fopen(path, "a") : NULL;
+    int written;
+    if (!file) return NVML_ERROR_UNKNOWN;
+    written = fprintf(file, "set gpu=%d %s=%llu\n", index, key, value);
+    if (fclose(file) != 0 || written < 0) return NVML_ERROR_UNKNOWN;
+    return NVML_SUCCESS;
+}
+
+/* Preamble of every Set call: the device, then root (the driver checks permission before the value). */
+static nvmlReturn_t set_begin(nvmlDevice_t device, const char *function, state_t **s, const gpu_t **g) {
+    nvmlReturn_t result = device_begin(device, function, s, g);
+    if (result == NVML_SUCCESS && !(*s)->root) result = NVML_ERROR_NO_PERMISSION;
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = set_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS && (!g->power_min_mw.present || !g->power_max_mw.present))
+        result = NVML_ERROR_NOT_SUPPORTED;
+    if (result == NVML_SUCCESS && (limit < g->power_min_mw.value || limit > g->power_max_mw.value))
+        result = NVML_ERROR_INVALID_ARGUMENT;
+    if (result == NVML_SUCCESS) result = append_setting(g->index, "power_limit_mw", limit);
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceSetPersistenceMode(nvmlDevice_t device, int mode) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = set_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS && !g->persistence.present) result = NVML_ERROR_NOT_SUPPORTED;
+    if (result == NVML_SUCCESS && mode != 0 && mode != 1) result = NVML_ERROR_INVALID_ARGUMENT;
+    if (result == NVML_SUCCESS) result = append_setting(g->index, "persistence", (unsigned long long)mode);
+    free(s);
+    return result;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceSetComputeMode(nvmlDevice_t device, int mode) {
+    state_t *s = NULL;
+    const gpu_t *g = NULL;
+    nvmlReturn_t result = set_begin(device, __func__, &s, &g);
+    if (result == NVML_SUCCESS && !g->compute_mode.present) result = NVML_ERROR_NOT_SUPPORTED;
+    if (result == NVML_SUCCESS && (mode < 0 || mode >= NVML_COMPUTEMODE_COUNT)) result = NVML_ERROR_INVALID_ARGUMENT;
+    if (result == NVML_SUCCESS && mode == NVML_COMPUTEMODE_EXCLUSIVE_THREAD) result = NVML_ERROR_NOT_SUPPORTED;
+    if (result == NVML_SUCCESS) result = append_setting(g->index, "compute_mode", (unsigned long long)mode);
+    free(s);
+    return result;
 }
