@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.diagnostics import Diagnostic, Position, Severity, cap_per_file
 from reconciler.spec.loader import LoadResult, load_tree
 from reconciler.spec.models import (
     Container,
@@ -56,7 +56,7 @@ def validate(state: DesiredState) -> tuple[Diagnostic, ...]:
     for diagnostic in checker.found:
         key = (diagnostic.position, diagnostic.kind, diagnostic.name, diagnostic.message)
         unique.setdefault(key, diagnostic)
-    return tuple(sorted(unique.values(), key=_sort_key))
+    return cap_per_file(sorted(unique.values(), key=_sort_key))
 
 
 def _sort_key(d: Diagnostic) -> tuple[str, int, int, str]:
