@@ -396,7 +396,8 @@ class _Refused(Exception):
 
     def __init__(self, message: str, mark: Any, hint: str | None = None) -> None:  # a yaml.Mark from C or Python
         super().__init__(message)
-        self.line, self.column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        self.line: int = mark.line + 1 if mark else 1
+        self.column: int = mark.column + 1 if mark else 1
         self.hint = hint
 
 
