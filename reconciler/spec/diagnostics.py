@@ -96,9 +96,13 @@ def cap_per_file(
             kept.append(diagnostic)
         else:
             dropped.setdefault(file, []).append(diagnostic)
-    for file, rest in dropped.items():
-        severity = Severity.ERROR if any(d.severity is Severity.ERROR for d in rest) else Severity.WARNING
-        note = f"; {notes[file]}" if notes and file in notes else ""
-        message = f"... and {len(rest)} more problem{'s' if len(rest) > 1 else ''} in this file{note}"
-        kept.append(Diagnostic(severity, message, rest[0].position, hint="fix the ones above first"))
+    last = {d.position.file: d.position for d in kept if d.position}
+    for file in dict.fromkeys([*dropped, *(notes or {})]):
+        rest = dropped.get(file, [])
+        severity = Severity.WARNING if rest and all(d.severity is Severity.WARNING for d in rest) else Severity.ERROR
+        parts = [f"{len(rest)} more problem{'s' if len(rest) > 1 else ''} in this file"] if rest else []
+        if notes and file in notes:
+            parts.append(notes[file])
+        position = rest[0].position if rest else last.get(file)
+        kept.append(Diagnostic(severity, "... and " + "; ".join(parts), position, hint="fix the ones above first"))
     return tuple(kept)

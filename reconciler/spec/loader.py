@@ -273,6 +273,9 @@ def load_files(
     diagnostics.extend(_lab_count(resources, origins, ordered, empty_hint, report=report_empty and not diagnostics))
     state = DesiredState(tuple(resources), origins, revision=revision)
     notes = {name: f"{count} more document(s) in it were not checked" for name, count in budget.unchecked.items()}
+    notes = {
+        name: note for name, note in notes.items() if any(d.position and d.position.file == name for d in diagnostics)
+    }
     return LoadResult(state, cap_per_file(diagnostics, MAX_DIAGNOSTICS_PER_FILE, notes=notes))
 
 
