@@ -17,10 +17,10 @@ Bounded in time: a fixed number of derandomised examples per tree.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
