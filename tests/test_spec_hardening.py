@@ -189,6 +189,9 @@ DOCKER_INJECTIONS: list[tuple[dict[str, Any], str, Any]] = [
     (MODEL, "source", "../../etc"),
     (MODEL, "models_dir", "/srv/../etc"),
     (MODEL, "bind", "0.0.0.0 --privileged"),
+    (MODEL, "image", "vllm/vllm-openai:v0.11.0\nEVIL"),
+    (CONTAINER, "image", "Busybox:1 --privileged"),
+    (CONTAINER, "network_mode", "host --privileged"),
 ]
 
 
@@ -564,3 +567,27 @@ def test_one_document_with_many_problems_ends_in_how_many_more() -> None:
     summary = result.diagnostics[-1]
     assert summary.message == "... and 10 more problems in this file" and summary.severity is Severity.ERROR
     assert summary.position is not None and summary.position.line == 9 + MAX_DIAGNOSTICS_PER_FILE
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("kind: DockerHost\nname: ws\nendpoint: 'ssh://-oProxyCommand=touch /tmp/x@h'\n", "endpoint"),
+        ("kind: DockerHost\nname: ws\nendpoint: 'tcp://h:99999'\n", "endpoint"),
+        ("kind: DockerHost\nname: ws\nendpoint: 'unix:///run/../etc/docker.sock'\n", "endpoint"),
+        ("kind: DockerHost\nname: ws\nendpoint: 'ssh://root@h/\\nx'\n", "endpoint"),
+    ],
+)
+def test_a_docker_endpoint_outside_its_grammar_is_an_error(tmp_path: Path, text: str, field: str) -> None:
+    folder = _tree(tmp_path, yaml.safe_load(text))
+    (error,) = _errors(load_and_validate(folder))
+    assert error.message.startswith(f"{field}: not a Docker endpoint"), error
+    assert error.position is not None and error.position.line == _line_of(folder, "endpoint:")
+
+
+def test_a_proxmox_url_with_credentials_or_a_newline_is_an_error(tmp_path: Path) -> None:
+    for number, url in enumerate(["https://root:secret@pve1.lan:8006", "https://pve1.lan:8006\nX-Injected: 1"]):
+        lab = LAB.replace('url: "https://pve1.lan:8006"', f"url: {json.dumps(url)}")
+        (error,) = _errors(load_and_validate(_tree(tmp_path / str(number), lab=lab)))
+        assert error.message.startswith("proxmox.url: not an API address"), error
+        assert "secret" not in str(error), "a refused address is shown without its credentials"

@@ -16,25 +16,30 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from typing import Annotated, Final
 
 from pydantic import AfterValidator, WithJsonSchema
 
 __all__ = [
+    "ApiUrl",
     "BindAddress",
     "BridgeId",
     "CpuType",
     "DevicePath",
     "DnsName",
+    "DockerEndpointUrl",
     "EnvName",
     "FsType",
     "Gateway4",
     "HostPath",
     "IPv4Config",
     "IPv6Config",
+    "ImageRef",
     "MacAddress",
     "ModelSource",
     "Nameservers",
+    "NetworkMode",
     "OsTemplate",
     "ReconcilerEnvName",
     "StorageId",
@@ -52,6 +57,14 @@ FS_TYPE_PATTERN: Final = r"^[A-Za-z0-9_]+$"
 TEMPLATE_PATTERN: Final = r"^[A-Za-z][A-Za-z0-9_.-]*[A-Za-z0-9]:(vztmpl|backup)/[A-Za-z0-9][A-Za-z0-9_.+~-]*$"
 OLLAMA_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]*$"
 PATH_PATTERN: Final = r"^/[^,=\x00-\x1f\x7f]*$"
+_IMAGE_COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_DOMAIN: Final = rf"(?:{_DNS_LABEL}(?:\.{_DNS_LABEL})*(?::[0-9]+)?/)"
+IMAGE_PATTERN: Final = (
+    rf"^{_IMAGE_DOMAIN}?{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@sha256:[a-f0-9]{64})?$"
+)
+NETWORK_MODE_PATTERN: Final = r"^(?:container:)?[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_USER_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 RECONCILER_ENV_PREFIX: Final = "RECONCILER_"
 RECONCILER_OWN_ENV: Final = frozenset({"DOCKER_HOST"})
@@ -276,4 +289,91 @@ ReconcilerEnvName = Annotated[
     str,
     AfterValidator(_reconciler_env),
     _schema(ENV_NAME_PATTERN, description="an environment variable of the reconciler, not RECONCILER_* or DOCKER_HOST"),
+]
+
+
+# ---- endpoints and images ------------------------------------------------------------------
+
+
+def _host(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 255 and re.fullmatch(DNS_NAME_PATTERN, host) is not None
+    return True
+
+
+def _parts(value: str) -> urllib.parse.SplitResult | None:
+    if _CONTROL_RE.search(value) or " " in value or len(value) > _MAX_TEXT:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        return None
+    return parts
+
+
+def _without_credentials(value: str) -> str:
+    """An address as it may be shown: what precedes '@' in it could be a password."""
+    return _shown(re.sub(r"//[^/]*@", "//***@", value))
+
+
+def _docker_endpoint(value: str) -> str:
+    """unix:///socket, tcp://host:port, ssh://[user@]host[:port] or npipe:////./pipe/name."""
+    parts = _parts(value)
+    ok = parts is not None
+    if parts is not None and parts.scheme == "unix":
+        ok = not parts.netloc and parts.path.startswith("/") and ".." not in parts.path.split("/")
+    elif parts is not None and parts.scheme in ("tcp", "ssh"):
+        user = parts.username
+        ok = (
+            _host(parts.hostname)
+            and parts.path in ("", "/")
+            and not parts.query
+            and not parts.fragment
+            and parts.password is None
+            and (user is None or (parts.scheme == "ssh" and _USER_RE.fullmatch(user) is not None))
+        )
+    elif parts is not None and parts.scheme == "npipe":
+        ok = parts.path.startswith("//./pipe/") or parts.path.startswith("////./pipe/")
+    elif parts is not None:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"not a Docker endpoint: {_without_credentials(value)} "
+            "(unix:///path/docker.sock, tcp://host:port, ssh://user@host[:port] or npipe:////./pipe/name)"
+        )
+    return value
+
+
+def _api_url(value: str) -> str:
+    parts = _parts(value)
+    if parts is None or parts.scheme not in ("https", "http") or not _host(parts.hostname) or parts.username:
+        raise ValueError(
+            f"not an API address: {_without_credentials(value)} "
+            "(write it like https://pve1.lan:8006; credentials come from the environment)"
+        )
+    return value
+
+
+def _image(value: str) -> str:
+    if len(value) > 512 or not re.fullmatch(IMAGE_PATTERN, value):
+        raise ValueError(f"not an image reference: {_shown(value)} (like 'registry.lan/team/app:1.2' or 'redis:7')")
+    return value
+
+
+DockerEndpointUrl = Annotated[
+    str,
+    AfterValidator(_docker_endpoint),
+    _schema(r"^(unix|tcp|ssh|npipe)://.+", description="unix:///path, tcp://host:port or ssh://user@host"),
+]
+ApiUrl = Annotated[str, AfterValidator(_api_url), _schema(r"^https?://", description="https://pve1.lan:8006")]
+ImageRef = Annotated[str, AfterValidator(_image), _schema(IMAGE_PATTERN, maxLength=512)]
+NetworkMode = Annotated[
+    str,
+    _matches(NETWORK_MODE_PATTERN, "network mode", "host, bridge, none, container:NAME or a network's name"),
+    _schema(NETWORK_MODE_PATTERN),
 ]

@@ -16,20 +16,24 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reconciler.spec.grammar import (
+    ApiUrl,
     BindAddress,
     BridgeId,
     CpuType,
     DevicePath,
     DnsName,
+    DockerEndpointUrl,
     EnvName,
     FsType,
     Gateway4,
     HostPath,
+    ImageRef,
     IPv4Config,
     IPv6Config,
     MacAddress,
     ModelSource,
     Nameservers,
+    NetworkMode,
     OsTemplate,
     ReconcilerEnvName,
     StorageId,
@@ -165,7 +169,7 @@ class Startup(_Strict):
 class DockerEndpoint(_Strict):
     """How to reach a Docker engine: unix://, tcp:// or ssh:// (see DOCKER_HOST)."""
 
-    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    endpoint: DockerEndpointUrl
     tls_verify: bool = False
     ca_file: str | None = None
     timeout: Timeout = 60.0
@@ -219,7 +223,7 @@ class ProxmoxAuth(enum.StrEnum):
 class ProxmoxConnection(_Strict):
     """How to reach the Proxmox API. The secret itself comes from the environment or a file."""
 
-    url: str = Field(pattern=r"^https?://", description="https://pve1.lan:8006")
+    url: ApiUrl = Field(description="https://pve1.lan:8006")
     auth: ProxmoxAuth = ProxmoxAuth.TOKEN
     user: str = Field("root@pam", pattern=r"^[^@\s]+@[^@\s!]+$", description="owner of the token, or login user")
     token_id: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9._-]*$", description="token name after '!'")
@@ -243,9 +247,9 @@ class NvmlSettings(_Strict):
 class EngineImages(_Strict):
     """Container images per engine; pin tags in the lab, not in code."""
 
-    vllm: str = "vllm/vllm-openai:v0.11.0"
-    llamacpp: str = "ghcr.io/ggml-org/llama.cpp:server-cuda"
-    ollama: str = "ollama/ollama:0.12.6"
+    vllm: ImageRef = "vllm/vllm-openai:v0.11.0"
+    llamacpp: ImageRef = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    ollama: ImageRef = "ollama/ollama:0.12.6"
 
 
 class Lab(Resource):
@@ -266,7 +270,7 @@ class DockerHost(Resource):
     """A Docker engine that is not a guest of the lab (the hypervisor itself, a workstation)."""
 
     kind: Literal["DockerHost"] = "DockerHost"
-    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    endpoint: DockerEndpointUrl
     tls_verify: bool = False
     ca_file: str | None = None
     timeout: Timeout = 60.0
@@ -523,14 +527,14 @@ class Container(Workload):
     """A plain Docker container (Plex, PostgreSQL, a router in front of the models)."""
 
     kind: Literal["Container"] = "Container"
-    image: str = Field(min_length=1)
+    image: ImageRef
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     ports: tuple[PortMapping, ...] = ()
     devices: tuple[DevicePath, ...] = Field((), description="host devices, e.g. /dev/dri:/dev/dri")
     shm_size: PositiveSize | None = None
     ipc: Literal["host", "private", "shareable"] | None = None
-    network_mode: str | None = None
+    network_mode: NetworkMode | None = None
     healthcheck: ContainerHealth | None = None
 
     @field_validator("command", "entrypoint", mode="before")
@@ -551,7 +555,7 @@ class Model(Workload):
     context: int | None = Field(None, ge=256, description="context length in tokens")
     quantization: str | None = None
     args: dict[ArgName, str | int | float | bool] = Field({}, description="engine flags, without the leading '--'")
-    image: str | None = Field(None, description="overrides the lab's image for this engine")
+    image: ImageRef | None = Field(None, description="overrides the lab's image for this engine")
     models_dir: HostPath | None = Field(
         None,
         description="host folder of model files, mounted read-only at the same path (Ollama: its store)",
