@@ -591,3 +591,13 @@ def test_a_proxmox_url_with_credentials_or_a_newline_is_an_error(tmp_path: Path)
         (error,) = _errors(load_and_validate(_tree(tmp_path / str(number), lab=lab)))
         assert error.message.startswith("proxmox.url: not an API address"), error
         assert "secret" not in str(error), "a refused address is shown without its credentials"
+
+
+def test_a_name_with_a_newline_keeps_the_printed_diagnostic_on_one_line(tmp_path: Path) -> None:
+    folder = _tree(tmp_path, {**CONTAINER, "name": "app\nforged: error: x", "image": "busybox\n1"})
+    result = _cli("validate", str(folder), env={})
+    assert result.exit_code == 1
+    printed = [line for line in result.output.splitlines() if line.strip()]
+    diagnostics = [line for line in printed if not line.startswith("    ") and not line.startswith("invalid")]
+    assert diagnostics and all(line.startswith(f"{folder / 'lab.yaml'}:") for line in diagnostics), result.output
+    assert any("Container/app\\nforged: error: x:" in line for line in diagnostics), result.output
