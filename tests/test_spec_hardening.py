@@ -192,6 +192,10 @@ DOCKER_INJECTIONS: list[tuple[dict[str, Any], str, Any]] = [
     (MODEL, "image", "vllm/vllm-openai:v0.11.0\nEVIL"),
     (CONTAINER, "image", "Busybox:1 --privileged"),
     (CONTAINER, "network_mode", "host --privileged"),
+    (CONTAINER, "probe", {"http": "file:///etc/shadow", "body": "root:[$]"}),
+    (CONTAINER, "probe", {"http": "//evil.lan/x"}),
+    (CONTAINER, "probe", {"tcp": "db.lan:5432\nx"}),
+    (CONTAINER, "healthcheck", {"test": ["CMD", "true"], "interval": "0.5ms"}),
 ]
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "Nameservers",
     "NetworkMode",
     "OsTemplate",
+    "ProbeTarget",
+    "ProbeUrl",
     "ReconcilerEnvName",
     "StorageId",
     "check_path",
@@ -377,3 +379,29 @@ NetworkMode = Annotated[
     _matches(NETWORK_MODE_PATTERN, "network mode", "host, bridge, none, container:NAME or a network's name"),
     _schema(NETWORK_MODE_PATTERN),
 ]
+
+
+def _probe_url(value: str) -> str:
+    """A path on the workload's published port (`/health`) or an http(s) URL; never file:// or ftp://."""
+    parts = _parts(value)
+    if parts is not None and value.startswith("/") and not value.startswith("//"):
+        return value
+    if parts is None or parts.scheme not in ("http", "https") or not _host(parts.hostname) or parts.username:
+        raise ValueError(
+            f"not a probe URL: {_without_credentials(value)} (a path like /health, or http(s)://host/path)"
+        )
+    return value
+
+
+def _probe_target(value: str) -> str:
+    """host:port, [v6]:port, or a port alone (on the workload's host)."""
+    host, colon, port = value.rpartition(":")
+    port = port if colon else value
+    ok = port.isdigit() and 1 <= int(port) <= 65535 and (not colon or _host(host.removeprefix("[").removesuffix("]")))
+    if not ok:
+        raise ValueError(f"not a TCP probe target: {_shown(value)} (host:port, or a port)")
+    return value
+
+
+ProbeUrl = Annotated[str, AfterValidator(_probe_url), _schema(description="/path or http(s)://host[:port]/path")]
+ProbeTarget = Annotated[str, AfterValidator(_probe_target), _schema(description="host:port, or a port")]

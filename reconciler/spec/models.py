@@ -35,6 +35,8 @@ from reconciler.spec.grammar import (
     Nameservers,
     NetworkMode,
     OsTemplate,
+    ProbeTarget,
+    ProbeUrl,
     ReconcilerEnvName,
     StorageId,
 )
@@ -193,8 +195,8 @@ class Network(_Strict):
 class Probe(_Strict):
     """A health probe: HTTP (status, optional body match) or TCP."""
 
-    http: str | None = Field(None, description="URL or path (a path is joined to the published port)")
-    tcp: str | None = Field(None, description="host:port")
+    http: ProbeUrl | None = Field(None, description="URL or path (a path is joined to the published port)")
+    tcp: ProbeTarget | None = Field(None, description="host:port")
     status: int = Field(200, ge=100, le=599)
     body: str | None = Field(None, description="regular expression the body must match")
     timeout: Timeout = 300.0

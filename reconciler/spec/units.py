@@ -36,6 +36,7 @@ __all__ = [
 MAX_SIZE = 1024**5  # 1 PiB: larger than any disk, RAM or VRAM a lab has
 MAX_DURATION = 366 * 86400.0
 MAX_TIMEOUT = 86400.0
+MIN_TIMEOUT = 0.001  # Docker refuses health check intervals and timeouts under 1ms
 
 _SIZE_UNITS: dict[str, int] = {
     "b": 1,
@@ -116,7 +117,9 @@ def parse_timeout(value: object) -> float:
     and at most a day."""
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise ValueError(f"a timeout must be longer than zero (got {value!r})")
+        raise ValueError(f"a timeout must be longer than zero (got {_shown(value)})")
+    if seconds < MIN_TIMEOUT:
+        raise ValueError(f"{_shown(value)} is too short for a timeout (the least is 1ms)")
     if seconds > MAX_TIMEOUT:
         raise ValueError(f"{value!r} is too long for a timeout (the limit is a day)")
     return seconds
@@ -157,7 +160,7 @@ Timeout = Annotated[
         {
             "anyOf": [
                 {"type": "string", "pattern": DURATION_PATTERN},
-                {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
+                {"type": "number", "minimum": MIN_TIMEOUT, "maximum": MAX_TIMEOUT},
             ],
             "examples": ["30s", "5m"],
         }
