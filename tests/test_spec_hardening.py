@@ -605,3 +605,10 @@ def test_a_name_with_a_newline_keeps_the_printed_diagnostic_on_one_line(tmp_path
     diagnostics = [line for line in printed if not line.startswith("    ") and not line.startswith("invalid")]
     assert diagnostics and all(line.startswith(f"{folder / 'lab.yaml'}:") for line in diagnostics), result.output
     assert any("Container/app\\nforged: error: x:" in line for line in diagnostics), result.output
+
+
+def test_the_nvml_library_a_spec_names_must_be_nvml(tmp_path: Path) -> None:
+    for number, library in enumerate(["/tmp/evil.so", "relative/libnvidia-ml.so.1", "/usr/lib/../tmp/libnvidia-ml.so"]):
+        lab = LAB.replace("nvml: {enabled: false}", f"nvml: {{library: {json.dumps(library)}}}")
+        (error,) = _errors(load_and_validate(_tree(tmp_path / str(number), lab=lab)))
+        assert error.message.startswith("nvml.library: NVML library"), error

@@ -40,6 +40,7 @@ __all__ = [
     "ModelSource",
     "Nameservers",
     "NetworkMode",
+    "NvmlLibrary",
     "OsTemplate",
     "ProbeTarget",
     "ProbeUrl",
@@ -405,3 +406,17 @@ def _probe_target(value: str) -> str:
 
 ProbeUrl = Annotated[str, AfterValidator(_probe_url), _schema(description="/path or http(s)://host[:port]/path")]
 ProbeTarget = Annotated[str, AfterValidator(_probe_target), _schema(description="host:port, or a port")]
+
+
+def _nvml_library(value: str) -> str:
+    """The spec comes from git and this library is loaded into the reconciler: only an absolute path to a
+    file named like NVML (libnvidia-ml.so[.N...]) is taken, not any shared object a commit names."""
+    path = check_path(value, "NVML library")
+    if not re.fullmatch(r"libnvidia-ml\.so(\.[0-9]+)*", path.rsplit("/", 1)[-1]):
+        raise ValueError(f"NVML library {_shown(value)} must be a file named libnvidia-ml.so or libnvidia-ml.so.N")
+    return path
+
+
+NvmlLibrary = Annotated[
+    str, AfterValidator(_nvml_library), _schema(r"^/.*libnvidia-ml\.so(\.[0-9]+)*$", description="absolute path")
+]

@@ -34,6 +34,7 @@ from reconciler.spec.grammar import (
     ModelSource,
     Nameservers,
     NetworkMode,
+    NvmlLibrary,
     OsTemplate,
     ProbeTarget,
     ProbeUrl,
@@ -243,7 +244,7 @@ class ProxmoxConnection(_Strict):
 
 class NvmlSettings(_Strict):
     enabled: bool = True
-    library: str | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
+    library: NvmlLibrary | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
 
 
 class EngineImages(_Strict):
