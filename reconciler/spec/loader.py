@@ -323,64 +323,9 @@ def _tree_too_large(path: str, *, unread: int = 0) -> Diagnostic:
 def _load_file(
     spec_file: SpecFile, budget: _Budget
 ) -> Iterator[tuple[Resource | None, Origin | None, list[Diagnostic]]]:
-    if len(spec_file.data) > MAX_FILE_BYTES:
-        yield None, None, [_too_large(spec_file.path, len(spec_file.data))]
-        return
-    try:
-        text = spec_file.data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = spec_file.data[: exc.start].count(b"\n") + 1
-        column = exc.start - (spec_file.data.rfind(b"\n", 0, exc.start) + 1) + 1
-        yield (
-            None,
-            None,
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})",
-                    Position(spec_file.path, line, column),
-                    hint="save the file as UTF-8",
-                )
-            ],
-        )
-        return
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    try:
-        _prescan(text, budget)
-        nodes = list(yaml.compose_all(text, Loader=_Loader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
-        message = " ".join(part for part in (exc.context, exc.problem) if part)
-        if "maximum nesting depth" in message:  # libyaml 0.2.6+ stops deep nesting itself, before our check
-            yield None, None, [Diagnostic(Severity.ERROR, f"nested more than {MAX_DEPTH} levels deep", position)]
-            return
-        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
-        return
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
-        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
-        yield (
-            None,
-            None,
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    f"unacceptable character {character} in YAML",
-                    Position(spec_file.path, line, column),
-                    hint="remove control characters from the file",
-                )
-            ],
-        )
-        return
-    except _Refused as exc:
-        position = Position(spec_file.path, exc.line, exc.column)
-        yield None, None, [Diagnostic(Severity.ERROR, str(exc), position, hint=exc.hint)]
-        return
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))]
+    nodes, problem = _compose(spec_file, budget)
+    if problem is not None:
+        yield None, None, [problem]
         return
     problems = 0
     for index, node in enumerate(nodes):
@@ -392,6 +337,44 @@ def _load_file(
         resource, origin, found = _load_document(spec_file.path, index, node, budget)
         problems += len(found)
         yield resource, origin, found
+
+
+def _compose(spec_file: SpecFile, budget: _Budget) -> tuple[list[yaml.Node], Diagnostic | None]:
+    """The file's documents as YAML nodes, or the one problem that stops the file from being read."""
+    if len(spec_file.data) > MAX_FILE_BYTES:
+        return [], _too_large(spec_file.path, len(spec_file.data))
+    try:
+        text = spec_file.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = spec_file.data[: exc.start].count(b"\n") + 1
+        column = exc.start - (spec_file.data.rfind(b"\n", 0, exc.start) + 1) + 1
+        message = f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})"
+        return [], Diagnostic(
+            Severity.ERROR, message, Position(spec_file.path, line, column), hint="save the file as UTF-8"
+        )
+    text = text.removeprefix("\ufeff")
+    try:
+        _prescan(text, budget)
+        return list(yaml.compose_all(text, Loader=_Loader)), None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
+        message = " ".join(part for part in (exc.context, exc.problem) if part)
+        if "maximum nesting depth" in message:  # libyaml 0.2.6+ stops deep nesting itself, before our check
+            return [], Diagnostic(Severity.ERROR, f"nested more than {MAX_DEPTH} levels deep", position)
+        return [], Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        position = Position(spec_file.path, line, column)
+        message = f"unacceptable character {character} in YAML"
+        return [], Diagnostic(Severity.ERROR, message, position, hint="remove control characters from the file")
+    except _Refused as exc:
+        position = Position(spec_file.path, exc.line, exc.column)
+        return [], Diagnostic(Severity.ERROR, str(exc), position, hint=exc.hint)
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        return [], Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))
 
 
 class _Refused(Exception):

@@ -235,7 +235,7 @@ class _Checker:
                     )
             if isinstance(workload, Model):
                 self._model(workload)
-            self._secrets(workload)
+            _secrets(self, workload)
 
     def _host_reaches(self, host: DockerHost | Lxc | Vm, gpu: Gpu) -> bool:
         if isinstance(host, Lxc):
@@ -260,20 +260,6 @@ class _Checker:
         for key in model.args:
             if key.startswith("-"):
                 self.error(model, f"engine argument {key!r} must be written without leading dashes", "args", key)
-
-    def _secrets(self, workload: Workload) -> None:
-        for key in sorted(set(workload.env) & set(workload.secret_env)):
-            self.error(workload, f"{key!r} is in both env and secret_env", "secret_env", key)
-        own = self.lab.proxmox.secret_env if self.lab.proxmox else None
-        for key, variable in workload.secret_env.items():
-            if variable == own:
-                self.error(
-                    workload,
-                    f"secret_env {key!r} names {variable!r}, which holds the lab's Proxmox credentials",
-                    "secret_env",
-                    key,
-                    hint="give the workload its own variable",
-                )
 
     def _groups(self) -> None:
         members: dict[str, set[str]] = defaultdict(set)
@@ -334,21 +320,7 @@ class _Checker:
                 self.warning(vm, "hugepages without numa: Proxmox needs NUMA enabled for hugepages", "hugepages")
         for container in self.state.of(Container):
             _unique(self, container, "volumes", [v.path for v in container.volumes], "volume path")
-            self._own_ports(container)
-
-    def _own_ports(self, container: Container) -> None:
-        """Docker refuses a container that publishes one host port twice (0.0.0.0 overlaps every address)."""
-        seen: list[tuple[str, int, str]] = []
-        for index, port in enumerate(container.ports):
-            if any(p == port.host and q == port.protocol and _overlap(port.bind, b) for b, p, q in seen):
-                self.error(
-                    container,
-                    f"host port {port.host}/{port.protocol} is published twice",
-                    "ports",
-                    index,
-                    hint="publish each host port once",
-                )
-            seen.append((port.bind, port.host, port.protocol))
+            _own_ports(self, container)
 
     # ---- what runs at the same time ----------------------------------------------------------
 
@@ -484,6 +456,37 @@ class _Checker:
         if workload.role is not None and workload.role in self.roles:
             return place_role(self.roles[workload.role], self.gpus.values())
         return ()
+
+
+def _secrets(checker: _Checker, workload: Workload) -> None:
+    """A variable is plain or secret, not both; no workload is handed the lab's own Proxmox secret."""
+    for key in sorted(set(workload.env) & set(workload.secret_env)):
+        checker.error(workload, f"{key!r} is in both env and secret_env", "secret_env", key)
+    own = checker.lab.proxmox.secret_env if checker.lab.proxmox else None
+    for key, variable in workload.secret_env.items():
+        if variable == own:
+            checker.error(
+                workload,
+                f"secret_env {key!r} names {variable!r}, which holds the lab's Proxmox credentials",
+                "secret_env",
+                key,
+                hint="give the workload its own variable",
+            )
+
+
+def _own_ports(checker: _Checker, container: Container) -> None:
+    """Docker refuses a container that publishes one host port twice (0.0.0.0 overlaps every address)."""
+    seen: list[tuple[str, int, str]] = []
+    for index, port in enumerate(container.ports):
+        if any(p == port.host and q == port.protocol and _overlap(port.bind, b) for b, p, q in seen):
+            checker.error(
+                container,
+                f"host port {port.host}/{port.protocol} is published twice",
+                "ports",
+                index,
+                hint="publish each host port once",
+            )
+        seen.append((port.bind, port.host, port.protocol))
 
 
 def _unique(checker: _Checker, resource: Resource, field_name: str, values: list[str], what: str) -> None:
