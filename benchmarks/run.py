@@ -8,6 +8,8 @@
    latency per call (a real engine would spend the run creating 200
    containers). Goal for Proxmox requests: one inventory read plus one config
    read per guest (plus a fixed few: version, nodes, PCI devices, mappings).
+3. `validate` on hostile spec trees under 10 MB (goal: each validated or
+   refused in under 2 s): see benchmarks/spec_limits.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from benchmarks.spec_limits import bench_spec_limits
 from reconciler.backends.memory import MemoryDocker, MemoryProxmox
 from reconciler.backends.proxmox import ProxmoxBackend, settings_from
 from reconciler.engine.observe import Readers, observe
@@ -175,6 +178,7 @@ def bench_fakepve(guests: int, containers: int) -> None:
 def main() -> None:
     bench_planner(2000)
     bench_fakepve(500, 200)
+    bench_spec_limits()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS) of the benchmark process: {peak:.0f} MiB")
 

@@ -240,13 +240,13 @@ def test_guard_rails_refuse_mass_deletion_and_missing_secrets(harness: Harness, 
     with pytest.raises(PlanError, match="deletes or recreates 3"):
         harness.apply(load(tmp_path / "spec"))
     assert 955 in harness.lab.proxmox.guests
-    write_tree(tmp_path / "spec", SPEC + "secret_env: {TOKEN: RECONCILER_TEST_UNSET_TOKEN}\n")
-    with pytest.raises(ConfigError, match="RECONCILER_TEST_UNSET_TOKEN"):
+    write_tree(tmp_path / "spec", SPEC + "secret_env: {TOKEN: LAB_TEST_UNSET_TOKEN}\n")
+    with pytest.raises(ConfigError, match="LAB_TEST_UNSET_TOKEN"):
         harness.apply(load(tmp_path / "spec"))
 
 
 def test_secrets_reach_the_container_but_not_the_journal(tmp_path: Path) -> None:
-    folder = write_tree(tmp_path / "spec", SPEC + "secret_env: {API_KEY: RECONCILER_TEST_KEY}\n")
+    folder = write_tree(tmp_path / "spec", SPEC + "secret_env: {API_KEY: LAB_TEST_KEY}\n")
     harness = Harness(tmp_path, load(folder))
     desired = load(folder)
     plan = harness.plan(desired)
@@ -254,7 +254,7 @@ def test_secrets_reach_the_container_but_not_the_journal(tmp_path: Path) -> None
         proxmox=harness.lab.proxmox,
         docker=harness.lab.docker,
         journal=harness.journal,
-        env={"RECONCILER_TEST_KEY": "s3cr3t-value"},
+        env={"LAB_TEST_KEY": "s3cr3t-value"},
         docker_endpoints={},
         health=HealthPolicy(max_timeout=1, interval=0.01),
         prober=harness.lab.probe,

@@ -317,11 +317,11 @@ def test_plan_json_round_trips(lab: tuple[Harness, Path]) -> None:
 
 
 def test_secret_env_is_never_in_a_plan(tmp_path: Path) -> None:
-    folder = write_tree(tmp_path / "spec", LLM_LXC + "secret_env: {HF_TOKEN: RECONCILER_TEST_HF_TOKEN}\n")
+    folder = write_tree(tmp_path / "spec", LLM_LXC + "secret_env: {HF_TOKEN: LAB_TEST_HF_TOKEN}\n")
     harness = Harness(tmp_path, load(folder))
     plan = harness.plan(load(folder))
     text = plan.dumps()
-    assert "RECONCILER_TEST_HF_TOKEN" in text  # the name of the variable, so people know where it comes from
+    assert "LAB_TEST_HF_TOKEN" in text  # the name of the variable, so people know where it comes from
     assert "HF_TOKEN" in text
 
 

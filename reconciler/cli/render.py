@@ -21,7 +21,7 @@ from reconciler import redact
 from reconciler.engine.apply import ApplyReport, StepReport
 from reconciler.engine.journal import RunRecord, RunResult
 from reconciler.planning.plan import SENSITIVE, Action, Change, Plan, Timing
-from reconciler.spec.diagnostics import Diagnostic, Severity
+from reconciler.spec.diagnostics import Diagnostic, Severity, one_line
 
 __all__ = ["print_diagnostics", "print_history", "print_plan", "print_report", "print_status", "print_step"]
 
@@ -39,11 +39,11 @@ _MARK: dict[Action, tuple[str, str]] = {
 def print_diagnostics(console: Console, diagnostics: Iterable[Diagnostic]) -> None:
     for d in diagnostics:
         colour = "red" if d.severity is Severity.ERROR else "yellow"
-        where = str(d.position) if d.position else "<spec>"
-        resource = f" {d.resource}:" if d.resource else ""
-        line = f"[bold]{escape(where)}[/]:{escape(resource)} [{colour}]{d.severity}[/]: {escape(d.message)}"
+        where = str(d.position) if d.position else "<spec>"  # a file name's control characters come escaped
+        resource = f" {one_line(d.resource)}:" if d.resource else ""
+        line = f"[bold]{escape(where)}[/]:{escape(resource)} [{colour}]{d.severity}[/]: {escape(one_line(d.message))}"
         if d.hint:
-            line += f"\n    [dim]{escape(d.hint)}[/]"
+            line += f"\n    [dim]{escape(one_line(d.hint))}[/]"
         console.print(line, highlight=False)
 
 

@@ -6,6 +6,14 @@ on bad input: every problem becomes a Diagnostic with file, line and column,
 and all of them are collected. The YAML is composed into nodes by libyaml and
 turned into Python values here, which is where duplicate keys, alias bombs
 and cycles are caught.
+
+The work is bounded whatever the tree holds, so that a hostile or mistaken
+tree is refused quickly instead of taking minutes: symlinks that leave the tree
+are reported and never followed; a tree may hold at most `MAX_FILES` spec files
+and `MAX_TREE_BYTES`, and all its documents together at most `MAX_TREE_VALUES`
+YAML values (counted before anything is built); a file at most `MAX_DOCUMENTS`
+documents, a mapping at most `MAX_KEYS` keys; and each file shows at most
+`MAX_DIAGNOSTICS_PER_FILE` problems, then one line saying how many more there are.
 """
 
 from __future__ import annotations
@@ -25,14 +33,33 @@ import yaml
 import yaml.reader
 from pydantic import BaseModel, ValidationError
 
-from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.diagnostics import MAX_DIAGNOSTICS_PER_FILE, Diagnostic, Position, Severity, cap_per_file
 from reconciler.spec.models import KINDS, Lab, Resource
 from reconciler.spec.state import DesiredState, Origin
 
-__all__ = ["MAX_FILE_BYTES", "MAX_NODES", "LoadResult", "SpecFile", "content_revision", "load_files", "load_tree"]
+__all__ = [
+    "MAX_DOCUMENTS",
+    "MAX_FILES",
+    "MAX_FILE_BYTES",
+    "MAX_KEYS",
+    "MAX_NODES",
+    "MAX_TREE_BYTES",
+    "MAX_TREE_VALUES",
+    "LoadResult",
+    "SpecFile",
+    "content_revision",
+    "load_files",
+    "load_tree",
+]
 
 MAX_FILE_BYTES = 8 * 1024 * 1024  # a spec file larger than this is a mistake, not a lab
+MAX_TREE_BYTES = 16 * 1024 * 1024
+MAX_FILES = 2_000  # spec files in one tree
+MAX_ENTRIES = 50_000  # folders and files looked at while walking a tree
+MAX_TREE_VALUES = 200_000  # YAML events a tree may hold, and values its documents may expand to (~2,000 guests)
 MAX_NODES = 200_000  # YAML nodes one document may expand to (alias bombs stop here)
+MAX_DOCUMENTS = 5_000  # documents in one file
+MAX_KEYS = 1_000  # keys in one mapping
 MAX_DEPTH = 64
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -74,6 +101,7 @@ class _Converter:
     """Turns a composed YAML node graph into plain values, recording where each came from."""
 
     file: str
+    tree: _Budget
     values: dict[Path_, Position] = field(default_factory=dict)
     keys: dict[Path_, Position] = field(default_factory=dict)
     budget: int = MAX_NODES
@@ -83,9 +111,16 @@ class _Converter:
 
     def convert(self, node: yaml.Node, path: Path_ = (), active: frozenset[int] = frozenset()) -> Any:
         self.budget -= 1
+        self.tree.values -= 1
         if self.budget < 0:
             raise _DocumentError(
                 f"document expands to more than {MAX_NODES} values",
+                node,
+                "YAML aliases may not be used to inflate a spec",
+            )
+        if self.tree.values < 0:
+            raise _DocumentError(
+                f"the spec tree expands to more than {MAX_TREE_VALUES} values",
                 node,
                 "YAML aliases may not be used to inflate a spec",
             )
@@ -112,6 +147,8 @@ class _Converter:
 
     def _mapping(self, node: yaml.MappingNode, path: Path_, active: frozenset[int]) -> dict[str, Any]:
         result: dict[str, Any] = {}
+        if len(node.value) > MAX_KEYS:
+            raise _DocumentError(f"a mapping has more than {MAX_KEYS} keys", node, "a spec needs far fewer")
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise _DocumentError("YAML merge keys ('<<') are not supported in specs", key_node)
@@ -127,9 +164,10 @@ class _Converter:
 
 
 def load_tree(root: Path) -> LoadResult:
-    """Load every *.yaml/*.yml under `root` (a file or a folder), following no symlink loop."""
+    """Load every *.yaml/*.yml under `root` (a file or a folder), following no symlink out of it."""
     files: list[SpecFile] = []
     diagnostics: list[Diagnostic] = []
+    total = 0
     for path, problem in _walk(root):
         shown = _display(path, root)
         if problem:
@@ -139,6 +177,10 @@ def load_tree(root: Path) -> LoadResult:
         if problem:
             diagnostics.append(Diagnostic(Severity.ERROR, problem, Position(shown, 1, 1)))
         elif data is not None:
+            total += len(data)
+            if total > MAX_TREE_BYTES:
+                diagnostics.append(_tree_too_large(shown))
+                break
             files.append(SpecFile(shown, data))
     result = load_files(files, revision=content_revision(files), empty_hint=str(root), report_empty=not diagnostics)
     return LoadResult(result.state, (*diagnostics, *result.diagnostics))
@@ -169,6 +211,21 @@ def content_revision(files: Iterable[SpecFile]) -> str:
     return "tree-" + digest.hexdigest()[:12]
 
 
+@dataclass
+class _Budget:
+    """What is left of a tree's allowance while its files are read (see the module docstring)."""
+
+    events: int = MAX_TREE_VALUES
+    values: int = MAX_TREE_VALUES
+    bytes: int = MAX_TREE_BYTES
+    hints: int = MAX_DIAGNOSTICS_PER_FILE  # "did you mean" suggestions left for the current file
+    unchecked: dict[str, int] = field(default_factory=dict)  # documents not validated, per file
+
+    @property
+    def spent(self) -> bool:
+        return self.events < 0 or self.values < 0 or self.bytes < 0
+
+
 def load_files(
     files: Iterable[SpecFile], *, revision: str | None = None, empty_hint: str = "", report_empty: bool = True
 ) -> LoadResult:
@@ -176,10 +233,25 @@ def load_files(
     resources: list[Resource] = []
     origins: dict[str, Origin] = {}
     diagnostics: list[Diagnostic] = []
-    seen_files = 0
-    for spec_file in sorted(files, key=lambda f: f.path):
-        seen_files += 1
-        for resource, origin, problems in _load_file(spec_file):
+    ordered = sorted(files, key=lambda f: f.path)
+    if len(ordered) > MAX_FILES:
+        diagnostics.append(
+            Diagnostic(
+                Severity.ERROR,
+                f"the spec tree has {len(ordered)} spec files, more than {MAX_FILES}; the rest are not read",
+                Position(ordered[MAX_FILES].path, 1, 1),
+                hint="keep only spec files in the tree",
+            )
+        )
+        ordered = ordered[:MAX_FILES]
+    budget = _Budget()
+    for index, spec_file in enumerate(ordered):
+        budget.bytes -= len(spec_file.data)
+        budget.hints = MAX_DIAGNOSTICS_PER_FILE
+        if budget.spent:
+            diagnostics.append(_tree_too_large(spec_file.path, unread=len(ordered) - index))
+            break
+        for resource, origin, problems in _load_file(spec_file, budget):
             diagnostics.extend(problems)
             if resource is None or origin is None:
                 continue
@@ -198,107 +270,151 @@ def load_files(
                 continue
             resources.append(resource)
             origins[resource.ref] = origin
-    if not resources and not diagnostics and report_empty:
+    diagnostics.extend(_lab_count(resources, origins, ordered, empty_hint, report=report_empty and not diagnostics))
+    state = DesiredState(tuple(resources), origins, revision=revision)
+    notes = {name: f"{count} more document(s) in it were not checked" for name, count in budget.unchecked.items()}
+    notes = {
+        name: note for name, note in notes.items() if any(d.position and d.position.file == name for d in diagnostics)
+    }
+    return LoadResult(state, cap_per_file(diagnostics, MAX_DIAGNOSTICS_PER_FILE, notes=notes))
+
+
+def _lab_count(
+    resources: list[Resource], origins: Mapping[str, Origin], files: list[SpecFile], empty_hint: str, *, report: bool
+) -> list[Diagnostic]:
+    """A tree has exactly one Lab: none (when nothing else is wrong) or a second one is an error."""
+    first = Position(files[0].path, 1, 1) if files else None
+    if not resources:
+        if not report:
+            return []
         where = f" in {empty_hint}" if empty_hint else ""
-        diagnostics.append(
-            Diagnostic(Severity.ERROR, f"no spec documents found{where}", None, hint="add YAML files with a 'kind'")
-        )
+        return [
+            Diagnostic(Severity.ERROR, f"no spec documents found{where}", first, hint="add YAML files with a 'kind'")
+        ]
     labs = [r for r in resources if isinstance(r, Lab)]
-    for extra in labs[1:]:
-        diagnostics.append(
+    if not labs:
+        if not report:
+            return []
+        return [
             Diagnostic(
-                Severity.ERROR, "a spec tree has exactly one Lab", origins[extra.ref].position, "Lab", extra.name
+                Severity.ERROR,
+                "no Lab document",
+                origins[resources[0].ref].position,
+                hint="add one document with 'kind: Lab' (its connections and defaults)",
             )
-        )
-    return LoadResult(DesiredState(tuple(resources), origins, revision=revision), tuple(diagnostics))
+        ]
+    return [
+        Diagnostic(Severity.ERROR, "a spec tree has exactly one Lab", origins[extra.ref].position, "Lab", extra.name)
+        for extra in labs[1:]
+    ]
 
 
-def _load_file(spec_file: SpecFile) -> Iterator[tuple[Resource | None, Origin | None, list[Diagnostic]]]:
-    if len(spec_file.data) > MAX_FILE_BYTES:
-        yield None, None, [_too_large(spec_file.path, len(spec_file.data))]
+def _tree_too_large(path: str, *, unread: int = 0) -> Diagnostic:
+    rest = f"; {unread} file(s) from here on are not read" if unread else "; the rest is not read"
+    return Diagnostic(
+        Severity.ERROR,
+        f"the spec tree is too large (more than {MAX_TREE_BYTES // 1024 // 1024} MiB "
+        f"or {MAX_TREE_VALUES} YAML values){rest}",
+        Position(path, 1, 1),
+        hint="keep only spec files in the tree",
+    )
+
+
+def _load_file(
+    spec_file: SpecFile, budget: _Budget
+) -> Iterator[tuple[Resource | None, Origin | None, list[Diagnostic]]]:
+    nodes, problem = _compose(spec_file, budget)
+    if problem is not None:
+        yield None, None, [problem]
         return
+    problems = 0
+    for index, node in enumerate(nodes):
+        if node is None:
+            continue
+        if problems >= MAX_DIAGNOSTICS_PER_FILE:  # enough to fix first; the rest would only cost time
+            budget.unchecked[spec_file.path] = budget.unchecked.get(spec_file.path, 0) + 1
+            continue
+        resource, origin, found = _load_document(spec_file.path, index, node, budget)
+        problems += len(found)
+        yield resource, origin, found
+
+
+def _compose(spec_file: SpecFile, budget: _Budget) -> tuple[list[yaml.Node], Diagnostic | None]:
+    """The file's documents as YAML nodes, or the one problem that stops the file from being read."""
+    if len(spec_file.data) > MAX_FILE_BYTES:
+        return [], _too_large(spec_file.path, len(spec_file.data))
     try:
         text = spec_file.data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = spec_file.data[: exc.start].count(b"\n") + 1
         column = exc.start - (spec_file.data.rfind(b"\n", 0, exc.start) + 1) + 1
-        yield (
-            None,
-            None,
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})",
-                    Position(spec_file.path, line, column),
-                    hint="save the file as UTF-8",
-                )
-            ],
+        message = f"not UTF-8 text (byte 0x{spec_file.data[exc.start]:02x})"
+        return [], Diagnostic(
+            Severity.ERROR, message, Position(spec_file.path, line, column), hint="save the file as UTF-8"
         )
-        return
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     try:
-        _check_depth(text)
-        nodes = list(yaml.compose_all(text, Loader=_Loader))
+        _prescan(text, budget)
+        return list(yaml.compose_all(text, Loader=_Loader)), None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         position = Position(spec_file.path, mark.line + 1, mark.column + 1) if mark else Position(spec_file.path, 1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part)
         if "maximum nesting depth" in message:  # libyaml 0.2.6+ stops deep nesting itself, before our check
-            yield None, None, [Diagnostic(Severity.ERROR, f"nested more than {MAX_DEPTH} levels deep", position)]
-            return
-        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)]
-        return
+            return [], Diagnostic(Severity.ERROR, f"nested more than {MAX_DEPTH} levels deep", position)
+        return [], Diagnostic(Severity.ERROR, f"YAML syntax error: {message}", position)
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
         character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
-        yield (
-            None,
-            None,
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    f"unacceptable character {character} in YAML",
-                    Position(spec_file.path, line, column),
-                    hint="remove control characters from the file",
-                )
-            ],
-        )
-        return
-    except _TooDeep as exc:
-        yield None, None, [Diagnostic(Severity.ERROR, str(exc), Position(spec_file.path, exc.line, exc.column))]
-        return
+        position = Position(spec_file.path, line, column)
+        message = f"unacceptable character {character} in YAML"
+        return [], Diagnostic(Severity.ERROR, message, position, hint="remove control characters from the file")
+    except _Refused as exc:
+        position = Position(spec_file.path, exc.line, exc.column)
+        return [], Diagnostic(Severity.ERROR, str(exc), position, hint=exc.hint)
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        yield None, None, [Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))]
-        return
-    for index, node in enumerate(nodes):
-        if node is None:
-            continue
-        yield _load_document(spec_file.path, index, node)
+        return [], Diagnostic(Severity.ERROR, f"YAML syntax error: {exc}", Position(spec_file.path, 1, 1))
 
 
-class _TooDeep(Exception):
-    def __init__(self, line: int, column: int) -> None:
-        super().__init__(f"nested more than {MAX_DEPTH} levels deep")
-        self.line, self.column = line, column
+class _Refused(Exception):
+    """A file refused from its event stream, before anything is built from it."""
+
+    def __init__(self, message: str, mark: Any, hint: str | None = None) -> None:  # a yaml.Mark from C or Python
+        super().__init__(message)
+        self.line: int = mark.line + 1 if mark else 1
+        self.column: int = mark.column + 1 if mark else 1
+        self.hint = hint
 
 
-def _check_depth(text: str) -> None:
-    """Refuse deep nesting from the event stream, before libyaml's recursive composer can overflow the C stack."""
-    depth = 0
+def _prescan(text: str, budget: _Budget) -> None:
+    """Refuse what would cost too much from the event stream: deep nesting (before libyaml's recursive
+    composer can overflow the C stack), too many documents, and more YAML values than the tree may hold."""
+    depth = documents = 0
     for event in yaml.parse(text, Loader=_Loader):
+        budget.events -= 1
+        if budget.events < 0:
+            raise _Refused(
+                f"the spec tree holds more than {MAX_TREE_VALUES} YAML values; this file and the rest are not read",
+                event.start_mark,
+                "a lab needs far fewer; keep only spec files in the tree",
+            )
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                mark = event.start_mark
-                raise _TooDeep(mark.line + 1 if mark else 1, mark.column + 1 if mark else 1)
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
+        elif isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > MAX_DOCUMENTS:
+                raise _Refused(f"more than {MAX_DOCUMENTS} documents in one file", event.start_mark, "split the file")
 
 
-def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | None, Origin | None, list[Diagnostic]]:
-    converter = _Converter(file)
+def _load_document(
+    file: str, index: int, node: yaml.Node, budget: _Budget
+) -> tuple[Resource | None, Origin | None, list[Diagnostic]]:
+    converter = _Converter(file, budget)
     start = converter.position(node)
     try:
         data = converter.convert(node)
@@ -325,27 +441,25 @@ def _load_document(file: str, index: int, node: yaml.Node) -> tuple[Resource | N
     try:
         resource = cls.model_validate(data)
     except ValidationError as exc:
-        return None, None, [_from_pydantic(error, cls, origin, kind, name) for error in exc.errors()]
+        problems = []
+        for error in exc.errors():
+            budget.hints -= 1
+            problems.append(_from_pydantic(error, cls, origin, kind, name, hints=budget.hints >= 0))
+        return None, None, problems
     except RecursionError:
         return None, None, [Diagnostic(Severity.ERROR, "document is nested too deeply", start, kind, name)]
     return resource, origin, []
 
 
 def _from_pydantic(
-    error: Mapping[str, Any], cls: type[BaseModel], origin: Origin, kind: str, name: str | None
+    error: Mapping[str, Any], cls: type[BaseModel], origin: Origin, kind: str, name: str | None, *, hints: bool = True
 ) -> Diagnostic:
     loc: Path_ = tuple(part for part in error["loc"] if isinstance(part, str | int))
     field_path = ".".join(str(part) for part in loc) or kind
     if error["type"] == "extra_forbidden" and loc:
-        known = _fields_at(cls, loc[:-1])
-        return Diagnostic(
-            Severity.ERROR,
-            f"unknown field {field_path!r}",
-            origin.key_position(loc),
-            kind,
-            name,
-            _did_you_mean(str(loc[-1]), known) or (f"known fields: {', '.join(sorted(known))}" if known else None),
-        )
+        known = _fields_at(cls, loc[:-1]) if hints else set()
+        hint = (_did_you_mean(str(loc[-1]), known) or f"known fields: {', '.join(sorted(known))}") if known else None
+        return Diagnostic(Severity.ERROR, f"unknown field {field_path!r}", origin.key_position(loc), kind, name, hint)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return Diagnostic(Severity.ERROR, f"missing field {field_path!r}", origin.position_of(loc[:-1]), kind, name)
@@ -393,32 +507,54 @@ def _too_large(path: str, size: int) -> Diagnostic:
     )
 
 
+_OUTSIDE = "symlink leads out of the spec tree; it is not followed"
+
+
 def _walk(root: Path) -> Iterator[tuple[Path, str | None]]:
-    """Spec files under root in a stable order; symlink loops are reported, not followed."""
+    """Spec files under root in a stable order. Symlinks that leave the tree are reported, never followed;
+    symlink loops inside it are reported once; the walk stops after `MAX_ENTRIES` files and folders."""
     if not root.exists():
         yield root, "no such file or folder"
         return
     if root.is_file():
         yield root, None
         return
+    inside = Path(os.path.realpath(root))
     seen: set[tuple[int, int]] = set()
+    entries = 0
     for directory, subdirs, filenames in os.walk(root, followlinks=True, onerror=None):
         here = Path(directory)
         try:
-            stat = here.stat()
+            info = here.stat()
         except OSError:
             yield here, "cannot read folder (a symlink loop or a dangling link)"
             subdirs[:] = []
             continue
-        if (stat.st_dev, stat.st_ino) in seen:
+        if (info.st_dev, info.st_ino) in seen:
             yield here, "symlink loop: this folder was already read"
             subdirs[:] = []
             continue
-        seen.add((stat.st_dev, stat.st_ino))
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        seen.add((info.st_dev, info.st_ino))
+        entries += len(subdirs) + len(filenames)
+        if entries > MAX_ENTRIES:
+            yield here, f"more than {MAX_ENTRIES} files and folders in the spec tree; the rest are not read"
+            return
+        kept = []
+        for name in sorted(d for d in subdirs if not d.startswith(".")):
+            if _leaves(here / name, inside):
+                yield here / name, _OUTSIDE
+            else:
+                kept.append(name)
+        subdirs[:] = kept
         for filename in sorted(filenames):
             if filename.endswith(SPEC_SUFFIXES) and not filename.startswith("."):
-                yield here / filename, None
+                path = here / filename
+                yield path, _OUTSIDE if _leaves(path, inside) else None
+
+
+def _leaves(path: Path, inside: Path) -> bool:
+    """True for a symlink whose target (followed all the way, without reading it) is outside `inside`."""
+    return path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(inside)
 
 
 def _display(path: Path, root: Path) -> str:

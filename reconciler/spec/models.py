@@ -13,7 +13,7 @@ import enum
 import re
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reconciler.spec.access import (
     Clone,
@@ -25,7 +25,33 @@ from reconciler.spec.access import (
     SshTarget,
     TpmState,
 )
-from reconciler.spec.units import Duration, Size
+from reconciler.spec.grammar import (
+    ApiUrl,
+    BindAddress,
+    BridgeId,
+    CpuType,
+    DevicePath,
+    DnsName,
+    DockerEndpointUrl,
+    EnvName,
+    FsType,
+    Gateway4,
+    HostPath,
+    ImageRef,
+    IPv4Config,
+    IPv6Config,
+    MacAddress,
+    ModelSource,
+    Nameservers,
+    NetworkMode,
+    NvmlLibrary,
+    OsTemplate,
+    ProbeTarget,
+    ProbeUrl,
+    ReconcilerEnvName,
+    StorageId,
+)
+from reconciler.spec.units import Duration, Size, Timeout, format_size
 
 __all__ = [
     "KINDS",
@@ -51,6 +77,36 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower case letter
 VmId = Annotated[int, Field(ge=100, le=999_999_999, description="Proxmox guest id")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PCI_PATTERN = r"^([0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(\.[0-7])?$"
+GIB = 1024**3
+MIB = 1024**2
+
+
+def _at_least(minimum: int) -> AfterValidator:
+    def check(size: int) -> int:
+        if size < minimum:
+            raise ValueError(f"{format_size(size)} is too small (the least is {format_size(minimum)})")
+        return size
+
+    return AfterValidator(check)
+
+
+PositiveSize = Annotated[Size, _at_least(1)]
+Memory = Annotated[Size, _at_least(16 * MIB)]  # Proxmox's minimum for a VM and a CT
+
+
+def _whole_gib(size: int) -> int:
+    """Proxmox allocates rootfs, mount point and disk volumes as STORAGE:GiB; a fraction would be sent
+    as a decimal it may read differently."""
+    if size % GIB:
+        raise ValueError(f"{format_size(size)} is not a whole number of GiB (Proxmox allocates volumes in GiB)")
+    return size
+
+
+DiskSize = Annotated[Size, _at_least(GIB), AfterValidator(_whole_gib)]
+VmOsType: TypeAlias = Literal[
+    "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11", "l24", "l26", "solaris"
+]
+ArgName = Annotated[str, Field(pattern=r"^-*[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=256)]
 
 
 class _Strict(BaseModel):
@@ -126,36 +182,36 @@ class Startup(_Strict):
 class DockerEndpoint(_Strict):
     """How to reach a Docker engine: unix://, tcp:// or ssh:// (see DOCKER_HOST)."""
 
-    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    endpoint: DockerEndpointUrl
     tls_verify: bool = False
     ca_file: str | None = None
-    timeout: Duration = 60.0
+    timeout: Timeout = 60.0
 
 
 class Network(_Strict):
     """One guest NIC. For an LXC `name` is the interface inside it (eth0)."""
 
     name: str = Field("eth0", pattern=r"^[a-zA-Z][a-zA-Z0-9_.-]{0,15}$")
-    bridge: str = "vmbr0"
+    bridge: BridgeId = "vmbr0"
     model: Literal["virtio", "e1000", "e1000e", "rtl8139", "vmxnet3"] = "virtio"
-    ip: str | None = Field(None, description="dhcp, manual or an address with prefix (LXC)")
-    gateway: str | None = None
-    ip6: str | None = None
+    ip: IPv4Config | None = Field(None, description="dhcp, manual or an address with prefix (LXC)")
+    gateway: Gateway4 | None = None
+    ip6: IPv6Config | None = None
     vlan: int | None = Field(None, ge=1, le=4094)
     firewall: bool | None = None
     mtu: int | None = Field(None, ge=576, le=65520)
-    hwaddr: str | None = Field(None, pattern=r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
+    hwaddr: MacAddress | None = None
 
 
 class Probe(_Strict):
     """A health probe: HTTP (status, optional body match) or TCP."""
 
-    http: str | None = Field(None, description="URL or path (a path is joined to the published port)")
-    tcp: str | None = Field(None, description="host:port")
+    http: ProbeUrl | None = Field(None, description="URL or path (a path is joined to the published port)")
+    tcp: ProbeTarget | None = Field(None, description="host:port")
     status: int = Field(200, ge=100, le=599)
     body: str | None = Field(None, description="regular expression the body must match")
-    timeout: Duration = 300.0
-    interval: Duration = 2.0
+    timeout: Timeout = 300.0
+    interval: Timeout = 2.0
 
     @model_validator(mode="after")
     def _one_target(self) -> Probe:
@@ -180,7 +236,7 @@ class ProxmoxAuth(enum.StrEnum):
 class ProxmoxConnection(_Strict):
     """How to reach the Proxmox API. The secret itself comes from the environment or a file."""
 
-    url: str = Field(pattern=r"^https?://", description="https://pve1.lan:8006")
+    url: ApiUrl = Field(description="https://pve1.lan:8006")
     auth: ProxmoxAuth = ProxmoxAuth.TOKEN
     user: str = Field("root@pam", pattern=r"^[^@\s]+@[^@\s!]+$", description="owner of the token, or login user")
     token_id: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9._-]*$", description="token name after '!'")
@@ -188,7 +244,7 @@ class ProxmoxConnection(_Strict):
     secret_file: str | None = None
     verify_tls: bool = True
     ca_file: str | None = None
-    timeout: Duration = 30.0
+    timeout: Timeout = 30.0
 
     @property
     def is_root_pam(self) -> bool:
@@ -198,15 +254,15 @@ class ProxmoxConnection(_Strict):
 
 class NvmlSettings(_Strict):
     enabled: bool = True
-    library: str | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
+    library: NvmlLibrary | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
 
 
 class EngineImages(_Strict):
     """Container images per engine; pin tags in the lab, not in code."""
 
-    vllm: str = "vllm/vllm-openai:v0.11.0"
-    llamacpp: str = "ghcr.io/ggml-org/llama.cpp:server-cuda"
-    ollama: str = "ollama/ollama:0.12.6"
+    vllm: ImageRef = "vllm/vllm-openai:v0.11.0"
+    llamacpp: ImageRef = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    ollama: ImageRef = "ollama/ollama:0.12.6"
 
 
 class Lab(Resource):
@@ -227,10 +283,10 @@ class DockerHost(Resource):
     """A Docker engine that is not a guest of the lab (the hypervisor itself, a workstation)."""
 
     kind: Literal["DockerHost"] = "DockerHost"
-    endpoint: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    endpoint: DockerEndpointUrl
     tls_verify: bool = False
     ca_file: str | None = None
-    timeout: Duration = 60.0
+    timeout: Timeout = 60.0
     node: Name | None = Field(None, description="Proxmox node it runs on, when it is the hypervisor")
     ssh: SshTarget | None = Field(None, description="where provisioning connects: user@host[:port]")
     provision: tuple[ProvisionStep, ...] = Field((), description="steps run over SSH, in order (issue 11)")
@@ -247,7 +303,7 @@ class Gpu(Resource):
     pci: str | None = Field(None, pattern=PCI_PATTERN, description="0000:01:00 (all functions) or 0000:01:00.0")
     uuid: str | None = Field(None, pattern=r"^(GPU|MIG)-[0-9a-fA-F-]+$")
     model: str | None = None
-    vram: Size
+    vram: PositiveSize
     role: Name | None = None
     mapping: Name | None = Field(None, description="PCI resource mapping (cluster/mapping/pci) for VM passthrough")
     power_limit: int | None = Field(None, ge=1, description="watts")
@@ -277,7 +333,7 @@ class GpuRole(Resource):
     sharing: Sharing = Sharing.EXCLUSIVE
     failover: tuple[Name, ...] = Field((), description="GPUs its work may move to when its own are taken or lost")
     gpus: int = Field(1, ge=1, le=16, description="how many GPUs a workload of this role needs")
-    min_vram: Size | None = None
+    min_vram: PositiveSize | None = None
 
 
 class ExclusiveGroup(Resource):
@@ -292,15 +348,15 @@ class ExclusiveGroup(Resource):
 
 
 class Rootfs(_Strict):
-    storage: str = "local-lvm"
-    size: Size
+    storage: StorageId = "local-lvm"
+    size: DiskSize
 
 
 class Mount(_Strict):
     """A bind mount from the host (LXC mpN, Docker volume)."""
 
-    host: str = Field(pattern=r"^/")
-    path: str = Field(pattern=r"^/")
+    host: HostPath
+    path: HostPath
     readonly: bool = False
     backup: bool | None = None
 
@@ -308,9 +364,9 @@ class Mount(_Strict):
 class Volume(_Strict):
     """A storage-backed LXC mount point (mpN with a storage volume)."""
 
-    storage: str
-    size: Size
-    path: str = Field(pattern=r"^/")
+    storage: StorageId
+    size: DiskSize
+    path: HostPath
     backup: bool | None = None
 
 
@@ -319,7 +375,7 @@ class LxcFeatures(_Strict):
     keyctl: bool | None = None
     fuse: bool | None = None
     mknod: bool | None = None
-    mount: tuple[str, ...] | None = None
+    mount: tuple[FsType, ...] | None = None
 
 
 class Lxc(Resource):
@@ -328,18 +384,18 @@ class Lxc(Resource):
     kind: Literal["Lxc"] = "Lxc"
     node: Name
     vmid: VmId
-    template: str = Field(pattern=r"^[^:\s]+:.+", description="storage:vztmpl/...")
-    hostname: str | None = None
+    template: OsTemplate = Field(description="storage:vztmpl/...")
+    hostname: DnsName | None = None
     unprivileged: bool = True
     cores: int = Field(1, ge=1, le=8192)
     cpulimit: float | None = Field(None, ge=0, le=8192)
-    memory: Size = Field("512MiB", validate_default=True)
+    memory: Memory = Field("512MiB", validate_default=True)
     swap: Size | None = None
     rootfs: Rootfs
     mounts: tuple[Mount, ...] = ()
     volumes: tuple[Volume, ...] = ()
     network: tuple[Network, ...] = ()
-    nameserver: str | None = None
+    nameserver: Nameservers | None = None
     features: LxcFeatures = LxcFeatures()
     gpus: tuple[Name, ...] = ()
     onboot: bool | None = None
@@ -373,8 +429,8 @@ class PciPassthrough(_Strict):
 
 class Disk(_Strict):
     slot: str = Field(pattern=r"^(scsi|virtio|sata|ide)\d{1,2}$")
-    storage: str
-    size: Size
+    storage: StorageId
+    size: DiskSize
     ssd: bool | None = None
     discard: bool | None = None
     iothread: bool | None = None
@@ -391,11 +447,11 @@ class Vm(Resource):
     sockets: int = Field(1, ge=1, le=16)
     numa: bool | None = None
     hugepages: Literal["any", "2", "1024"] | None = None
-    cpu: str | None = Field(None, description="CPU type, e.g. host")
+    cpu: CpuType | None = Field(None, description="CPU type, e.g. host")
     machine: str | None = Field(None, pattern=r"^(q35|pc|pc-i440fx-[\d.]+|pc-q35-[\d.]+)(\+pve\d+)?$")
     bios: Literal["seabios", "ovmf"] | None = None
-    ostype: str | None = None
-    memory: Size
+    ostype: VmOsType | None = None
+    memory: Memory
     balloon: Size | None = None
     disks: tuple[Disk, ...] = ()
     network: tuple[Network, ...] = ()
@@ -436,7 +492,7 @@ class PortMapping(_Strict):
 
     host: Port
     container: Port
-    bind: str = "0.0.0.0"
+    bind: BindAddress = "0.0.0.0"
     protocol: Literal["tcp", "udp"] = "tcp"
 
     @model_validator(mode="before")
@@ -464,8 +520,8 @@ class ContainerHealth(_Strict):
     """Docker's own HEALTHCHECK for a container."""
 
     test: tuple[str, ...] = Field(description='["CMD", "curl", "-f", "http://localhost:8000/health"]')
-    interval: Duration = 30.0
-    timeout: Duration = 10.0
+    interval: Timeout = 30.0
+    timeout: Timeout = 10.0
     retries: int = Field(3, ge=0)
     start_period: Duration = 0.0
 
@@ -476,9 +532,11 @@ class Workload(Resource):
     host: Name = Field(description="a DockerHost, or an Lxc/Vm that has 'docker'")
     gpus: tuple[Name, ...] = Field((), description="GPU names; handed over by NVML UUID")
     role: Name | None = Field(None, description="ask for GPUs by role instead of by name")
-    vram: Size | None = Field(None, description="declared VRAM footprint per GPU")
-    env: dict[str, str] = {}
-    secret_env: dict[str, str] = Field({}, description="container variable -> environment variable holding the value")
+    vram: PositiveSize | None = Field(None, description="declared VRAM footprint per GPU")
+    env: dict[EnvName, str] = {}
+    secret_env: dict[EnvName, ReconcilerEnvName] = Field(
+        {}, description="container variable -> environment variable holding the value"
+    )
     volumes: tuple[Mount, ...] = ()
     restart: RestartPolicy = RestartPolicy.UNLESS_STOPPED
     state: PowerState = PowerState.RUNNING
@@ -497,14 +555,14 @@ class Container(Workload):
     """A plain Docker container (Plex, PostgreSQL, a router in front of the models)."""
 
     kind: Literal["Container"] = "Container"
-    image: str = Field(min_length=1)
+    image: ImageRef
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     ports: tuple[PortMapping, ...] = ()
-    devices: tuple[str, ...] = Field((), description="host devices, e.g. /dev/dri:/dev/dri")
-    shm_size: Size | None = None
+    devices: tuple[DevicePath, ...] = Field((), description="host devices, e.g. /dev/dri:/dev/dri")
+    shm_size: PositiveSize | None = None
     ipc: Literal["host", "private", "shareable"] | None = None
-    network_mode: str | None = None
+    network_mode: NetworkMode | None = None
     healthcheck: ContainerHealth | None = None
 
     @field_validator("command", "entrypoint", mode="before")
@@ -518,17 +576,16 @@ class Model(Workload):
 
     kind: Literal["Model"] = "Model"
     engine: Engine
-    source: str = Field(min_length=1, description="model path on the host (vllm, llamacpp) or name (ollama)")
+    source: ModelSource = Field(description="model path on the host (vllm, llamacpp) or name (ollama)")
     served_name: str | None = Field(None, description="name clients ask for; defaults to the resource name")
     port: Port
-    bind: str = "0.0.0.0"
+    bind: BindAddress = "0.0.0.0"
     context: int | None = Field(None, ge=256, description="context length in tokens")
     quantization: str | None = None
-    args: dict[str, str | int | float | bool] = Field({}, description="engine flags, without the leading '--'")
-    image: str | None = Field(None, description="overrides the lab's image for this engine")
-    models_dir: str | None = Field(
+    args: dict[ArgName, str | int | float | bool] = Field({}, description="engine flags, without the leading '--'")
+    image: ImageRef | None = Field(None, description="overrides the lab's image for this engine")
+    models_dir: HostPath | None = Field(
         None,
-        pattern=r"^/",
         description="host folder of model files, mounted read-only at the same path (Ollama: its store)",
     )
 

@@ -10,13 +10,14 @@ member of each group in turn.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.spec.access_checks import check_access
-from reconciler.spec.diagnostics import Diagnostic, Position, Severity
+from reconciler.spec.diagnostics import Diagnostic, Position, Severity, cap_per_file
 from reconciler.spec.files import attach_files, tree_reader
 from reconciler.spec.loader import LoadResult, load_tree
 from reconciler.spec.models import (
@@ -58,7 +59,7 @@ def validate(state: DesiredState) -> tuple[Diagnostic, ...]:
     for diagnostic in checker.found:
         key = (diagnostic.position, diagnostic.kind, diagnostic.name, diagnostic.message)
         unique.setdefault(key, diagnostic)
-    return tuple(sorted(unique.values(), key=_sort_key))
+    return cap_per_file(sorted(unique.values(), key=_sort_key))
 
 
 def _sort_key(d: Diagnostic) -> tuple[str, int, int, str]:
@@ -237,6 +238,7 @@ class _Checker:
                     )
             if isinstance(workload, Model):
                 self._model(workload)
+            _secrets(self, workload)
 
     def _host_reaches(self, host: DockerHost | Lxc | Vm, gpu: Gpu) -> bool:
         if isinstance(host, Lxc):
@@ -261,9 +263,6 @@ class _Checker:
         for key in model.args:
             if key.startswith("-"):
                 self.error(model, f"engine argument {key!r} must be written without leading dashes", "args", key)
-        clash = set(model.env) & set(model.secret_env)
-        for key in sorted(clash):
-            self.error(model, f"{key!r} is in both env and secret_env", "secret_env", key)
 
     def _groups(self) -> None:
         members: dict[str, set[str]] = defaultdict(set)
@@ -324,6 +323,7 @@ class _Checker:
                 self.warning(vm, "hugepages without numa: Proxmox needs NUMA enabled for hugepages", "hugepages")
         for container in self.state.of(Container):
             _unique(self, container, "volumes", [v.path for v in container.volumes], "volume path")
+            _own_ports(self, container)
 
     # ---- what runs at the same time ----------------------------------------------------------
 
@@ -360,7 +360,7 @@ class _Checker:
             for bind, port, protocol, path in _published(workload):
                 taken = published[(workload.host, protocol, port)]
                 for other_bind, other in taken:
-                    if other is not workload and (bind == other_bind or "0.0.0.0" in (bind, other_bind)):
+                    if other is not workload and _overlap(bind, other_bind):
                         self.error(
                             workload,
                             f"port {port}/{protocol} on host {workload.host!r} is also published by {other.ref}",
@@ -461,6 +461,37 @@ class _Checker:
         return ()
 
 
+def _secrets(checker: _Checker, workload: Workload) -> None:
+    """A variable is plain or secret, not both; no workload is handed the lab's own Proxmox secret."""
+    for key in sorted(set(workload.env) & set(workload.secret_env)):
+        checker.error(workload, f"{key!r} is in both env and secret_env", "secret_env", key)
+    own = checker.lab.proxmox.secret_env if checker.lab.proxmox else None
+    for key, variable in workload.secret_env.items():
+        if variable == own:
+            checker.error(
+                workload,
+                f"secret_env {key!r} names {variable!r}, which holds the lab's Proxmox credentials",
+                "secret_env",
+                key,
+                hint="give the workload its own variable",
+            )
+
+
+def _own_ports(checker: _Checker, container: Container) -> None:
+    """Docker refuses a container that publishes one host port twice (0.0.0.0 overlaps every address)."""
+    seen: list[tuple[str, int, str]] = []
+    for index, port in enumerate(container.ports):
+        if any(p == port.host and q == port.protocol and _overlap(port.bind, b) for b, p, q in seen):
+            checker.error(
+                container,
+                f"host port {port.host}/{port.protocol} is published twice",
+                "ports",
+                index,
+                hint="publish each host port once",
+            )
+        seen.append((port.bind, port.host, port.protocol))
+
+
 def _unique(checker: _Checker, resource: Resource, field_name: str, values: list[str], what: str) -> None:
     seen: set[str] = set()
     for index, value in enumerate(values):
@@ -475,6 +506,15 @@ def _published(workload: Workload) -> Iterator[tuple[str, int, str, tuple[str | 
     elif isinstance(workload, Container) and workload.network_mode != "host":
         for index, port in enumerate(workload.ports):
             yield port.bind, port.host, port.protocol, ("ports", index)
+
+
+def _overlap(bind: str, other: str) -> bool:
+    """Two bind addresses clash when equal, or when either is 0.0.0.0 or :: (Docker binds both for either)."""
+    try:
+        first, second = ipaddress.ip_address(bind), ipaddress.ip_address(other)
+    except ValueError:
+        return bind == other
+    return first == second or first.is_unspecified or second.is_unspecified
 
 
 def _vram_of(workload: Workload, gpu: Gpu) -> int:
