@@ -78,7 +78,7 @@ def test_empty_lab_plans_guest_before_its_containers(lab: tuple[Harness, Path]) 
     assert container.depends_on == ("lxc/llm",)
     assert plan.summary() == "Plan: 3 to create, 0 to change, 0 to delete."
     config = plan.changes[0].after["config"]  # type: ignore[index]
-    assert config["tags"] == "llm;prod;reconciler"
+    assert config["tags"] == "llm;prod;reconciler-test"  # the owner tag names the lab (Lab `test`)
     assert config["dev0"] == "/dev/nvidia0" and config["dev1"] == "/dev/nvidiactl"
 
 
@@ -113,7 +113,7 @@ def test_tags_compare_normalised_and_pve_additions_are_not_drift(lab: tuple[Harn
     harness.apply(desired)
     config = harness.lab.proxmox.guests[955].config
     assert "hwaddr=" in config["net0"] and "vm-955-disk-0" in config["rootfs"]
-    config["tags"] = "prod;reconciler;llm"  # same set, another order
+    config["tags"] = "prod;reconciler-test;llm"  # same set, another order
     assert harness.plan(desired).empty
 
 

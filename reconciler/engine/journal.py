@@ -290,6 +290,17 @@ class Journal:
                 (address, resource, backend, spec_hash, int(protected), vmid, run_id, time.time()),
             )
 
+    def record_protected(self, address: str, *, resource: str, backend: str, vmid: int | None = None) -> None:
+        """Mark an existing resource protected now, whatever else the run does: protection takes effect from
+        the revision that declares it, even one that changes nothing (its spec hash is left as it was)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO inventory (address, resource, backend, protected, vmid, updated)"
+                " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(address) DO UPDATE SET protected = 1,"
+                " vmid = COALESCE(excluded.vmid, inventory.vmid), updated = excluded.updated",
+                (address, resource, backend, vmid, time.time()),
+            )
+
     def forget_under(self, prefix: str) -> list[str]:
         """Forget `prefix` itself and every address below it (`container/llm` -> `container/llm/...`)."""
         prefix = prefix.rstrip("/")
@@ -310,6 +321,7 @@ class Journal:
             protected=frozenset(row["address"] for row in rows if row["protected"]),
             protected_vmids=frozenset(row["vmid"] for row in rows if row["protected"] and row["vmid"] is not None),
             owned=frozenset(row["address"] for row in rows),
+            owned_vmids=frozenset(row["vmid"] for row in rows if row["vmid"] is not None),
         )
 
     def mark_failed(self, revision: str, *, run_id: int, reason: str) -> None:
