@@ -209,6 +209,13 @@ def test_protect_added_to_a_converged_guest_is_recorded_and_blocks_its_removal(
     assert removed.returncode == 0, output(removed)
     assert pve_server.pve.ct(301) is not None, "a protected guest is never deleted"
 
+    # Unprotecting takes effect from its revision too, even one that changes nothing.
+    write_small(spec, small_ct("keep", 301, extra="protect: false\n"), small_ct("other", 302))
+    assert "Nothing to do." in cli_apply(lab, spec).stdout
+    write_small(spec, small_ct("other", 302))
+    assert cli_apply(lab, spec).returncode == 0
+    assert pve_server.pve.ct(301) is None
+
 
 def test_a_plan_blocked_with_no_changes_says_what_blocks_it(
     real_lab: MakeRealLab, pve_server: PveServer, tmp_path: Path

@@ -265,6 +265,8 @@ def apply(
             for problem in (*planned.conflicts, *planned.blockers):
                 err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
             raise typer.Exit(EXIT_ERROR)
+        if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
+            print_plan(console, planned)
         console.print("Nothing to do." if planned.empty else "Not applied.")
         raise typer.Exit(EXIT_OK)
     print_report(console, report)

@@ -290,16 +290,23 @@ class Journal:
                 (address, resource, backend, spec_hash, int(protected), vmid, run_id, time.time()),
             )
 
-    def record_protected(self, address: str, *, resource: str, backend: str, vmid: int | None = None) -> None:
-        """Mark an existing resource protected now, whatever else the run does: protection takes effect from
-        the revision that declares it, even one that changes nothing (its spec hash is left as it was)."""
+    def record_protection(
+        self, address: str, *, resource: str, backend: str, protected: bool, vmid: int | None = None
+    ) -> None:
+        """Record whether an existing resource is protected, whatever else the run does: protection (and its
+        removal) takes effect from the revision that declares it, even one that changes nothing. A resource
+        the inventory does not list yet is added only to protect it (its spec hash is left unknown)."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO inventory (address, resource, backend, protected, vmid, updated)"
-                " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(address) DO UPDATE SET protected = 1,"
-                " vmid = COALESCE(excluded.vmid, inventory.vmid), updated = excluded.updated",
-                (address, resource, backend, vmid, time.time()),
+                "UPDATE inventory SET protected = ?, vmid = COALESCE(?, vmid), updated = ? WHERE address = ?",
+                (int(protected), vmid, time.time(), address),
             )
+            if protected:
+                db.execute(
+                    "INSERT OR IGNORE INTO inventory (address, resource, backend, protected, vmid, updated)"
+                    " VALUES (?, ?, ?, 1, ?, ?)",
+                    (address, resource, backend, vmid, time.time()),
+                )
 
     def forget_under(self, prefix: str) -> list[str]:
         """Forget `prefix` itself and every address below it (`container/llm` -> `container/llm/...`)."""

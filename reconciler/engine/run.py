@@ -8,8 +8,9 @@ touched). The guard rails (`max_deletes`, `protect`) are the plan's own
 blockers, so `plan` shows them too.
 
 Protection takes effect from the revision that declares it: before anything
-else, an apply records `protect: true` for the resources that exist already,
-whether or not the plan changes anything, and whatever the run's outcome.
+else, an apply records `protect` as declared for the resources that exist
+already, whether or not the plan changes anything, and whatever the run's
+outcome.
 
 After a crash, a Proxmox task the killed run was waiting for goes on without
 it: a guest being created is locked and not yet tagged, and would read as
@@ -155,11 +156,11 @@ def _first_difference(saved: Plan, fresh: Plan) -> str:
 
 
 def record_protection(journal: Journal, desired: DesiredState, plan: Plan) -> None:
-    """Record `protect: true` for every declared resource that exists now (not being created by this plan)."""
+    """Record `protect` as declared for every resource that exists now (not being created by this plan)."""
     created = {c.address for c in plan.changes if c.action is Action.CREATE}
     disputed = {p.resource for p in plan.conflicts}
     for resource in desired.resources:
-        if not resource.protect or resource.ref in disputed:
+        if resource.ref in disputed:
             continue
         if isinstance(resource, Lxc | Vm):
             address = f"{'lxc' if isinstance(resource, Lxc) else 'qemu'}/{resource.name}"
@@ -169,7 +170,9 @@ def record_protection(journal: Journal, desired: DesiredState, plan: Plan) -> No
         else:
             continue
         if address not in created:
-            journal.record_protected(address, resource=resource.ref, backend=backend, vmid=vmid)
+            journal.record_protection(
+                address, resource=resource.ref, backend=backend, protected=resource.protect, vmid=vmid
+            )
 
 
 def _settle_interrupted(

@@ -48,6 +48,7 @@ from reconciler.spec.state import DesiredState
 __all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
 
 NVIDIA_VENDOR = "0x10de"
+_UNPROTECT = "to delete it, declare it again with 'protect: false' and apply, then remove it"
 OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
@@ -227,7 +228,9 @@ class _Planner:
                 continue
             address = f"{seen.type}/{seen.name or vmid}"
             if vmid in self.inventory.protected_vmids or address in self.inventory.protected:
-                self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                self.warnings.append(
+                    Problem(address, "owned but no longer in the spec; protected, so kept", _UNPROTECT)
+                )
                 continue
             claim = self.ownership.claim(marks, recorded=vmid in self.inventory.owned_vmids)
             if claim is Claim.ORPHAN:
@@ -535,7 +538,9 @@ class _Planner:
                     continue  # kept by an apply for its rollback; the apply removes it
                 address = f"container/{host}/{live.name}"
                 if address in self.inventory.protected:
-                    self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                    self.warnings.append(
+                        Problem(address, "owned but no longer in the spec; protected, so kept", _UNPROTECT)
+                    )
                     continue
                 claim = self.ownership.claim(marks, recorded=address in self.inventory.owned)
                 if claim is not Claim.MINE:
