@@ -333,30 +333,7 @@ class _Planner:
             and key in seen.config
             and not pve.compare_config(kind, {key: desired_cfg[key]}, seen.config)
         }
-        fields: list[FieldChange] = []
-        grow: dict[str, str] = {}  # volume key -> new size, made by PVE's resize call, never by a config write
-        moves: dict[str, str] = {}  # volume key -> the storage PVE moves it to, with its data
-        for diff in diffs:
-            if diff.resize and not diff.replace:
-                size = self.volume_growth(guest, diff)
-                if size is not None:
-                    grow[diff.key] = size
-            if diff.replace:
-                timing = Timing.REPLACE
-            elif diff.move:
-                moves[diff.key] = str(pve.volume_storage(kind, diff.key, diff.after))
-                timing = Timing.RESTART if kind == "lxc" and running else Timing.LIVE  # a CT volume moves stopped
-            elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
-                timing = Timing.LIVE  # a disk grows online, on a running guest too
-            else:
-                new, gone = diff.before is None, diff.after is None
-                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
-            if diff.fields and diff.before is not None and diff.after is not None:
-                fields.extend(
-                    FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
-                )
-            else:
-                fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        fields, grow, moves = self.config_fields(guest, kind, diffs, reverting=reverting, running=running)
         removed = _removed_keys(guest, desired_cfg, effective)
         for key in removed:
             timing = _timing(pve.classify(kind, key, running, delete=True))
@@ -431,6 +408,37 @@ class _Planner:
         )
         self.guest_changes[guest.name] = change
         self.keep(change, guest)
+
+    def config_fields(
+        self, guest: Lxc | Vm, kind: pve.GuestKind, diffs: list[pve.FieldDiff], *, reverting: set[str], running: bool
+    ) -> tuple[list[FieldChange], dict[str, str], dict[str, str]]:
+        """The field changes of a guest's config differences, when each takes effect, and the volumes that
+        grow (key -> size, PVE's resize call) or move (key -> storage, PVE's move_volume / move_disk)."""
+        fields: list[FieldChange] = []
+        grow: dict[str, str] = {}
+        moves: dict[str, str] = {}
+        for diff in diffs:
+            if diff.resize and not diff.replace:
+                size = self.volume_growth(guest, diff)
+                if size is not None:
+                    grow[diff.key] = size
+            if diff.replace:
+                timing = Timing.REPLACE
+            elif diff.move:
+                moves[diff.key] = str(pve.volume_storage(kind, diff.key, diff.after))
+                timing = Timing.RESTART if kind == "lxc" and running else Timing.LIVE  # a CT volume moves stopped
+            elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
+                timing = Timing.LIVE  # a disk grows online, on a running guest too
+            else:
+                new, gone = diff.before is None, diff.after is None
+                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone))
+            if diff.fields and diff.before is not None and diff.after is not None:
+                fields.extend(
+                    FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
+                )
+            else:
+                fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        return fields, grow, moves
 
     def guest_after(
         self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool
