@@ -197,7 +197,8 @@ class Applier:
             return report
         self._finalize(run_id, done, report)
         self._record_inventory(run_id, plan, desired)
-        report.result = RunResult.APPLIED if plan.changes else RunResult.NOTHING
+        # A run that takes over an interrupted one applied its steps, even when nothing was left to do.
+        report.result = RunResult.APPLIED if plan.changes or inherited else RunResult.NOTHING
         self.journal.end_run(run_id, report.result)
         if plan.revision:
             self.journal.clear_failed(plan.revision)

@@ -801,7 +801,7 @@ def guest_volumes(kind: GuestKind, config: Mapping[str, str]) -> list[tuple[str,
     Bind mounts, paths and CD-ROM media are not the guest's data and are left out.
     """
     found: list[tuple[str, str, str | None]] = []
-    for key in sorted(config, key=_natural):
+    for key in sorted(config, key=lambda k: (k != "rootfs", _natural(k))):
         spec = _key_spec(kind, key)
         if not spec.volume or spec.default_key is None:
             continue
