@@ -231,3 +231,26 @@ def test_a_plan_blocked_with_no_changes_says_what_blocks_it(
     assert shown.returncode == 1, output(shown)
     assert "No changes" not in shown.stdout, output(shown)
     assert "Blocked, nothing will change: Lxc/keep: is on node 'pve1', the spec says 'pve2'" in shown.stdout
+
+
+def test_a_moved_volume_is_moved_back_by_a_rollback(
+    real_lab: MakeRealLab, pve_server: PveServer, tmp_path: Path
+) -> None:
+    spec = tmp_path / "small"
+    write_small(spec, small_ct("keep", 301))
+    lab = real_lab(spec)
+    assert cli_apply(lab, spec).returncode == 0
+    assert pve_server.pve.ct(301).status == "running"
+
+    write_small(spec, small_ct("keep", 301).replace("storage: local-lvm", "storage: fast-zfs"))
+    seed_storage(lab, pve_server)
+    pve_server.pve.fail("POST", "/nodes/pve1/lxc/301/status/start", 403, "Permission check failed", times=1)
+    failed = cli_apply(lab, spec)
+    assert failed.returncode == 1, output(failed)
+    assert "Rolled back" in failed.stdout, output(failed)
+    moves = [p for m, p in pve_server.writes() if p.endswith("/move_volume")]
+    assert len(moves) == 2, pve_server.writes()  # there, and back
+    ct = pve_server.pve.ct(301)
+    assert ct.config["rootfs"].startswith("local-lvm:") and ct.status == "running"
+    assert not any(m == "DELETE" for m, _ in pve_server.writes())
+    assert runs(lab)[-1].result is RunResult.ROLLED_BACK
