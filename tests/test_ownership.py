@@ -7,7 +7,8 @@ assertions are on what fakepve and the engine hold afterwards, and on fakepve's 
   nothing it cannot prove is its own, whatever tag or label it carries: such guests and containers are
   warnings until `--adopt-orphans`, which `plan` previews too.
 - Two labs on one cluster never take each other's guests, even when both are told to use one tag.
-- A guest made under the old default tag (`reconciler`) and listed in the journal is re-tagged.
+- A guest made under the old default tag (`reconciler`) and listed in the journal is re-tagged; a container
+  so made is recreated with the new labels.
 - `apply --plan FILE` refuses a plan whose changes were edited (an `after` value, an added key, a delete
   retargeted at a VM this lab does not own), or made for another lab, revision or format, before anything
   is written.
@@ -141,19 +142,27 @@ def test_two_labs_on_one_cluster_never_take_each_others_guests(
     assert pve_server.writes() == [] and [c.vmid for c in pve_server.pve.cts] == [301]
 
 
-def test_a_guest_made_under_the_old_default_tag_and_in_the_journal_is_retagged(
-    real_lab: MakeRealLab, pve_server: PveServer, tmp_path: Path
+WEB = "kind: Container\nname: web\nhost: ws\nimage: reconciler-test/web:1\n"
+
+
+def test_what_was_made_under_the_old_default_tag_and_is_in_the_journal_moves_to_the_new_one(
+    real_lab: MakeRealLab, pve_server: PveServer, docker_client: Any, tmp_path: Path
 ) -> None:
     spec = write_lab(tmp_path / "lab", "upgraded", ct("keep", 301), extra="owner_tag: reconciler\n")
-    lab = real_lab(spec)
+    (spec / "web.yaml").write_text(WEB)
+    lab = real_lab(spec, stand_in=True)
     assert cli_apply(lab, spec).returncode == 0
     assert tags_of(pve_server, 301) == {"reconciler"}
+    assert named_containers(docker_client)["web"]["reconciler.managed"] == "true"
 
     write_lab(spec, "upgraded", ct("keep", 301))  # the default now: reconciler-upgraded
     shown = lab.cli("plan", str(spec))
     assert shown.returncode == 2 and '~ tags: "reconciler" -> "reconciler-upgraded"' in shown.stdout, output(shown)
+    assert "-/+ container/ws/web replace" in shown.stdout, output(shown)  # recreated with the new labels
     assert cli_apply(lab, spec).returncode == 0
     assert tags_of(pve_server, 301) == {"reconciler-upgraded"}
+    labels = named_containers(docker_client)["web"]
+    assert labels["reconciler-upgraded.managed"] == "true" and "reconciler.managed" not in labels
     assert lab.cli("plan", str(spec)).returncode == 0
 
 
