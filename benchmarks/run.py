@@ -73,7 +73,7 @@ def synthetic_lab(guests: int, containers: int) -> DesiredState:
 def applied_memory_lab(desired: DesiredState) -> tuple[MemoryProxmox, MemoryDocker]:
     """Live state equal to the spec, stored the way PVE and Docker store it."""
     proxmox = MemoryProxmox(desired.lab.nodes)
-    docker = MemoryDocker(("ws",), owner_label=desired.lab.owner_tag)
+    docker = MemoryDocker(("ws",), owner_label=desired.lab.owner)
     plan = make_plan(desired, Observed(proxmox=proxmox.observe(), docker=docker.observe()))
     from reconciler.engine.apply import container_run_from
 

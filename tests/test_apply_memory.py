@@ -237,8 +237,9 @@ def test_guard_rails_refuse_mass_deletion_and_missing_secrets(harness: Harness, 
     write_tree(tmp_path / "spec", "kind: DockerHost\nname: other\nendpoint: unix:///x.sock\n")
     lab = tmp_path / "spec" / "lab.yaml"
     lab.write_text(lab.read_text().replace("name: test\n", "name: test\nmax_deletes: 2\n", 1))
-    with pytest.raises(PlanError, match="deletes or recreates 3"):
-        harness.apply(load(tmp_path / "spec"))
+    plan, report = harness.apply(load(tmp_path / "spec"))
+    assert report is None and not plan.applicable
+    assert any("deletes or recreates 3" in p.message for p in plan.blockers), plan.blockers
     assert 955 in harness.lab.proxmox.guests
     write_tree(tmp_path / "spec", SPEC + "secret_env: {TOKEN: LAB_TEST_UNSET_TOKEN}\n")
     with pytest.raises(ConfigError, match="LAB_TEST_UNSET_TOKEN"):

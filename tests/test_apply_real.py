@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.fakepve, pytest.mark.nvml]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [*sorted(p for p in (ROOT / "examples").iterdir() if (p / "lab.yaml").is_file()), ROOT / "specs"]
-MANAGED = "reconciler.managed"
+MANAGED = ".managed"  # `<owner>.managed`: the owner tag is derived from the lab name
 SECRET_VALUE = "test-secret-value-7f3a"  # what the examples' secret_env variables hold here
 # Container events that mean the engine was asked to change something.
 DOCKER_WRITES = {"create", "start", "stop", "kill", "die", "destroy", "rename", "update", "restart", "pause"}
@@ -170,10 +170,13 @@ def guests(server: PveServer) -> dict[str, dict[str, Any]]:
 def containers(docker_client: Any) -> dict[str, dict[str, Any]]:
     """Every container the reconciler owns, by spec host and name: id, image, state."""
     seen = {}
-    for summary in docker_client.api.containers(all=True, filters={"label": f"{MANAGED}=true"}):
+    for summary in docker_client.api.containers(all=True):
+        if not any(k.endswith(MANAGED) and v == "true" for k, v in (summary.get("Labels") or {}).items()):
+            continue
         data = docker_client.api.inspect_container(summary["Id"])
         labels = data["Config"]["Labels"] or {}
-        key = f"{labels.get('reconciler.host', '?')}/{data['Name'].lstrip('/')}"
+        host = next((v for k, v in labels.items() if k.endswith(".host")), "?")
+        key = f"{host}/{data['Name'].lstrip('/')}"
         assert key not in seen, f"two containers for {key}"
         seen[key] = {
             "id": data["Id"],
@@ -248,7 +251,7 @@ def test_every_example_applies_from_empty_and_a_second_apply_writes_nothing(
     for guest in [*desired.of(Lxc), *desired.of(Vm)]:
         assert guest.vmid in live_guests, f"{guest.ref} was not created"
         tags = str(live_guests[guest.vmid]["config"].get("tags", "")).replace(",", ";").split(";")
-        assert desired.lab.owner_tag in tags, f"{guest.ref} does not carry the owner tag"
+        assert desired.lab.owner in tags, f"{guest.ref} does not carry the owner tag"
     assert len(live_guests) == len(desired.of(Lxc)) + len(desired.of(Vm))
     live_containers = containers(docker_client)
     workloads = [w for w in desired.resources if isinstance(w, Workload)]

@@ -374,8 +374,9 @@ def test_one_change_by_hand_plans_as_exactly_that_change(
     cases: list[tuple[str, Any, str, Action, list[tuple[str, Any, Any, Timing]]]] = [
         ("an LXC's memory", lambda: put_config(lab, "lxc", 955, memory=16384),
          "lxc/llm", Action.UPDATE, [("memory", "16384", "32768", live)]),
-        ("a tag added to a VM", lambda: put_config(lab, "qemu", 960, tags="desktop;manual;reconciler"),
-         "qemu/desktop", Action.UPDATE, [("tags", "desktop;manual;reconciler", "desktop;reconciler", live)]),
+        ("a tag added to a VM", lambda: put_config(lab, "qemu", 960, tags="desktop;manual;reconciler-phoenix"),
+         "qemu/desktop", Action.UPDATE,
+         [("tags", "desktop;manual;reconciler-phoenix", "desktop;reconciler-phoenix", live)]),
         # Removing a device or a mount of a running container waits for its restart (pending); putting it
         # back cancels that at once.
         ("an LXC's GPU device removed", lambda: put_config(lab, "lxc", 955, delete="dev1"),
@@ -408,10 +409,10 @@ def test_one_change_by_hand_plans_as_exactly_that_change(
 
     # Where fakepve and PVE differ: PVE normalises tags when it stores them; fakepve does for containers but
     # keeps a VM's as written. Either way the same set is the same tags.
-    put_config(lab, "qemu", 960, tags="Desktop,RECONCILER")
-    put_config(lab, "lxc", 955, tags="Reconciler LLM")
-    assert guest_config(lab, "qemu", 960)["tags"] == "Desktop,RECONCILER"
-    assert guest_config(lab, "lxc", 955)["tags"] == "llm;reconciler"
+    put_config(lab, "qemu", 960, tags="Desktop,RECONCILER-PHOENIX")
+    put_config(lab, "lxc", 955, tags="Reconciler-Phoenix LLM")
+    assert guest_config(lab, "qemu", 960)["tags"] == "Desktop,RECONCILER-PHOENIX"
+    assert guest_config(lab, "lxc", 955)["tags"] == "llm;reconciler-phoenix"
     plan = lab.plan()
     assert plan.empty, rendered(plan)
 
@@ -483,7 +484,7 @@ def test_a_vm_made_in_the_ui_is_adopted_by_its_tags_only(real_lab: MakeRealLab, 
     assert [c.address for c in plan.changes if c.backend == "proxmox"] == ["qemu/gaming"], rendered(plan)
     assert guest.action is Action.UPDATE, rendered(plan)
     assert [f.path for f in guest.fields] == ["tags"], rendered(plan)
-    assert normalise_tags(guest.fields[0].after) == ("gaming", "gpu", "reconciler")
+    assert normalise_tags(guest.fields[0].after) == ("gaming", "gpu", "reconciler-homelab")  # the lab's owner tag
 
     for workload in lab.load().workloads():
         for variable in workload.secret_env.values():

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.engine.journal import Journal
+from reconciler.engine.run import plan_pass
 from reconciler.planning.observed import NvmlObservation, Observed, ObservedGpu, ProxmoxObservation
+from reconciler.planning.ownership import Claim, Ownership
 from reconciler.planning.plan import Action, Plan, Timing
-from reconciler.planning.planner import make_plan
+from reconciler.planning.planner import Inventory, make_plan
 from tests.support.labs import Harness, load, write_tree
 
 LLM_LXC = """\
@@ -78,7 +81,7 @@ def test_empty_lab_plans_guest_before_its_containers(lab: tuple[Harness, Path]) 
     assert container.depends_on == ("lxc/llm",)
     assert plan.summary() == "Plan: 3 to create, 0 to change, 0 to delete."
     config = plan.changes[0].after["config"]  # type: ignore[index]
-    assert config["tags"] == "llm;prod;reconciler"
+    assert config["tags"] == "llm;prod;reconciler-test"  # the owner tag names the lab (Lab `test`)
     assert config["dev0"] == "/dev/nvidia0" and config["dev1"] == "/dev/nvidiactl"
 
 
@@ -113,7 +116,7 @@ def test_tags_compare_normalised_and_pve_additions_are_not_drift(lab: tuple[Harn
     harness.apply(desired)
     config = harness.lab.proxmox.guests[955].config
     assert "hwaddr=" in config["net0"] and "vm-955-disk-0" in config["rootfs"]
-    config["tags"] = "prod;reconciler;llm"  # same set, another order
+    config["tags"] = "prod;reconciler-test;llm"  # same set, another order
     assert harness.plan(desired).empty
 
 
@@ -371,3 +374,40 @@ def test_a_running_vms_memory_follows_its_hotplug_setting(
     (change,) = plan.changes
     assert change.action is action
     assert [(f.path, f.timing) for f in change.fields] == [("memory.current", timing)]
+
+
+# ---- ownership and guard rails (planning.ownership) ------------------------------------------------------------
+
+
+def test_a_mark_alone_never_proves_ownership_the_inventory_does() -> None:
+    mine = Ownership("reconciler-lab")
+    ours, legacy, foreign = (mine.of_tags(tags) for tags in (["reconciler-lab"], ["Reconciler"], ["reconciler-x"]))
+    assert (ours.ours, legacy.legacy, foreign.any) == (True, True, False)
+    assert mine.claim(ours, recorded=True) is Claim.MINE and mine.claim(legacy, recorded=True) is Claim.MINE
+    assert mine.claim(ours, recorded=False) is Claim.ORPHAN and mine.claim(legacy, recorded=False) is Claim.ORPHAN
+    assert mine.claim(foreign, recorded=True) is Claim.FOREIGN  # a reused vmid is not ours without a mark
+    adopting = Ownership("reconciler-lab", adopt_orphans=True)
+    assert adopting.claim(legacy, recorded=False) is Claim.MINE
+    assert adopting.claim(foreign, recorded=False) is Claim.FOREIGN
+    assert mine.owns_named(ours, recorded=False) and not mine.owns_named(legacy, recorded=False)
+    # A lab whose owner is the old default has no "old" mark: its own tag is the one it sees.
+    old = Ownership("reconciler").of_labels({"reconciler.managed": "true"})
+    assert old.ours and not old.legacy
+
+
+def test_a_fresh_journal_turns_deletes_into_orphan_warnings(lab: tuple[Harness, Path], tmp_path: Path) -> None:
+    harness, folder = lab
+    desired = load(folder)
+    harness.apply(desired)
+    gone = load(write_tree(tmp_path / "gone", "# nothing but the Lab\n"))
+    assert {c.address for c in harness.plan(gone).changes if c.action is Action.DELETE} >= {"lxc/llm"}
+    fresh = Journal(tmp_path / "fresh" / "journal.sqlite")
+    try:
+        assert fresh.inventory() == Inventory()
+        plan = plan_pass(gone, harness.lab.readers, fresh)
+        assert not [c for c in plan.changes if c.action is Action.DELETE], plan.changes
+        assert any(w.resource == "lxc/llm" and "not deleted" in w.message for w in plan.warnings), plan.warnings
+        adopted = plan_pass(gone, harness.lab.readers, fresh, adopt_orphans=True, allow_delete=True)
+        assert "lxc/llm" in {c.address for c in adopted.changes if c.action is Action.DELETE}
+    finally:
+        fresh.close()

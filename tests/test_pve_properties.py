@@ -392,12 +392,37 @@ def test_a_missing_key_differs_with_no_before() -> None:
     assert not diff.replace
 
 
-def test_a_volume_on_another_storage_needs_replacement() -> None:
+def test_a_volume_on_another_storage_is_moved_not_replaced() -> None:
     [diff] = pve.compare_config("lxc", {"rootfs": "tank:64"}, {"rootfs": "local-lvm:vm-955-disk-0,size=64G"})
-    assert diff.replace
+    assert diff.move and not diff.replace and not diff.resize
     assert diff.fields == (FieldChange("volume", "local-lvm:vm-955-disk-0", "tank:64"),)
     [diff] = pve.compare_config("qemu", {"scsi0": "tank:32"}, {"scsi0": "local-lvm:vm-200-disk-0,size=32G"})
-    assert diff.replace
+    assert diff.move and not diff.replace
+    # Moved and grown in one plan: the size is compared across storages too.
+    [diff] = pve.compare_config("lxc", {"rootfs": "tank:80"}, {"rootfs": "local-lvm:vm-955-disk-0,size=64G"})
+    assert diff.move and diff.resize
+    assert FieldChange("size", "64G", "80G") in diff.fields
+
+
+def test_a_named_volume_on_another_storage_needs_replacement() -> None:
+    live = {"mp0": "local-lvm:vm-955-disk-1,mp=/data,size=8G"}
+    [diff] = pve.compare_config("lxc", {"mp0": "tank:vm-955-disk-1,mp=/data"}, live)
+    assert diff.replace and not diff.move
+
+
+def test_the_volumes_a_guest_loses_are_its_storage_volumes_only() -> None:
+    config = {
+        "rootfs": "local-lvm:vm-955-disk-0,size=64G",
+        "mp0": "/tank/models,mp=/models,ro=1",
+        "mp1": "tank:subvol-955-disk-1,mp=/data,size=8G",
+        "memory": "2048",
+    }
+    assert pve.guest_volumes("lxc", config) == [
+        ("rootfs", "local-lvm:vm-955-disk-0", "64G"),
+        ("mp1", "tank:subvol-955-disk-1", "8G"),
+    ]
+    vm = {"scsi0": "local-lvm:vm-200-disk-0,size=32G", "ide2": "local:iso/debian.iso,media=cdrom", "net0": "virtio"}
+    assert pve.guest_volumes("qemu", vm) == [("scsi0", "local-lvm:vm-200-disk-0", "32G")]
 
 
 def test_a_volume_of_another_size_is_a_resize() -> None:

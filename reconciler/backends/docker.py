@@ -342,11 +342,20 @@ def _probe_unix_socket(path: str, timeout: float) -> None:
 class DockerBackend:
     """Reads and changes containers on several Docker engines; one SDK client per host, made on first use."""
 
-    def __init__(self, hosts: Mapping[str, DockerHostSettings], *, owner_label: str = "reconciler") -> None:
+    def __init__(
+        self,
+        hosts: Mapping[str, DockerHostSettings],
+        *,
+        owner_label: str = "reconciler",
+        listed_owners: Collection[str] = (),
+    ) -> None:
         self._hosts = dict(hosts)
         for settings in self._hosts.values():
             redact.register_url(settings.endpoint)  # tcp://user:password@host: the password never shows
         self._owner_label = owner_label
+        # Other owners whose containers are listed too (never changed by that): the old default owner, so
+        # the planner can warn about its orphans.
+        self._listed = tuple(f"{owner}.managed" for owner in listed_owners if owner != owner_label)
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -487,20 +496,23 @@ class DockerBackend:
 
     def _list(self, host: str, names: frozenset[str]) -> list[Mapping[str, Any]]:
         """One list call: filtered by the owner label by the engine, or (when names matter) by us."""
-        owned = f"{self.managed_label}=true"
+        labels = (self.managed_label, *self._listed)
         if not names:
-            result = self._call(
-                host,
-                lambda api: api.containers(all=True, filters={"label": owned}),
-                action="listing containers",
-                resource=host,
-            )
-            return list(result or ())
+            found: dict[str, Mapping[str, Any]] = {}
+            for label in labels:  # the engine ANDs label filters: one call per owner
+                result = self._call(
+                    host,
+                    lambda api, label=label: api.containers(all=True, filters={"label": f"{label}=true"}),  # type: ignore[misc]
+                    action="listing containers",
+                    resource=host,
+                )
+                found.update((str(summary["Id"]), summary) for summary in result or ())
+            return list(found.values())
         result = self._call(host, lambda api: api.containers(all=True), action="listing containers", resource=host)
         return [
             summary
             for summary in result or ()
-            if (summary.get("Labels") or {}).get(self.managed_label) == "true" or _names_of(summary) & names
+            if any((summary.get("Labels") or {}).get(label) == "true" for label in labels) or _names_of(summary) & names
         ]
 
     def container_state(self, host: str, name: str) -> ObservedContainer | None:

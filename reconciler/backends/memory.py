@@ -215,6 +215,22 @@ class MemoryProxmox:
             fields["size"] = pve.format_pve_size(wanted)
             guest.config[disk] = pve.format_property(fields, default)
 
+    def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None:
+        """Move a volume to another storage with its data (PVE's move_volume / move_disk)."""
+        _planned_fault(self.fail_next, "move")
+        with self._lock:
+            self.requests.append(("POST", f"{guest_type}/{vmid}/move"))
+            guest = self._guest(guest_type, node, vmid)
+            default = pve.default_key_for(guest_type, disk)
+            if disk not in guest.config or default is None:
+                raise PermanentError(f"no volume {disk}", resource=f"{guest_type}/{vmid}")
+            if guest_type == "lxc" and guest.status == "running":
+                raise TaskFailed("cannot move volumes of a running container", resource=f"{guest_type}/{vmid}")
+            fields = pve.parse_property(guest.config[disk], default)
+            name = fields[default].split(":", 1)[-1]
+            fields[default] = f"{storage}:{name}"
+            guest.config[disk] = pve.format_property(fields, default)
+
     # ---- PVE's ways --------------------------------------------------------------------------
 
     def _create(self, guest_type: GuestKind, node: str, vmid: int, config: Mapping[str, str]) -> None:

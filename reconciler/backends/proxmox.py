@@ -880,6 +880,31 @@ class ProxmoxBackend:
 
         self._write(resize, resource=ref, action="resize")
 
+    def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None:
+        """Move volume `disk` (`rootfs`, `mp0`, `scsi0`...) with its data to `storage`; nothing if it is there.
+
+        A CT's volume moves only while the CT is stopped (PVE refuses otherwise); a VM's disk
+        moves online. The source volume is removed once copied (`delete=1`), as a move should.
+        """
+        kind = _kind(guest_type)
+        ref = _ref(kind, vmid)
+
+        def move(attempt: int) -> None:
+            config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
+            value = config.get(disk) if isinstance(config, Mapping) else None
+            if not isinstance(value, str) or pve.volume_storage(kind.value, disk, value) is None:
+                raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
+            if pve.volume_storage(kind.value, disk, value) == storage:
+                return
+            if kind.value == "lxc":
+                path, params = "move_volume", {"volume": disk, "storage": storage, "delete": 1}
+            else:
+                path, params = "move_disk", {"disk": disk, "storage": storage, "delete": 1}
+            upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/{path}", resource=ref, params=params)
+            self._wait(upid, resource=ref)
+
+        self._write(move, resource=ref, action="move volume")
+
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None:
         """Destroy a guest and its disks, stopping it first; nothing if it does not exist.
 

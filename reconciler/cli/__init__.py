@@ -142,6 +142,16 @@ def schema(
         console.print(str(written))
 
 
+AllowDelete = Annotated[bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")]
+AdoptOrphans = Annotated[
+    bool,
+    typer.Option(
+        "--adopt-orphans",
+        help="take over what carries an owner tag or label this lab's journal does not list (listed as warnings)",
+    ),
+]
+
+
 @app.command()
 def plan(
     path: SpecPath = Path("specs"),
@@ -150,6 +160,8 @@ def plan(
     ref: RefOption = None,
     repo: RepoOption = None,
     state_dir: StateDir = None,
+    allow_delete: AllowDelete = False,
+    adopt_orphans: AdoptOrphans = False,
 ) -> None:
     """Show what would change on the live lab (a dry run). Exit 0: no changes, 2: changes, 1: error."""
     from reconciler.engine.connect import connect
@@ -167,7 +179,7 @@ def plan(
     with _errors_exit(), connect(result.state, os.environ) as readers:
         # The journal, when there is one, tells spec edits from drift; planning never creates it.
         journal = Journal(journal_path) if journal_path.exists() else None
-        planned = plan_pass(result.state, readers, journal)
+        planned = plan_pass(result.state, readers, journal, allow_delete=allow_delete, adopt_orphans=adopt_orphans)
         if journal is not None:
             journal.close()
     if out is not None:
@@ -209,9 +221,8 @@ def apply(
     path: SpecPath = Path("specs"),
     plan_file: Annotated[Path | None, typer.Option("--plan", help="execute this saved plan exactly")] = None,
     auto_approve: Annotated[bool, typer.Option("--auto-approve", help="do not ask for confirmation")] = False,
-    allow_delete: Annotated[
-        bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")
-    ] = False,
+    allow_delete: AllowDelete = False,
+    adopt_orphans: AdoptOrphans = False,
     retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before")] = False,
     wait: Annotated[float, typer.Option("--wait", help="seconds to wait for another apply to finish")] = 0.0,
     health_timeout: Annotated[
@@ -246,7 +257,12 @@ def apply(
             return True
         return typer.confirm("Apply these changes?", default=False)
 
-    options = ApplyOptions(allow_delete=allow_delete, retry=retry, health=HealthPolicy(max_timeout=health_timeout))
+    options = ApplyOptions(
+        allow_delete=allow_delete,
+        adopt_orphans=adopt_orphans,
+        retry=retry,
+        health=HealthPolicy(max_timeout=health_timeout),
+    )
     with _errors_exit(), state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
         journal = Journal(folder / "journal.sqlite")
         endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
@@ -269,7 +285,11 @@ def apply(
     if report is None:
         if not planned.applicable:
             print_plan(console, planned)
+            for problem in (*planned.conflicts, *planned.blockers):
+                err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
             raise typer.Exit(EXIT_ERROR)
+        if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
+            print_plan(console, planned)
         console.print("Nothing to do." if planned.empty else "Not applied.")
         raise typer.Exit(EXIT_OK)
     print_report(console, report)
@@ -277,18 +297,26 @@ def apply(
 
 
 def _saved_plan(path: Path) -> Plan:
+    """A saved plan, read with care: a file is hostile input. Its format is checked before anything else."""
     from reconciler.errors import PlanError
     from reconciler.planning.plan import PLAN_FORMAT
 
+    hint = "make one with `reconciler plan --out`"
     try:
-        plan = Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{path} is not a saved plan ({type(exc).__name__}: {exc})", hint=hint) from None
+    if not isinstance(data, dict):
+        raise PlanError(f"{path} is not a saved plan (not a JSON object)", hint=hint)
+    if data.get("format") != PLAN_FORMAT:
         raise PlanError(
-            f"{path} is not a saved plan ({type(exc).__name__}: {exc})", hint="make one with plan --out"
-        ) from None
-    if plan.format != PLAN_FORMAT:
-        raise PlanError(f"{path} has plan format {plan.format}; this reconciler reads format {PLAN_FORMAT}")
-    return plan
+            f"{path} has plan format {data.get('format')!r}; this reconciler reads format {PLAN_FORMAT}",
+            hint="plans are not carried across versions: " + hint,
+        )
+    try:
+        return Plan.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlanError(f"{path} is not a saved plan ({type(exc).__name__}: {exc})", hint=hint) from None
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Plans look like `terraform plan`: `+` create, `~` update, `-/+` replace,
 `-` delete, `>` start, `.` stop; restarts and replacements carry their
-reason; sensitive values are masked (the Plan holds no secret value, and a
+reason; each volume a replace or delete destroys gets a `! destroys` line;
+sensitive values are masked (the Plan holds no secret value, and a
 sensitive field is shown through `FieldChange.shown`). What an apply reports
 (a step's detail, a health check's words, the failure) is scrubbed of every
 secret the process holds before it is printed.
@@ -79,6 +80,8 @@ def _print_change(console: Console, change: Change) -> None:
     console.print(f"[{colour}]{mark} {escape(change.address)}[/] [dim]{change.action}[/]{suffix}", highlight=False)
     if change.reason:
         console.print(f"    [dim]# {escape(change.reason)}[/]", highlight=False)
+    for volume in change.loses:
+        console.print(f"    [bold red]! destroys {escape(volume)}: its data is lost[/]", highlight=False)
     if change.action is Action.CREATE and change.after:
         for key, value in _flatten(change.after):
             console.print(f"    [green]+ {escape(key)}[/] = {escape(_show(value))}", highlight=False)

@@ -10,6 +10,10 @@ it back).
 When a step or a health check fails, the steps already applied are undone in
 reverse order and the restored resources are checked too. The revision is
 recorded as failed so the loop does not retry it until something changes.
+A guest destroyed by a delete or a replace cannot come back: its undo fails,
+naming the guest and the volumes whose data is lost, so the run ends
+`rollback-failed` (exit 3), never "rolled back". A volume moved to another
+storage is undone by moving it back.
 
 Crash rule (resume): a run found still `running` in the journal was
 interrupted. The next apply marks it `interrupted`, plans afresh from the live
@@ -29,7 +33,7 @@ from typing import Any, Literal, Protocol
 from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
-from reconciler.errors import ConfigError, NotFoundError, PlanError, ReconcilerError
+from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
 from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Change, Plan
@@ -66,6 +70,7 @@ class GuestBackend(Protocol):
     ) -> None: ...
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
     def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None: ...
+    def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None: ...
 
 
 class ContainerBackend(Protocol):
@@ -132,6 +137,7 @@ class _Done:
     before: dict[str, Any] | None
     step_id: int | None = None
     failed: bool = False  # the step itself failed: its journal entry keeps saying so (and why)
+    inherited: bool = False  # taken over from an interrupted run: how far it got is not known
 
 
 class Applier:
@@ -159,6 +165,7 @@ class Applier:
         self.sleep = sleep
         self.on_step = on_step
         self.prober = prober  # replaces network probes (the demo's in-memory containers answer them)
+        self.destroyed: set[str] = set()  # guests whose destroy was asked for in this run
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -178,8 +185,9 @@ class Applier:
                     continue
                 self._step(run_id, change, report, done)
                 self._verify(run_id, change, report)
-            for change in deferred:
-                self._step(run_id, change, report, [])
+            for change in deferred:  # what cannot be undone: a failure now is reported with what was lost
+                self._step(run_id, change, report, done)
+                self._verify(run_id, change, report)
         except _StepFailed as failure:
             report.failure = str(failure)
             self._rollback(run_id, done, report)
@@ -221,7 +229,7 @@ class Applier:
             resumed_from = run.id
             for step in self.journal.steps(run.id):
                 if step.phase == "apply" and step.outcome in (StepOutcome.OK, StepOutcome.PENDING):
-                    inherited.append(_Done(Change.from_json(step.intent), step.before, step.id))
+                    inherited.append(_Done(Change.from_json(step.intent), step.before, step.id, inherited=True))
             self.journal.end_run(run.id, RunResult.INTERRUPTED, "interrupted; resumed by a later run")
         return inherited, resumed_from
 
@@ -311,7 +319,11 @@ class Applier:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 grow: Mapping[str, str] = after.get("resize", {})
-                keys = sorted({key for f in change.fields if (key := _config_key(f.path, grow))} & set(after["config"]))
+                moves: Mapping[str, str] = after.get("move", {})
+                keys = sorted(
+                    {key for f in change.fields if (key := _config_key(f.path, grow))}
+                    & set(after["config"]) - set(moves)
+                )
                 config = {k: after["config"][k] for k in keys}
                 if "tags" in {f.path for f in change.fields}:
                     config["tags"] = after["config"]["tags"]
@@ -326,6 +338,7 @@ class Applier:
                     delete=after.get("delete", []),
                     digest=None if restart else before.get("digest"),
                 )
+                self._move_volumes(kind, node, vmid, moves, after["config"])
                 for disk, size in grow.items():
                     self.proxmox.resize(kind, node, vmid, disk=disk, size=size)
                 if running and (restart or before.get("status") != "running"):
@@ -338,12 +351,51 @@ class Applier:
                 self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
             case Action.DELETE | Action.REPLACE:
                 self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+                self.destroyed.add(change.address)  # from here on, the guest's data may be gone
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
                     create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
                     create(node, vmid, config=after["config"])
                     if running:
                         self.proxmox.start(kind, node, vmid)
+
+    def _move_volumes(
+        self, kind: GuestKind, node: str, vmid: int, moves: Mapping[str, str], desired: Mapping[str, str]
+    ) -> None:
+        """Move each volume with its data; then set what else the spec changes on it (`backup`, `mp`...), over the
+        moved volume's new id."""
+        assert self.proxmox is not None
+        for disk, storage in sorted(moves.items()):
+            self.proxmox.move_volume(kind, node, vmid, disk=disk, storage=storage)
+        if not moves:
+            return
+        live = self.proxmox.observe_guest(kind, node, vmid).config
+        rest = {
+            disk: pve.update_value(kind, disk, desired[disk], live.get(disk))
+            for disk in moves
+            if disk in desired
+            and any(f.name != "size" for d in pve.compare_config(kind, {disk: desired[disk]}, live) for f in d.fields)
+        }
+        if rest:
+            self.proxmox.update_config(kind, node, vmid, config=rest)
+
+    def _move_back(self, kind: GuestKind, node: str, vmid: int, done: _Done) -> list[str]:
+        """Undo the moves of an update: each volume not on its old storage goes back there. Returns their keys."""
+        assert self.proxmox is not None
+        old = (done.change.before or {}).get("config", {})
+        moves = (done.change.after or {}).get("move", {})
+        live = self.proxmox.observe_guest(kind, node, vmid)
+        back = {
+            disk: storage
+            for disk in moves
+            if (storage := pve.volume_storage(kind, disk, old.get(disk)))
+            and pve.volume_storage(kind, disk, live.config.get(disk)) not in (None, storage)
+        }
+        if back and kind == "lxc" and live.status == "running":  # a CT's volume moves only while it is stopped
+            self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
+        for disk, storage in sorted(back.items()):
+            self.proxmox.move_volume(kind, node, vmid, disk=disk, storage=storage)
+        return sorted(moves)
 
     def _undo_guest(self, done: _Done) -> None:
         assert self.proxmox is not None
@@ -362,8 +414,9 @@ class Applier:
             case Action.UPDATE | Action.UPDATE_RESTART:
                 # Restore only what differs now: the step may have failed before changing anything (a lock,
                 # a 500), and the same fault must not fail its undo too.
+                moved = self._move_back(kind, node, vmid, done)
                 old = before.get("config", {})
-                keys = sorted({f.path.split(".")[0] for f in change.fields})
+                keys = sorted({f.path.split(".")[0] for f in change.fields} - set(moved))
                 live = self.proxmox.observe_guest(kind, node, vmid)
                 now = {**live.config, **live.pending}
                 for key in live.pending_delete:
@@ -386,7 +439,33 @@ class Applier:
             case Action.STOP:
                 self.proxmox.start(kind, node, vmid)
             case Action.DELETE | Action.REPLACE:
-                raise PlanError("deleting a guest cannot be undone", resource=change.address)
+                self._undo_destroy(done, kind, node, vmid, was_running=was_running)
+
+    def _undo_destroy(self, done: _Done, kind: GuestKind, node: str, vmid: int, *, was_running: bool) -> None:
+        """A guest not yet destroyed gets its power state back; a destroyed one cannot come back: say what is lost.
+
+        Destroyed: its destroy was asked for in this run (PVE removes the disks first, so a failed destroy
+        may have lost data too), or an interrupted run's replace or delete left it in an unknown state.
+        """
+        assert self.proxmox is not None
+        change = done.change
+        live: ObservedGuest | None = None
+        if change.address not in self.destroyed:
+            try:
+                live = self.proxmox.observe_guest(kind, node, vmid)
+            except NotFoundError:
+                live = None
+        unsure = done.inherited and change.action is Action.REPLACE  # the new guest may stand where the old one was
+        if live is not None and not unsure:
+            if was_running and live.status != "running":
+                self.proxmox.start(kind, node, vmid)
+            return
+        lost = "; ".join(change.loses) or "its volumes"
+        raise PermanentError(
+            f"{kind} {vmid} was destroyed and cannot be restored by a rollback; lost with it: {lost}",
+            resource=change.address,
+            hint="restore it from a backup (vzdump) if there is one",
+        )
 
     # ---- Docker steps ---------------------------------------------------------------------------
 

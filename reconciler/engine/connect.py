@@ -20,6 +20,7 @@ from reconciler.backends.docker import DockerBackend, DockerHostSettings
 from reconciler.backends.nvml import NvmlBackend
 from reconciler.backends.proxmox import ProxmoxBackend, settings_from
 from reconciler.engine.observe import Readers
+from reconciler.planning.ownership import LEGACY_OWNER
 from reconciler.spec.models import DockerHost, Lxc, Vm
 from reconciler.spec.state import DesiredState
 
@@ -63,7 +64,7 @@ def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]
     lab = desired.lab
     proxmox = ProxmoxBackend(settings_from(lab.proxmox, env)) if lab.proxmox is not None else None
     hosts = docker_settings(desired, env)
-    docker = DockerBackend(hosts, owner_label=lab.owner_tag) if hosts else None
+    docker = DockerBackend(hosts, owner_label=lab.owner, listed_owners=(LEGACY_OWNER,)) if hosts else None
     nvml = NvmlBackend(library=env.get("RECONCILER_NVML_LIBRARY") or lab.nvml.library) if lab.nvml.enabled else None
     try:
         yield Backends(proxmox=proxmox, docker=docker, nvml=nvml)

@@ -374,6 +374,24 @@ class Journal:
                 (address, resource, backend, spec_hash, int(protected), vmid, run_id, time.time()),
             )
 
+    def record_protection(
+        self, address: str, *, resource: str, backend: str, protected: bool, vmid: int | None = None
+    ) -> None:
+        """Record whether an existing resource is protected, whatever else the run does: protection (and its
+        removal) takes effect from the revision that declares it, even one that changes nothing. A resource
+        the inventory does not list yet is added only to protect it (its spec hash is left unknown)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inventory SET protected = ?, vmid = COALESCE(?, vmid), updated = ? WHERE address = ?",
+                (int(protected), vmid, time.time(), address),
+            )
+            if protected:
+                db.execute(
+                    "INSERT OR IGNORE INTO inventory (address, resource, backend, protected, vmid, updated)"
+                    " VALUES (?, ?, ?, 1, ?, ?)",
+                    (address, resource, backend, vmid, time.time()),
+                )
+
     def forget_under(self, prefix: str) -> list[str]:
         """Forget `prefix` itself and every address below it (`container/llm` -> `container/llm/...`)."""
         prefix = prefix.rstrip("/")
@@ -393,6 +411,7 @@ class Journal:
             protected=frozenset(row["address"] for row in rows if row["protected"]),
             protected_vmids=frozenset(row["vmid"] for row in rows if row["protected"] and row["vmid"] is not None),
             owned=frozenset(row["address"] for row in rows),
+            owned_vmids=frozenset(row["vmid"] for row in rows if row["vmid"] is not None),
         )
 
     def mark_failed(self, revision: str, *, run_id: int, reason: str) -> None:

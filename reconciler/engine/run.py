@@ -1,8 +1,16 @@
 """One reconcile pass for `apply`: observe, plan, check the guard rails, confirm, apply, verify.
 
 The CLI and the demo call `apply_pass` with backends they built (real or in
-memory). A saved plan is executed only if planning again now gives the same
-plan from the same revision (otherwise it is stale and refused).
+memory). A saved plan is executed only if it is for this lab, this revision
+and this plan format, and planning again now gives the same plan in every
+field (otherwise it is stale or edited, and refused before anything is
+touched). The guard rails (`max_deletes`, `protect`) are the plan's own
+blockers, so `plan` shows them too.
+
+Protection takes effect from the revision that declares it: before anything
+else, an apply records `protect` as declared for the resources that exist
+already, whether or not the plan changes anything, and whatever the run's
+outcome.
 
 After a crash, a Proxmox task the killed run was waiting for goes on without
 it: a guest being created is locked and not yet tagged, and would read as
@@ -25,14 +33,16 @@ from reconciler.engine.observe import Readers, observe
 from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Plan
 from reconciler.planning.planner import make_plan
+from reconciler.spec.models import Lxc, Vm, Workload
 from reconciler.spec.state import DesiredState
 
-__all__ = ["ApplyOptions", "apply_pass", "plan_pass"]
+__all__ = ["ApplyOptions", "apply_pass", "check_saved_plan", "plan_pass", "record_protection"]
 
 
 @dataclass(frozen=True)
 class ApplyOptions:
     allow_delete: bool = False
+    adopt_orphans: bool = False  # take over what carries an owner mark this lab cannot prove is its own
     retry: bool = False
     health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
@@ -44,9 +54,18 @@ class ApplyOptions:
 TASK_LOCKS = frozenset({"create", "destroyed"})
 
 
-def plan_pass(desired: DesiredState, readers: Readers, journal: Journal | None = None) -> Plan:
+def plan_pass(
+    desired: DesiredState,
+    readers: Readers,
+    journal: Journal | None = None,
+    *,
+    allow_delete: bool = False,
+    adopt_orphans: bool = False,
+) -> Plan:
     inventory = journal.inventory() if journal is not None else None
-    return make_plan(desired, observe(desired, readers), inventory)
+    return make_plan(
+        desired, observe(desired, readers), inventory, allow_delete=allow_delete, adopt_orphans=adopt_orphans
+    )
 
 
 def apply_pass(
@@ -72,35 +91,10 @@ def apply_pass(
                 hint="commit a fix, or pass --retry to try it again",
             )
     _settle_interrupted(journal, readers, options)
-    plan = plan_pass(desired, readers, journal)
+    plan = plan_pass(desired, readers, journal, allow_delete=options.allow_delete, adopt_orphans=options.adopt_orphans)
     if saved_plan is not None:
-        if saved_plan.revision != plan.revision:
-            raise PlanError(
-                f"the saved plan is for revision {saved_plan.revision}, the spec is at {plan.revision}",
-                hint="run `reconciler plan --out` again",
-            )
-        if saved_plan.observed_digest != plan.observed_digest:
-            raise PlanError(
-                "the live state changed since the plan was saved (stale plan)", hint="run `reconciler plan --out` again"
-            )
-        plan = saved_plan
-    destructive = sum(
-        1 for c in plan.changes if c.action is Action.DELETE or (c.action is Action.REPLACE and c.backend == "proxmox")
-    )
-    if destructive > desired.lab.max_deletes and not options.allow_delete:
-        raise PlanError(
-            f"the plan deletes or recreates {destructive} resources; the lab allows {desired.lab.max_deletes}",
-            hint="review the plan, then pass --allow-delete",
-        )
-    for change in plan.changes:
-        resource = desired.find(change.resource)
-        if (
-            resource is not None
-            and resource.protect
-            and change.action in (Action.DELETE, Action.REPLACE)
-            and change.backend == "proxmox"
-        ):
-            raise PlanError(f"{change.address} is protected and the plan would recreate it", resource=change.resource)
+        check_saved_plan(saved_plan, plan)
+    record_protection(journal, desired, plan)
     if not plan.applicable:
         return plan, None
     if (plan.empty and not journal.unfinished_runs()) or not confirm(plan):
@@ -116,6 +110,69 @@ def apply_pass(
         prober=options.prober,
     )
     return plan, applier.apply(plan, desired)
+
+
+def check_saved_plan(saved: Plan, fresh: Plan) -> None:
+    """Refuse a saved plan unless it is exactly what planning now gives: same lab, format, revision, and
+    every change, before and after, field by field. Then the fresh plan is executed, never the file."""
+    if saved.format != fresh.format:
+        raise PlanError(
+            f"the saved plan has format {saved.format}; this reconciler reads format {fresh.format}",
+            hint="run `reconciler plan --out` again",
+        )
+    if saved.lab != fresh.lab:
+        raise PlanError(
+            f"the saved plan is for lab {saved.lab!r}, the spec is lab {fresh.lab!r}",
+            hint="apply it with that lab's spec, or run `reconciler plan --out` again",
+        )
+    if saved.revision != fresh.revision:
+        raise PlanError(
+            f"the saved plan is for revision {saved.revision}, the spec is at {fresh.revision}",
+            hint="run `reconciler plan --out` again",
+        )
+    if saved.observed_digest != fresh.observed_digest:
+        raise PlanError(
+            "the live state changed since the plan was saved (stale plan)", hint="run `reconciler plan --out` again"
+        )
+    if saved.to_json() != fresh.to_json():
+        raise PlanError(
+            f"the saved plan differs from what planning gives now: {_first_difference(saved, fresh)}; "
+            "it was edited, or made with other options; nothing was applied",
+            hint="run `reconciler plan --out` again and review it",
+        )
+
+
+def _first_difference(saved: Plan, fresh: Plan) -> str:
+    theirs, ours = saved.to_json(), fresh.to_json()
+    for key in ours:
+        if key != "changes" and theirs.get(key) != ours[key]:
+            return f"its {key} differ"
+    saved_changes, fresh_changes = theirs["changes"], ours["changes"]
+    for index, (one, other) in enumerate(zip(saved_changes, fresh_changes, strict=False)):
+        if one != other:
+            fields = sorted(k for k in other if one.get(k) != other.get(k))
+            return f"change {index + 1} ({other['address']}) differs in {', '.join(fields)}"
+    return f"it has {len(saved_changes)} changes, planning now gives {len(fresh_changes)}"
+
+
+def record_protection(journal: Journal, desired: DesiredState, plan: Plan) -> None:
+    """Record `protect` as declared for every resource that exists now (not being created by this plan)."""
+    created = {c.address for c in plan.changes if c.action is Action.CREATE}
+    disputed = {p.resource for p in plan.conflicts}
+    for resource in desired.resources:
+        if resource.ref in disputed:
+            continue
+        if isinstance(resource, Lxc | Vm):
+            address = f"{'lxc' if isinstance(resource, Lxc) else 'qemu'}/{resource.name}"
+            backend, vmid = "proxmox", resource.vmid
+        elif isinstance(resource, Workload):
+            address, backend, vmid = f"container/{resource.host}/{resource.name}", "docker", None
+        else:
+            continue
+        if address not in created:
+            journal.record_protection(
+                address, resource=resource.ref, backend=backend, protected=resource.protect, vmid=vmid
+            )
 
 
 def _settle_interrupted(

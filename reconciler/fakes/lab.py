@@ -95,7 +95,7 @@ def memory_lab(desired: DesiredState, *, work_dir: Path) -> MemoryLab:
     for gpu in desired.of(Gpu):
         if gpu.pci_function0:
             proxmox.add_nvidia_gpu(gpu.node, gpu.pci_function0, name=f"GeForce {gpu.model or gpu.name}")
-    docker = MemoryDocker(desired.docker_hosts(), owner_label=desired.lab.owner_tag)
+    docker = MemoryDocker(desired.docker_hosts(), owner_label=desired.lab.owner)
     gpus = fake_gpus(desired)
     try:
         library = build_library(work_dir / "fake-nvml")

@@ -129,7 +129,7 @@ def desired_container(
     if gpu_names:
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(workload.env)
-    keys = label_keys(lab.owner_tag)
+    keys = label_keys(lab.owner)
     labels = {**workload.labels, **run.pop("labels", {})}
     labels[keys["managed"]] = "true"
     labels[keys["resource"]] = workload.ref
@@ -258,7 +258,7 @@ def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
                 "volumes": volumes,
                 "command": None,
                 "env": env,
-                "labels": {label_keys(lab.owner_tag)["load"]: model.source},
+                "labels": {label_keys(lab.owner)["load"]: model.source},
                 "load": model.source,
                 "probe": _http_probe(model, "/api/tags"),
             }

@@ -19,6 +19,15 @@ Actions:
     replace         cannot change in place: remove and recreate (a container's image; an LXC's template)
     delete          owned, running or not, and no longer in the spec
     start / stop    only the power state differs
+
+A guest's replace or delete destroys its volumes: `Change.loses` names each
+(key, volume, size), the plan says their data is lost, and both count against
+the Lab's `max_deletes`. A volume asked for on another storage is not a
+replace: it is moved with its data, in place (`after["move"]`).
+
+A saved plan (`plan --out`) carries its format, lab and revision; `apply
+--plan` plans again and executes only if the fresh plan equals the saved one
+in every field.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ __all__ = [
     "is_hidden",
 ]
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: `lab`, and `loses` on changes
 SENSITIVE = "(sensitive)"
 _FINGERPRINT_ROUNDS = 20_000  # slow enough that a short secret cannot be guessed from its fingerprint cheaply
 
@@ -125,6 +134,7 @@ class Change:
     reason: str = ""
     depends_on: tuple[str, ...] = ()
     drift: bool = False  # the live state moved away from an unchanged spec
+    loses: tuple[str, ...] = ()  # what the change destroys for good: a guest's volumes, with their data
 
     @property
     def needs_restart(self) -> bool:
@@ -142,6 +152,7 @@ class Change:
             "reason": self.reason,
             "depends_on": list(self.depends_on),
             "drift": self.drift,
+            "loses": list(self.loses),
         }
 
     @classmethod
@@ -160,6 +171,7 @@ class Change:
             reason=data["reason"],
             depends_on=tuple(data["depends_on"]),
             drift=data["drift"],
+            loses=tuple(str(item) for item in data.get("loses", ())),
         )
 
 
@@ -187,6 +199,7 @@ class Plan:
     warnings: tuple[Problem, ...] = ()
     observed_digest: str | None = None  # fingerprint of what was observed, to refuse a stale saved plan
     format: int = field(default=PLAN_FORMAT)
+    lab: str | None = None  # the Lab's name: a saved plan applies to this lab only
     # Drift left alone by a `warn` or `ignore` policy, for the loop's drift report. Not executed, not
     # serialised: a saved plan carries only what it would do.
     held_drift: tuple[Change, ...] = ()
@@ -204,6 +217,10 @@ class Plan:
 
     def summary(self) -> str:
         """`Plan: 2 to create, 1 to change (1 needs restart), 0 to delete.` as Terraform says it."""
+        if self.empty and not self.applicable:
+            problems = [str(p) for p in (*self.conflicts, *self.blockers)]
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            return "Blocked, nothing will change: " + "; ".join(problems[:3]) + more
         if self.empty:
             return "No changes. The live state matches the spec."
         counts = self.counts()
@@ -219,6 +236,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
+            "lab": self.lab,
             "revision": self.revision,
             "observed_digest": self.observed_digest,
             "summary": self.summary(),
@@ -244,6 +262,7 @@ class Plan:
             warnings=problems("warnings"),
             observed_digest=data.get("observed_digest"),
             format=data.get("format", PLAN_FORMAT),
+            lab=data.get("lab"),
         )
 
 

@@ -5,10 +5,17 @@ prints) and by the loop. Compares only what the spec declares, field by field
 (Proxmox property strings parsed by `planning.pve`, container settings one by
 one), so values Proxmox or Docker fill in never show as drift.
 
-Ownership: guests carry the lab's owner tag, containers its `managed` label.
-A spec that names an existing guest or container the reconciler does not own
-is a conflict unless the spec says `adopt`. Owned things missing from the
-spec are deleted, unless the inventory says they were protected.
+Ownership (see `planning.ownership`): guests carry the lab's owner tag,
+containers its `<owner>.managed` label, the owner naming the lab. A spec that
+names an existing guest or container the lab does not own is a conflict unless
+the spec says `adopt`. What the spec no longer names is deleted only when the
+lab can prove it is its own, and never when the inventory says it is protected;
+the rest is an orphan warning until `--adopt-orphans`. The guard rails
+(`max_deletes`, `protect`) are blockers of the plan itself.
+
+A guest change that PVE cannot make in place is a replace: its create carries
+every create-time key, and `Change.loses` names the volumes it destroys. A
+volume asked for on another storage is moved in place instead (`after["move"]`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from reconciler.planning.observed import (
     ProxmoxObservation,
 )
 from reconciler.planning.order import order_changes
+from reconciler.planning.ownership import LEGACY_OWNER, Claim, Ownership, guard_rails, volumes_lost
 from reconciler.planning.plan import (
     SENSITIVE,
     Action,
@@ -50,6 +58,7 @@ from reconciler.spec.state import DesiredState
 __all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
 
 NVIDIA_VENDOR = "0x10de"
+_UNPROTECT = "to delete it, declare it again with 'protect: false' and apply, then remove it"
 OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
@@ -73,6 +82,7 @@ class Inventory:
     protected: frozenset[str] = frozenset()  # addresses never to delete
     protected_vmids: frozenset[int] = frozenset()  # guests never to delete, whatever they are called now
     owned: frozenset[str] = frozenset()  # every address the reconciler made and has not deleted
+    owned_vmids: frozenset[int] = frozenset()  # the guests among them, by vmid
 
 
 def spec_hash(resource: Resource, desired: DesiredState) -> str:
@@ -89,8 +99,19 @@ def spec_hash(resource: Resource, desired: DesiredState) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_plan(desired: DesiredState, observed: Observed, inventory: Inventory | None = None) -> Plan:
-    planner = _Planner(desired, observed, inventory or Inventory())
+def make_plan(
+    desired: DesiredState,
+    observed: Observed,
+    inventory: Inventory | None = None,
+    *,
+    allow_delete: bool = False,
+    adopt_orphans: bool = False,
+) -> Plan:
+    """The plan. `allow_delete` lifts the `max_deletes` blocker; `adopt_orphans` takes over what carries an
+    owner mark without proof (see `planning.ownership`)."""
+    inventory = inventory or Inventory()
+    ownership = Ownership(desired.lab.owner, adopt_orphans=adopt_orphans)
+    planner = _Planner(desired, observed, inventory, ownership)
     planner.plan_guests()
     planner.plan_containers()
     planner.warn_unwatched_hosts()
@@ -99,10 +120,11 @@ def make_plan(desired: DesiredState, observed: Observed, inventory: Inventory | 
         changes=changes,
         revision=desired.revision,
         conflicts=tuple(planner.conflicts),
-        blockers=tuple(planner.blockers),
+        blockers=(*planner.blockers, *guard_rails(changes, desired, allow_delete=allow_delete)),
         warnings=tuple(planner.warnings),
         observed_digest=_digest(changes),
         held_drift=tuple(planner.held_drift),
+        lab=desired.lab.name,
     )
 
 
@@ -116,6 +138,7 @@ class _Planner:
     desired: DesiredState
     observed: Observed
     inventory: Inventory
+    ownership: Ownership
     changes: list[Change] = field(default_factory=list)
     conflicts: list[Problem] = field(default_factory=list)
     blockers: list[Problem] = field(default_factory=list)
@@ -124,7 +147,7 @@ class _Planner:
 
     def __post_init__(self) -> None:
         self.lab = self.desired.lab
-        self.owner = self.lab.owner_tag
+        self.owner = self.ownership.owner
         self.gpus = {g.name: g for g in self.desired.of(Gpu)}
         self.roles = {r.name: r for r in self.desired.of(GpuRole)}
         self.active = {g.name: g.active for g in self.desired.of(ExclusiveGroup)}
@@ -213,12 +236,22 @@ class _Planner:
         for guest in guests:
             self.plan_guest(guest, live.get(guest.vmid), proxmox)
         for vmid, seen in sorted(live.items()):
-            if vmid in wanted or self.owner not in pve.normalise_tags(";".join(seen.tags)):
+            marks = self.ownership.of_tags(seen.tags)
+            if vmid in wanted or not marks.any:
                 continue
             address = f"{seen.type}/{seen.name or vmid}"
             if vmid in self.inventory.protected_vmids or address in self.inventory.protected:
-                self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                self.warnings.append(
+                    Problem(address, "owned but no longer in the spec; protected, so kept", _UNPROTECT)
+                )
                 continue
+            claim = self.ownership.claim(marks, recorded=vmid in self.inventory.owned_vmids)
+            if claim is Claim.ORPHAN:
+                self.warnings.append(self.ownership.orphan(address, marks))
+                continue
+            if claim is Claim.FOREIGN:
+                continue
+            lost = volumes_lost("lxc" if seen.type is GuestType.LXC else "qemu", seen.config)
             self.changes.append(
                 Change(
                     address,
@@ -233,7 +266,9 @@ class _Planner:
                         "status": seen.status,
                     },
                     after=None,
-                    reason="owned by the reconciler and no longer in the spec",
+                    reason="owned by this lab and no longer in the spec"
+                    + ("; its volumes and their data are lost" if lost else ""),
+                    loses=lost,
                 )
             )
 
@@ -262,16 +297,21 @@ class _Planner:
                 Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}")
             )
             return
-        owned = self.owner in pve.normalise_tags(";".join(seen.tags))
+        marks = self.ownership.of_tags(seen.tags)
+        owned = self.ownership.owns_named(marks, recorded=guest.vmid in self.inventory.owned_vmids)
         if not owned and not guest.adopt:
+            if marks.legacy:
+                self.conflicts.append(self.ownership.orphan(guest.ref, marks, named=True))
+                return
             self.conflicts.append(
                 Problem(
                     guest.ref,
-                    f"vmid {guest.vmid} exists ({seen.name} on {seen.node}) and is not managed by the reconciler",
+                    f"vmid {guest.vmid} exists ({seen.name} on {seen.node}) and is not managed by this lab",
                     "set 'adopt: true' to take it over, or choose another vmid",
                 )
             )
             return
+        tagged = marks.ours  # an adopted guest, or one with the old default tag, gets this lab's tag
         if seen.status == "unknown":
             self.blockers.append(
                 Problem(
@@ -307,26 +347,9 @@ class _Planner:
             and not pve.compare_config(kind, {key: desired_cfg[key]}, seen.config)
         }
         hotplug = seen.config.get("hotplug")  # what the running VM can take live follows its current setting
-        fields: list[FieldChange] = []
-        grow: dict[str, str] = {}  # volume key -> new size, made by PVE's resize call, never by a config write
-        for diff in diffs:
-            if diff.resize and not diff.replace:
-                size = self.volume_growth(guest, diff)
-                if size is not None:
-                    grow[diff.key] = size
-            if diff.replace:
-                timing = Timing.REPLACE
-            elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
-                timing = Timing.LIVE  # a disk grows online, on a running guest too
-            else:
-                new, gone = diff.before is None, diff.after is None
-                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug))
-            if diff.fields and diff.before is not None and diff.after is not None:
-                fields.extend(
-                    FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
-                )
-            else:
-                fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        fields, grow, moves = self.config_fields(
+            guest, kind, diffs, reverting=reverting, running=running, hotplug=hotplug
+        )
         removed = _removed_keys(guest, desired_cfg, effective)
         for key in removed:
             timing = _timing(pve.classify(kind, key, running, delete=True, hotplug=hotplug))
@@ -340,7 +363,7 @@ class _Planner:
             ]
         # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
         adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
-        if not owned and not any(f.path == "tags" for f in fields):
+        if not tagged and not any(f.path == "tags" for f in fields):
             fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
         power_change = (power is PowerState.RUNNING) != running
         if not fields and not power_change:
@@ -360,18 +383,28 @@ class _Planner:
             key: pve.update_value(kind, key, value, (seen.config if key in reverting else effective).get(key))
             for key, value in desired_cfg.items()
         }
-        if not owned:
+        if not tagged:
             to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
         after = self.guest_after(guest, kind, to_send, power, create=False)
         after["delete"] = removed
         if grow:
             after["resize"] = grow
+        if moves:
+            after["move"] = moves
+        lost: tuple[str, ...] = ()
         if fields:
             action = _guest_action(fields, running)
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
             reason = f"{'drift' if drift else 'spec'}: {why}"
+            if moves:
+                reason += " (" + ", ".join(f"{k} moves to {v} with its data" for k, v in sorted(moves.items())) + ")"
             if action is Action.UPDATE_RESTART:
                 reason += " (takes effect after a restart)"
+            if action is Action.REPLACE:
+                # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
+                after = self.guest_after(guest, kind, config, power, create=True)
+                lost = volumes_lost(kind, seen.config)
+                reason += "; the guest is destroyed and created again: its volumes and their data are lost"
             if power_change:
                 reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
         else:
@@ -387,9 +420,48 @@ class _Planner:
             fields=tuple(fields),
             reason=reason,
             drift=drift,
+            loses=lost,
         )
         self.guest_changes[guest.name] = change
         self.keep(change, guest)
+
+    def config_fields(
+        self,
+        guest: Lxc | Vm,
+        kind: pve.GuestKind,
+        diffs: list[pve.FieldDiff],
+        *,
+        reverting: set[str],
+        running: bool,
+        hotplug: str | None,
+    ) -> tuple[list[FieldChange], dict[str, str], dict[str, str]]:
+        """The field changes of a guest's config differences, when each takes effect, and the volumes that
+        grow (key -> size, PVE's resize call) or move (key -> storage, PVE's move_volume / move_disk)."""
+        fields: list[FieldChange] = []
+        grow: dict[str, str] = {}
+        moves: dict[str, str] = {}
+        for diff in diffs:
+            if diff.resize and not diff.replace:
+                size = self.volume_growth(guest, diff)
+                if size is not None:
+                    grow[diff.key] = size
+            if diff.replace:
+                timing = Timing.REPLACE
+            elif diff.move:
+                moves[diff.key] = str(pve.volume_storage(kind, diff.key, diff.after))
+                timing = Timing.RESTART if kind == "lxc" and running else Timing.LIVE  # a CT volume moves stopped
+            elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
+                timing = Timing.LIVE  # a disk grows online, on a running guest too
+            else:
+                new, gone = diff.before is None, diff.after is None
+                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug))
+            if diff.fields and diff.before is not None and diff.after is not None:
+                fields.extend(
+                    FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
+                )
+            else:
+                fields.append(FieldChange(diff.key, diff.before, diff.after, timing))
+        return fields, grow, moves
 
     def guest_after(
         self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool
@@ -486,17 +558,25 @@ class _Planner:
         for host, seen in sorted(self.observed.docker.items()):
             if not seen.reachable:
                 continue
-            keys = label_keys(self.owner)
             for live in seen.containers:
-                if live.labels.get(keys["managed"]) != "true" or live.name in wanted.get(host, set()):
+                marks = self.ownership.of_labels(live.labels)
+                if not marks.any or live.name in wanted.get(host, set()):
                     continue
+                keys = label_keys(self.owner if marks.ours else LEGACY_OWNER)
                 if live.labels.get(keys["host"], host) != host:
                     continue  # one engine serving two hosts of the spec: the other host's container
                 if live.name.endswith(OLD_SUFFIX):
                     continue  # kept by an apply for its rollback; the apply removes it
                 address = f"container/{host}/{live.name}"
                 if address in self.inventory.protected:
-                    self.warnings.append(Problem(address, "owned but no longer in the spec; protected, so kept"))
+                    self.warnings.append(
+                        Problem(address, "owned but no longer in the spec; protected, so kept", _UNPROTECT)
+                    )
+                    continue
+                claim = self.ownership.claim(marks, recorded=address in self.inventory.owned)
+                if claim is not Claim.MINE:
+                    if claim is Claim.ORPHAN:
+                        self.warnings.append(self.ownership.orphan(address, marks))
                     continue
                 self.changes.append(
                     Change(
@@ -506,7 +586,7 @@ class _Planner:
                         "docker",
                         before=_container_view(live),
                         after=None,
-                        reason="owned by the reconciler and no longer in the spec",
+                        reason="owned by this lab and no longer in the spec",
                     )
                 )
 
@@ -560,11 +640,16 @@ class _Planner:
             )
             return
         keys = label_keys(self.owner)
-        if live.labels.get(keys["managed"]) != "true" and not workload.adopt:
+        marks = self.ownership.of_labels(live.labels)
+        owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
+        if not owned and not workload.adopt:
+            if marks.legacy:
+                self.conflicts.append(self.ownership.orphan(workload.ref, marks, named=True))
+                return
             self.conflicts.append(
                 Problem(
                     workload.ref,
-                    f"container {live.name!r} on {workload.host!r} exists and is not managed by the reconciler",
+                    f"container {live.name!r} on {workload.host!r} exists and is not managed by this lab",
                     "set 'adopt: true' to replace it, or rename",
                 )
             )

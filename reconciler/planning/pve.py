@@ -58,6 +58,7 @@ __all__ = [
     "default_key_for",
     "format_property",
     "format_pve_size",
+    "guest_volumes",
     "lxc_config",
     "normalise_tags",
     "parse_bool",
@@ -67,6 +68,7 @@ __all__ = [
     "pci_address_key",
     "update_value",
     "vm_config",
+    "volume_storage",
 ]
 
 GuestKind: TypeAlias = Literal["lxc", "qemu"]
@@ -413,8 +415,10 @@ class FieldDiff:
     `before`/`after` are the raw live and desired strings (None when absent).
     `fields` lists the differing sub-fields of a property string (empty for a
     plain value). `replace` is True when the change cannot be made in place (a
-    create-only key, or a volume's storage). `resize` is True when a volume's
-    size differs: that is not a config change but PVE's resize call (grow only).
+    create-only key, or a named volume on another storage). `resize` is True when
+    a volume's size differs: that is not a config change but PVE's resize call
+    (grow only). `move` is True when an existing volume is asked for on another
+    storage: PVE moves it there with its data (`move_volume`, `move_disk`), in place.
     """
 
     key: str
@@ -423,6 +427,7 @@ class FieldDiff:
     fields: tuple[FieldChange, ...] = ()
     replace: bool = False
     resize: bool = False
+    move: bool = False
 
 
 _Norm: TypeAlias = Callable[[str], object]
@@ -605,17 +610,22 @@ def _compare_volume(
     live_fields: Mapping[str, str],
     *,
     sized: bool = True,
-) -> tuple[list[FieldChange], bool, bool]:
-    """Compare a volume (the default key of rootfs, mpN or a disk): (changes, replace, resize)."""
+) -> tuple[list[FieldChange], bool, bool, bool]:
+    """Compare a volume (the default key of rootfs, mpN or a disk): (changes, replace, resize, move).
+
+    A volume to allocate (`storage:GiB`) whose live volume sits on another storage is a move: PVE
+    moves the volume with its data. Its size is compared as well, so a move and a grow are one plan.
+    Volumes PVE sizes itself (`sized=False`: efidisk0, tpmstate0) are never compared by size.
+    """
     changes: list[FieldChange] = []
-    replace = resize = False
+    replace = resize = move = False
     allocate = _ALLOCATE_RE.match(desired)
     if allocate is not None:
         live_storage = _storage(live) if live is not None else None
         if live_storage != allocate.group(1):
             changes.append(FieldChange(name, live, desired))
-            replace = live_storage is not None
-        elif sized and "size" not in desired_fields and "size" in live_fields:
+            move = live_storage is not None
+        if sized and live_storage is not None and "size" not in desired_fields and "size" in live_fields:
             wanted = int(float(allocate.group(2)) * GIB)
             try:
                 same_size = parse_pve_size(live_fields["size"]) == wanted
@@ -628,7 +638,7 @@ def _compare_volume(
         changes.append(FieldChange(name, live, desired))
         desired_storage, live_storage = _storage(desired), (_storage(live) if live is not None else None)
         replace = desired_storage is not None and live_storage is not None and desired_storage != live_storage
-    return changes, replace, resize
+    return changes, replace, resize, move
 
 
 _MACHINE_RE: Final = re.compile(r"^(?:pc-(?P<family>q35|i440fx)-|pc-|virt-)\d+(?:\.\d+)+(?:\+pve\d+)?(?P<pxe>\.pxe)?$")
@@ -685,10 +695,10 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
             return None
         return FieldDiff(key, live, desired)
     changes: list[FieldChange] = []
-    replace = resize = False
+    replace = resize = move = False
     volume_key = spec.default_key if spec.volume else None
     if volume_key is not None and volume_key in want:
-        changes, replace, resize = _compare_volume(
+        changes, replace, resize, move = _compare_volume(
             volume_key, want[volume_key], have.get(volume_key), want, have, sized=spec.sized
         )
     backup_default = "1" if kind == "qemu" and spec.volume else "0"
@@ -712,7 +722,7 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
     changes.extend(FieldChange(name, have[name], None) for name in _superseded(kind, key, want, have))
     if not changes:
         return None
-    return FieldDiff(key, live, desired, tuple(changes), replace=replace, resize=resize)
+    return FieldDiff(key, live, desired, tuple(changes), replace=replace, resize=resize, move=move)
 
 
 def compare_config(kind: GuestKind, desired: Mapping[str, str], live: Mapping[str, str]) -> list[FieldDiff]:
@@ -724,7 +734,8 @@ def compare_config(kind: GuestKind, desired: Mapping[str, str], live: Mapping[st
     well-known one (`onboot`, `unprivileged`, a VM's `cores`/`sockets`, boolean
     sub-fields, `discard=ignore`), else it differs with `before=None`. A create
     parameter PVE does not store (`ostemplate`) is skipped unless `live` holds it.
-    `replace` is set for `REPLACE_KEYS` and for a volume moved to another storage.
+    `replace` is set for `REPLACE_KEYS` and for a named volume on another storage;
+    `move` for a volume to allocate on another storage than the live one's.
 
     Pass as `live` the config the guest will have (current values overlaid with
     its pending ones) so that a change already pending is not planned again.
@@ -751,7 +762,9 @@ def compare_config(kind: GuestKind, desired: Mapping[str, str], live: Mapping[st
         elif spec.norm is None:
             diff = _compare_property(kind, key, spec, wanted, compared)
             if diff is not None:
-                diffs.append(FieldDiff(key, current, wanted, diff.fields, diff.replace or replace, diff.resize))
+                diffs.append(
+                    FieldDiff(key, current, wanted, diff.fields, diff.replace or replace, diff.resize, diff.move)
+                )
         elif not _same(spec.norm, wanted, compared):
             diffs.append(FieldDiff(key, current, wanted, replace=replace))
     return diffs
@@ -787,6 +800,40 @@ def update_value(kind: GuestKind, key: str, desired: str, live: str | None) -> s
         merged.pop(name)
     merged.update(want)
     return format_property(merged, spec.default_key)
+
+
+def volume_storage(kind: GuestKind, key: str, value: str | None) -> str | None:
+    """The storage a config value's volume is on (`local-lvm:vm-955-disk-0,size=8G` -> `local-lvm`);
+    None for a bind mount, a path, or a key that holds no volume."""
+    spec = _key_spec(kind, key)
+    if value is None or not spec.volume:
+        return None
+    try:
+        volume = parse_property(value, spec.default_key).get(spec.default_key or "")
+    except ValueError:
+        return None
+    return _storage(volume) if volume else None
+
+
+def guest_volumes(kind: GuestKind, config: Mapping[str, str]) -> list[tuple[str, str, str | None]]:
+    """The storage volumes a guest config holds, as (key, volume id, size): what destroying it loses.
+
+    Bind mounts, paths and CD-ROM media are not the guest's data and are left out.
+    """
+    found: list[tuple[str, str, str | None]] = []
+    for key in sorted(config, key=lambda k: (k != "rootfs", _natural(k))):
+        spec = _key_spec(kind, key)
+        if not spec.volume or spec.default_key is None:
+            continue
+        try:
+            fields = parse_property(str(config[key]), spec.default_key)
+        except ValueError:
+            continue
+        volume = fields.get(spec.default_key, "")
+        if _storage(volume) is None or fields.get("media") == "cdrom":
+            continue
+        found.append((key, volume, fields.get("size")))
+    return found
 
 
 def with_size_of(kind: GuestKind, key: str, value: str, source: str | None) -> str:

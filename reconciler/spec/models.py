@@ -273,10 +273,18 @@ class Lab(Resource):
     proxmox: ProxmoxConnection | None = None
     nvml: NvmlSettings = NvmlSettings()
     images: EngineImages = EngineImages()
-    owner_tag: str = Field(
-        "reconciler", pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="tag/label marking owned resources"
+    owner_tag: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="tag/label marking what this lab owns; default: reconciler-<lab name>, so that two labs "
+        "sharing a cluster never take each other's guests (before, the default was 'reconciler')",
     )
     max_deletes: int = Field(3, ge=0, description="refuse plans deleting more, unless --allow-delete")
+
+    @property
+    def owner(self) -> str:
+        """The tag on this lab's guests and the label prefix on its containers: `owner_tag`, or one from its name."""
+        return self.owner_tag or f"reconciler-{self.name}"
 
 
 class DockerHost(Resource):

@@ -185,7 +185,66 @@ if _fakepve is not None:
             return [
                 ("GET", "/nodes/{node}/hardware/pci", self._lab_hardware_pci),
                 ("GET", "/cluster/mapping/pci", self._lab_mapping_pci),
+                ("POST", "/nodes/{node}/lxc/{vmid}/move_volume", self._lab_lxc_move_volume),
+                ("POST", "/nodes/{node}/qemu/{vmid}/move_disk", self._lab_qemu_move_disk),
             ]
+
+        async def _lab_lxc_move_volume(self, values: Mapping[str, Any], user: str) -> Any:
+            """PVE's move_volume to another storage (API2/LXC.pm): stopped CT only, a new volume, the old one
+            removed (`delete=1`) or kept as unusedN. Stock fakepve answers it without moving anything."""
+            from fakepve.lxc import mount_type, parse_mount, print_mount
+
+            ct = self._find_ct(values["node"], int(values["vmid"]))
+            key, sid = str(values["volume"]), str(values.get("storage") or "")
+            self._ct_check_lock(ct)
+            if ct.status == "running":
+                raise _fakepve.PveError(500, "cannot move volumes of a running container")
+            if values.get("digest") and values["digest"] != ct.digest():
+                raise _fakepve.PveError(500, "detected modified configuration - file changed by other user? Try again.")
+            value = ct.config.get(key)
+            if value is None or mount_type(parse_mount(value).get("volume", "")) != "volume":
+                raise _fakepve.PveError(500, f"cannot move volume '{key}' - not a storage volume")
+            self._storage_for(sid, user, ct.vmid)
+
+            async def body() -> None:
+                mount = parse_mount(ct.config[key])
+                old = mount["volume"]
+                mount["volume"] = self._allocate(ct.vmid, sid, self._taken_volumes())
+                ct.config[key] = print_mount(mount, key == "rootfs")
+                if not int(values.get("delete", 0)):
+                    ct.config[self._unused_key(ct.config)] = old
+
+            return await self._ct_task(ct, "move_volume", user, body)
+
+        async def _lab_qemu_move_disk(self, values: Mapping[str, Any], user: str) -> Any:
+            """PVE's move_disk to another storage (API2/Qemu.pm), online or not: a new volume of the same size,
+            the old one freed (`delete=1`) or kept as unusedN."""
+            from fakepve.lxc import parse_size
+            from fakepve.qemu import join_drive, split_drive
+
+            vm = self.vm(int(values["vmid"]))
+            if vm is None or vm.node != values["node"]:
+                raise _fakepve.PveError(500, f"Configuration file 'nodes/{values['node']}/qemu-server/"
+                                        f"{values['vmid']}.conf' does not exist")  # fmt: skip
+            key, sid = str(values["disk"]), str(values.get("storage") or "")
+            if vm.lock:
+                raise _fakepve.PveError(500, f"VM is locked ({vm.lock})")
+            value = vm.config.get(key)
+            if value is None:
+                raise _fakepve.PveError(500, f"disk '{key}' does not exist")
+            self._qm_image_store(sid, user)
+
+            async def body() -> None:
+                volume, props = split_drive(vm.config[key])
+                size = parse_size(props.get("size", "")) or 0
+                new, _ = self._qm_alloc(sid, vm.vmid, None, size)
+                vm.config[key] = join_drive(new, props)
+                if int(values.get("delete", 0)):
+                    self._qm_free(volume)
+                else:
+                    vm.config[f"unused{sum(1 for k in vm.config if k.startswith('unused'))}"] = volume
+
+            return await self.task(vm.node, "qmmove", vm.vmid, user, body, vm=vm)
 
         async def _lab_hardware_pci(self, values: Mapping[str, Any], user: str) -> list[dict[str, Any]]:
             nic = {"id": "0000:00:1f.6", "class": "0x020000", "vendor": "0x8086", "device": "0x15fa",

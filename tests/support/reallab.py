@@ -351,8 +351,10 @@ def real_lab(
 
     with locked:
         yield make
-        for container in docker_client.containers.list(all=True, filters={"label": "reconciler.managed=true"}):
-            container.remove(force=True)
+        for container in docker_client.containers.list(all=True):
+            # Made by a lab: its owner's `<owner>.managed` label (the owner tag is derived from the lab's name).
+            if any(key.endswith(".managed") and value == "true" for key, value in container.labels.items()):
+                container.remove(force=True)
         for lab in made:
             for path in reversed(lab.created_dirs):
                 with suppress(OSError):
