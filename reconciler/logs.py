@@ -92,10 +92,11 @@ class JsonFormatter(logging.Formatter):
 
 def _logfmt_value(value: Any) -> str:
     plain = _plain(value)
-    text = plain if isinstance(plain, str) else json.dumps(plain, ensure_ascii=False)
-    if text == "" or any(char in text for char in ' "=\\') or not text.isprintable():
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    if not isinstance(plain, str):  # numbers, lists, mappings: compact JSON
+        return json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
+    if plain == "" or any(char in plain for char in ' "=\\') or not plain.isprintable():
+        return json.dumps(plain, ensure_ascii=False)
+    return plain
 
 
 class HumanFormatter(logging.Formatter):

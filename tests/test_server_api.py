@@ -7,6 +7,7 @@ loop's state (passes requested, suspended), never on calls.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -277,3 +278,26 @@ def test_close_is_idempotent_and_frees_the_port(loop: LoopDouble) -> None:
     handle.close()
     with pytest.raises(ConnectionRefusedError), socket.create_connection(address, timeout=5):
         pass
+
+
+def test_no_token_or_secret_reaches_the_log(loop: LoopDouble, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="reconciler")
+    secrets = WebhookSecrets(github=b"hook-secret-abc", gitlab=b"gitlab-secret-xyz")
+    with serve(loop, listen="127.0.0.1:0", api_token=TOKEN, webhooks=secrets) as handle:
+        call(handle.address, "POST", "/api/v1/reconcile", headers=bearer(TOKEN))
+        call(handle.address, "POST", "/api/v1/suspend", headers=bearer(TOKEN + "-guess"))
+        body = b'{"ref": "refs/heads/main", "object_kind": "push"}'
+        call(
+            handle.address,
+            "POST",
+            "/hooks/gitlab",
+            body=body,
+            headers={"X-Gitlab-Token": "gitlab-secret-xyz", "X-Gitlab-Event": "Push Hook"},
+        )
+        call(handle.address, "POST", "/hooks/gitlab", body=body, headers={"X-Gitlab-Token": "gitlab-secret-xy"})
+        call(handle.address, "POST", "/hooks/github", body=body, headers={"X-Hub-Signature-256": "sha256=00"})
+    assert loop.requests == [(Trigger.MANUAL, True), (Trigger.WEBHOOK, True)]
+    logged = caplog.text + "".join(repr(getattr(r, "fields", "")) for r in caplog.records)
+    assert "http request" in caplog.text
+    for secret in (TOKEN, "hook-secret-abc", "gitlab-secret-xy", "sha256=00"):
+        assert secret not in logged
