@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from reconciler.loop.events import DriftReport, Outcome
 from reconciler.loop.notify import Notifier, events_of
+from reconciler.spec.loader import load_tree
 from reconciler.spec.models import Notification, NotifyEvent
 from tests.support.loopdouble import LoopDouble, record
 
@@ -332,3 +335,35 @@ def test_notification_specs_are_validated(fields: dict[str, object], problem: st
     with pytest.raises(ValidationError) as caught:
         Notification.model_validate(fields)
     assert problem in str(caught.value)
+
+
+def test_a_lab_spec_configures_its_notifiers(tmp_path: Path, receiver: Receiver, repo_root: Path) -> None:
+    shutil.copytree(repo_root / "specs", tmp_path / "specs")
+    lab_file = tmp_path / "specs" / "lab.yaml"
+    lab_file.write_text(
+        lab_file.read_text()
+        + f"notifications:\n  - kind: generic\n    url: {receiver.url}/lab\n    events: [rolled-back]\n"
+        + "  - kind: discord\n    url_env: RECONCILER_TEST_DISCORD_URL\n    events: [drift]\n"
+    )
+    loaded = load_tree(tmp_path / "specs")
+    assert loaded.ok, loaded.diagnostics
+    notifier = Notifier.from_lab(loaded.state.lab, environ={"RECONCILER_TEST_DISCORD_URL": f"{receiver.url}/discord"})
+    notifier(record(1, outcome=Outcome.ROLLED_BACK, revision="1" * 40))
+    notifier(record(2, outcome=Outcome.NO_CHANGES, revision="1" * 40, drift=DRIFT))
+    got = receiver.wait_for(2)
+    notifier.close()
+    assert sorted(r.path for r in got) == ["/discord", "/lab"]
+    assert json.loads(next(r for r in got if r.path == "/lab").body)["lab"] == loaded.state.lab.name
+
+
+def test_a_bad_notification_url_is_a_diagnostic_with_its_line(tmp_path: Path, repo_root: Path) -> None:
+    shutil.copytree(repo_root / "specs", tmp_path / "specs")
+    lab_file = tmp_path / "specs" / "lab.yaml"
+    before = lab_file.read_text()
+    lab_file.write_text(before + "notifications:\n  - kind: generic\n    url: javascript:alert(1)\n")
+    loaded = load_tree(tmp_path / "specs")
+    assert not loaded.ok
+    (problem,) = [d for d in loaded.diagnostics if "notifications" in d.message]
+    assert "http:// or https://" in problem.message
+    assert problem.position is not None
+    assert problem.position.line == before.count("\n") + 2
