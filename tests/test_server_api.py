@@ -301,3 +301,15 @@ def test_no_token_or_secret_reaches_the_log(loop: LoopDouble, caplog: pytest.Log
     assert "http request" in caplog.text
     for secret in (TOKEN, "hook-secret-abc", "gitlab-secret-xy", "sha256=00"):
         assert secret not in logged
+
+
+def test_an_ipv6_loopback_address_is_served(loop: LoopDouble) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    try:
+        handle = serve(loop, listen="[::1]:0", api_token=None, webhooks=WebhookSecrets())
+    except ConfigError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    with handle:
+        assert handle.url.startswith("http://[::1]:")
+        assert call(handle.address, "GET", "/healthz").status == 200
