@@ -313,3 +313,11 @@ def test_an_ipv6_loopback_address_is_served(loop: LoopDouble) -> None:
     with handle:
         assert handle.url.startswith("http://[::1]:")
         assert call(handle.address, "GET", "/healthz").status == 200
+
+
+def test_a_failing_loop_is_a_500_without_details(server: ServerHandle, loop: LoopDouble) -> None:
+    loop.fail_status = True
+    answer = call(server.address, "GET", "/status")
+    assert answer.status == 500
+    assert answer.json() == {"error": "internal error; see the daemon's log", "status": 500}
+    assert call(server.address, "GET", "/healthz").status == 503

@@ -190,21 +190,22 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             path = ""
         request = Request(self.command, path, self.headers, self.client_address[0], self._read_body)
+        shown = path[:200]  # the path a client chose: bounded in the log
         try:
             response = self.server.app(request) if path else error_response(HttpError(400, "malformed request target"))
         except HttpError as exc:
             response = error_response(exc)
         except (TimeoutError, ConnectionError):
             self.close_connection = True
-            log.info("http request abandoned", extra=fields(method=self.command, path=path, client=request.client))
+            log.info("http request abandoned", extra=fields(method=self.command, path=shown, client=request.client))
             return
         except Exception:
-            log.exception("http request failed", extra=fields(method=self.command, path=path))
+            log.exception("http request failed", extra=fields(method=self.command, path=shown))
             response = error_response(HttpError(500, "internal error; see the daemon's log"))
         self._write(response)
         seconds = round(time.monotonic() - started, 4)
         level = logging.DEBUG if response.status < 400 and self.command == "GET" else logging.INFO
-        about = fields(method=self.command, path=path, status=response.status, client=request.client, seconds=seconds)
+        about = fields(method=self.command, path=shown, status=response.status, client=request.client, seconds=seconds)
         log.log(level, "http request", extra=about)
 
     def _read_body(self, required: bool) -> bytes:
