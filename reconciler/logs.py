@@ -95,7 +95,7 @@ def _logfmt_value(value: Any) -> str:
     if not isinstance(plain, str):  # numbers, lists, mappings: compact JSON
         return json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
     if plain == "" or any(char in plain for char in ' "=\\') or not plain.isprintable():
-        return json.dumps(plain, ensure_ascii=False)
+        return json.dumps(plain)  # escaped: no control or line-separator character reaches the terminal
     return plain
 
 
@@ -103,11 +103,12 @@ class HumanFormatter(logging.Formatter):
     """`time LEVEL logger: message key=value ...`; values with spaces or quotes are quoted."""
 
     def format(self, record: logging.LogRecord) -> str:
+        message = _scrub(record.getMessage())
         parts = [
             _timestamp(record.created, millis=False),
             f"{record.levelname:<5}",
             f"{record.name}:",
-            _scrub(record.getMessage()),
+            message if message.isprintable() else json.dumps(message),
         ]
         parts.extend(f"{_scrub(str(key))}={_logfmt_value(value)}" for key, value in _event_fields(record).items())
         line = " ".join(parts)

@@ -75,3 +75,20 @@ def test_configuring_twice_replaces_the_handler() -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="xml"):
         configure_logging("xml")
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("fmt", list(LogFormat))
+def test_a_hostile_field_cannot_forge_a_log_line(fmt: LogFormat) -> None:
+    stream = io.StringIO()
+    configure_logging(fmt, stream=stream)
+    forged = 'main\n2026-01-01T00:00:00Z ERROR reconciler: {"level": "error", "message": "forged"}\r\x1b[2J\u2028next'
+
+    logging.getLogger("reconciler.server.app").info("webhook ignored", extra=fields(branch=forged))
+    lines = stream.getvalue().rstrip("\n").split("\n")
+    assert len(lines) == 1
+    if fmt is LogFormat.JSON:
+        assert json.loads(lines[0])["branch"] == forged
+    else:
+        assert not any(char in lines[0] for char in "\x1b\r\u2028")
+        assert lines[0].endswith('next"')

@@ -29,7 +29,16 @@ from reconciler.server.settings import api_token_from_env
 from reconciler.server.transport import Limits, Transport
 from reconciler.server.webhooks import Provider, WebhookSecrets
 
-__all__ = ["DEFAULT_LISTEN", "Limits", "Provider", "ServerHandle", "WebhookSecrets", "api_token_from_env", "serve"]
+__all__ = [
+    "DEFAULT_LISTEN",
+    "Limits",
+    "Provider",
+    "ServerHandle",
+    "WebhookSecrets",
+    "api_token_from_env",
+    "parse_listen",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
