@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import re
 from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,9 +68,13 @@ __all__ = [
     "Lab",
     "Lxc",
     "Model",
+    "Notification",
+    "NotifyEvent",
+    "NotifyKind",
     "Resource",
     "Sharing",
     "Vm",
+    "http_url_problem",
 ]
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -265,6 +270,67 @@ class EngineImages(_Strict):
     ollama: ImageRef = "ollama/ollama:0.12.6"
 
 
+class NotifyKind(enum.StrEnum):
+    GENERIC = "generic"  # a JSON document POSTed to any URL
+    NTFY = "ntfy"  # a message to an ntfy topic URL
+    DISCORD = "discord"  # a Discord channel webhook
+
+
+class NotifyEvent(enum.StrEnum):
+    """What a pass may be notified for."""
+
+    APPLIED = "applied"  # changes applied and healthy
+    FAILED = "failed"  # invalid revision, refused, error, or a rollback that did not complete
+    ROLLED_BACK = "rolled-back"  # a failed step or health check, undone
+    DRIFT = "drift"  # live state differed from the applied revision
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why `url` is not a usable http(s) URL for a notification, or None. Also checks `url_env` values."""
+    if len(url) > 2048 or not url.isprintable() or any(char.isspace() for char in url):
+        return "must be a URL of at most 2048 printable characters without spaces"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in {"http", "https"}:
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials: name an environment variable in 'url_env' or 'token_env'"
+    return None
+
+
+class Notification(_Strict):
+    """Where to tell people what a pass did. Secrets (a token, a Discord URL) come from the environment."""
+
+    kind: NotifyKind
+    url: str | None = Field(None, description="http(s) URL; for ntfy the topic URL (https://ntfy.sh/my-lab)")
+    # Not the reconciler's own credentials: a spec must not send RECONCILER_PROXMOX_TOKEN to a URL it names.
+    url_env: ReconcilerEnvName | None = Field(
+        None, description="environment variable holding the URL (a Discord webhook URL)"
+    )
+    token_env: ReconcilerEnvName | None = Field(
+        None, description="environment variable holding a bearer token (generic, ntfy)"
+    )
+    events: tuple[NotifyEvent, ...] = Field(tuple(NotifyEvent), min_length=1, description="what to notify")
+    timeout: Duration = Field(10.0, description="per request; at most 60s")
+
+    @model_validator(mode="after")
+    def _check(self) -> Notification:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of 'url' or 'url_env'")
+        if self.url is not None and (problem := http_url_problem(self.url)) is not None:
+            raise ValueError(f"'url' {problem}")
+        if self.kind is NotifyKind.DISCORD and (self.url is not None or self.token_env is not None):
+            raise ValueError("a Discord webhook URL is its secret: put it in the environment and name it in 'url_env'")
+        if not 0 < self.timeout <= 60:
+            raise ValueError("'timeout' must be more than 0s and at most 60s")
+        return self
+
+
 class Lab(Resource):
     """The lab's connections and defaults. Exactly one per spec tree."""
 
@@ -280,6 +346,9 @@ class Lab(Resource):
         "sharing a cluster never take each other's guests (before, the default was 'reconciler')",
     )
     max_deletes: int = Field(3, ge=0, description="refuse plans deleting more, unless --allow-delete")
+    notifications: tuple[Notification, ...] = Field(
+        (), max_length=16, description="webhooks, ntfy topics and Discord channels told about passes"
+    )
 
     @property
     def owner(self) -> str:
