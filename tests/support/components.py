@@ -20,6 +20,8 @@ COMPONENTS: dict[str, str] = {
     "git": "Debian git",
     "fakepve": "pip fakepve (the dev extra)",
     "sshd": "Debian openssh-server (/usr/sbin/sshd, started by tests/support/sshd.py)",
+    "ssh-keygen": "Debian openssh-client (signed commits, ssh signing)",
+    "gpg": "Debian gnupg (signed commits, GPG signing)",
 }
 """Every real component a test may need, and what provides it (.ci/run installs them)."""
 
