@@ -68,6 +68,7 @@ from reconciler.errors import (
     PermissionDenied,
     TemporaryError,
 )
+from reconciler.planning.gpusight import normalise_bus_id
 from reconciler.planning.observed import ComputeMode, GpuProcess, NvmlObservation, ObservedGpu
 
 __all__ = ["DEFAULT_LIBRARY", "NvmlBackend"]
@@ -185,22 +186,6 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _normalise_bus_id(raw: str) -> str:
-    """NVML's `00000000:01:00.0` as Linux writes it: `0000:01:00.0`, lower case (wider domains keep their digits)."""
-    text = raw.strip().lower()
-    parts = text.split(":")
-    if len(parts) == 2:
-        parts.insert(0, "0")
-    if len(parts) != 3:
-        return text
-    domain, bus, slot = parts
-    device, _, function = slot.partition(".")
-    try:
-        return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{int(function or '0', 16):x}"
-    except ValueError:
-        return text
-
-
 @dataclass(slots=True)
 class _Reading:
     """What has been read of one GPU so far, so a GPU lost half-way keeps its identity."""
@@ -310,7 +295,7 @@ class NvmlBackend:
             reading.uuid = _text(_optional(("nvmlDeviceGetUUID", lambda: pynvml.nvmlDeviceGetUUID(handle))))
             pci = _optional(("nvmlDeviceGetPciInfo_v3", lambda: pynvml.nvmlDeviceGetPciInfo_v3(handle)))
             if pci is not None:
-                reading.pci_bus_id = _normalise_bus_id(_text(pci.busId) or _text(pci.busIdLegacy))
+                reading.pci_bus_id = normalise_bus_id(_text(pci.busId) or _text(pci.busIdLegacy))
             reading.name = _text(_optional(("nvmlDeviceGetName", lambda: pynvml.nvmlDeviceGetName(handle))))
             return self._read_state(reading, handle)
         except _NvmlFailure as failure:
