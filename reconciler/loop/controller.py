@@ -206,6 +206,6 @@ def _pass_fields(record: PassRecord) -> dict[str, object]:
             {"address": d.address, "fields": list(d.fields), "policy": d.policy, "corrected": d.corrected}
             for d in record.drift
         ],
-        "message": record.message,
+        "detail": record.message,  # `message` is the event's own key
         "diagnostics": list(record.diagnostics[:20]),
     }
