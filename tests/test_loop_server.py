@@ -102,7 +102,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
             controller = build_controller(settings, journal, lab.connector())
             records: list[PassRecord] = []
             controller.subscribe(records.append)
-            secrets = WebhookSecrets(github=SECRET, gitea=SECRET)
+            secrets = WebhookSecrets(github=SECRET, gitea=SECRET, gitlab=SECRET)
             server = stack.enter_context(
                 daemon_services(controller, listen="127.0.0.1:0", api_token=TOKEN, webhooks=secrets, environ={})
             )
@@ -132,6 +132,13 @@ def push_event(provider: str, body: bytes, *, secret: bytes = SECRET, delivery: 
             "X-GitHub-Event": "push",
             "X-GitHub-Delivery": delivery,
             "X-Hub-Signature-256": f"sha256={sign(secret, body)}",
+            "Content-Type": "application/json",
+        }
+    if provider == "gitlab":
+        return {
+            "X-Gitlab-Event": "Push Hook",
+            "X-Gitlab-Event-UUID": delivery,
+            "X-Gitlab-Token": secret.decode(),
             "Content-Type": "application/json",
         }
     return {
@@ -164,7 +171,7 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 # ---- webhooks: a push makes the daemon fetch its remote and apply the new commit ---------------------------
 
 
-@pytest.mark.parametrize("provider", ["github", "gitea"])
+@pytest.mark.parametrize("provider", ["github", "gitea", "gitlab"])
 def test_a_signed_push_webhook_fetches_the_remote_and_applies_the_commit(
     repo: GitRepo, tmp_path: Path, start_daemon: Callable[[str], Daemon], provider: str
 ) -> None:
@@ -176,20 +183,20 @@ def test_a_signed_push_webhook_fetches_the_remote_and_applies_the_commit(
     repo.edit("guests.yaml", "memory: 32GiB", "memory: 30GiB")
     second = repo.commit("llm: 30 GiB")
     repo.git("push", "-q", str(tmp_path / "remote.git"), "main")
-    body = json.dumps({"ref": "refs/heads/main", "after": second}).encode()
+    body = json.dumps({"object_kind": "push", "ref": "refs/heads/main", "after": second}).encode()
 
     # Unsigned, wrongly signed, or malformed: refused, and no pass is queued (the next pass is the manual one).
     assert call(daemon.server.address, "POST", f"/hooks/{provider}", body=body).status == 401
     forged = push_event(provider, body, secret=b"not-the-secret", delivery="forged")
     assert call(daemon.server.address, "POST", f"/hooks/{provider}", body=body, headers=forged).status == 401
-    junk = b'{"ref": 42}'
+    junk = b'{"object_kind": "push", "ref": 42}'
     answer = call(daemon.server.address, "POST", f"/hooks/{provider}", body=junk, headers=push_event(provider, junk))
     assert answer.status == 400
     assert daemon.memory() == str(32 * 1024)
     assert daemon.status()["applied_revision"] == first.revision
 
     # A push to another branch is acknowledged and ignored.
-    other = json.dumps({"ref": "refs/heads/dev", "after": second}).encode()
+    other = json.dumps({"object_kind": "push", "ref": "refs/heads/dev", "after": second}).encode()
     answer = call(
         daemon.server.address,
         "POST",
@@ -276,6 +283,8 @@ class _Inbox(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Receiver)
         self.bodies: list[dict[str, Any]] = []
         self.arrived = threading.Condition()
+        self.gate = threading.Event()  # cleared: the receiver takes each request and holds its answer
+        self.gate.set()
 
     @property
     def url(self) -> str:
@@ -292,11 +301,12 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-        self.send_response(204)
-        self.end_headers()
         with self.server.arrived:
             self.server.bodies.append(body)
             self.server.arrived.notify_all()
+        self.server.gate.wait(DEADLINE)
+        self.send_response(204)
+        self.end_headers()
 
     def log_message(self, *_args: object) -> None:
         """Quiet."""
@@ -315,14 +325,15 @@ def inboxes() -> Iterator[Callable[[], _Inbox]]:
 
     yield make
     for inbox, thread in made:
+        inbox.gate.set()
         inbox.shutdown()
         inbox.server_close()
         thread.join(5)
 
 
-def _notify_to(repo: GitRepo, url: str, events: str = "") -> None:
+def _notify_to(repo: GitRepo, url: str, events: str = "", timeout: str = "") -> None:
     lab = (repo.path / "specs" / "lab.yaml").read_text().split("\nnotifications:")[0].rstrip("\n")
-    extra = f", events: [{events}]" if events else ""
+    extra = (f", events: [{events}]" if events else "") + (f", timeout: {timeout}" if timeout else "")
     repo.write("lab.yaml", f"{lab}\nnotifications:\n  - {{kind: generic, url: '{url}'{extra}}}\n")
 
 
@@ -360,6 +371,38 @@ def test_a_rolled_back_commit_is_notified_and_a_new_revision_changes_the_targets
     assert "health check failed" in notified["message"]
     assert len(first_inbox.bodies) == 1, "the first receiver left the Lab with the revision that removed it"
     assert daemon.status()["applied_revision"] == moved
+
+
+def test_a_receiver_that_hangs_and_then_is_gone_never_holds_up_the_loop(
+    repo: GitRepo, start_daemon: Callable[[str], Daemon], inboxes: Callable[[], _Inbox]
+) -> None:
+    inbox = inboxes()
+    inbox.gate.clear()  # it takes every notification and never answers
+    _notify_to(repo, inbox.url, timeout="1s")
+    repo.commit("notify a receiver that will hang")
+    daemon = start_daemon(str(repo.path))
+    daemon.wait_for(lambda r: r.outcome is Outcome.APPLIED)
+    assert inbox.wait(1)[0]["outcome"] == "applied"  # taken, and held
+
+    def drift_pass(key: str, value: str) -> None:
+        seen = len(daemon.records)
+        daemon.lab.proxmox.guests[LLM].config[key] = value
+        daemon.controller.request_pass(Trigger.MANUAL)
+        record = daemon.wait_for(lambda r: True, after=seen)
+        assert (record.outcome, [(d.fields, d.corrected) for d in record.drift]) == (
+            Outcome.APPLIED,
+            [((key,), True)],
+        ), record
+        assert (daemon.memory(), str(daemon.lab.proxmox.guests[LLM].config["cores"])) == (str(32 * 1024), "8")
+
+    # Each pass notifies its drift (a different one each time, so none is skipped as a repeat) and goes on.
+    for key, value in (("memory", "1024"), ("cores", "2"), ("memory", "2048")):
+        drift_pass(key, value)
+    inbox.shutdown()
+    inbox.server_close()  # now nothing listens there at all
+    for key, value in (("cores", "4"), ("memory", "4096")):
+        drift_pass(key, value)
+    assert daemon.status()["passes"] == 6
 
 
 # ---- `reconciler run` as a process -------------------------------------------------------------------------
@@ -410,8 +453,8 @@ def _start_run(repo: GitRepo, env: dict[str, str], *args: str) -> subprocess.Pop
     )
 
 
-def _stop(daemon: subprocess.Popen[str]) -> tuple[str, str]:
-    daemon.send_signal(signal.SIGTERM)
+def _stop(daemon: subprocess.Popen[str], stop: signal.Signals = signal.SIGTERM) -> tuple[str, str]:
+    daemon.send_signal(stop)
     try:
         return daemon.communicate(timeout=120)
     finally:
@@ -420,7 +463,10 @@ def _stop(daemon: subprocess.Popen[str]) -> tuple[str, str]:
             daemon.communicate()
 
 
-def test_sigterm_stops_run_with_its_server_exit_0_and_frees_the_port(repo: GitRepo, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_run_with_its_server_exit_0_and_frees_the_port(
+    repo: GitRepo, tmp_path: Path, stop: signal.Signals
+) -> None:
     """No lab answers (Proxmox on a closed port): the daemon keeps serving, logs JSON, and stops cleanly."""
     port = _free_port()
     password = "pw-that-must-never-be-logged"
@@ -440,7 +486,7 @@ def test_sigterm_stops_run_with_its_server_exit_0_and_frees_the_port(repo: GitRe
         assert status["head_revision"] == repo.head()
         assert _wait_http(("127.0.0.1", port), "/healthz", lambda s: True)["status"] == "ok"
     finally:
-        out, err = _stop(daemon)
+        out, err = _stop(daemon, stop)
     assert daemon.returncode == 0, err
     assert _port_is_free(port)
     assert out == "", "with --log-format json, stdout stays empty: every event is a JSON line on stderr"
@@ -450,7 +496,7 @@ def test_sigterm_stops_run_with_its_server_exit_0_and_frees_the_port(repo: GitRe
     finished = next(event for event in events if event["message"] == "pass finished")
     assert (finished["outcome"], finished["revision"], finished["trigger"]) == ("error", repo.head(), "start")
     assert finished["logger"] == "reconciler.loop" and finished["level"] == "info"
-    assert events[messages.index("stop requested")]["signal"] == "SIGTERM"
+    assert events[messages.index("stop requested")]["signal"] == stop.name
     assert password not in err and TOKEN not in err
 
 
@@ -469,6 +515,8 @@ def test_listen_none_runs_without_a_server_and_bad_listen_addresses_are_refused(
         out, err = _stop(daemon)
     assert daemon.returncode == 0, err
     assert "no HTTP API (--listen none)" in out and "http server listening" not in err
+    # Text: what stdout prints (start, passes, stop) is not said again on stderr.
+    assert out.rstrip().endswith("stopped") and "daemon stopped" not in err and "daemon started" not in err
 
 
 @pytest.mark.docker

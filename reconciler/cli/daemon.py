@@ -305,11 +305,14 @@ def checked_keyring(keyring: Path | None) -> Path:
     return keyring
 
 
-class _PrintedAsPassLine(logging.Filter):
-    """In text mode each pass is printed on stdout as its own line; its log event would say it twice."""
+class _PrintedOnStdout(logging.Filter):
+    """In text mode the daemon's start, each pass and its stop are printed on stdout; their log events
+    would say them twice (in JSON they are the only record)."""
+
+    PRINTED = frozenset({"daemon started", "pass finished", "daemon stopped"})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "reconciler.loop" and record.msg == "pass finished")
+        return not (record.name == "reconciler.loop" and record.msg in self.PRINTED)
 
 
 def setup_logging(log_format: str) -> LogFormat:
@@ -323,5 +326,5 @@ def setup_logging(log_format: str) -> LogFormat:
             raise ConfigError(f"--log-format {log_format!r}: give text or json")
     handler = configure_logging(chosen)
     if chosen is LogFormat.HUMAN:
-        handler.addFilter(_PrintedAsPassLine())
+        handler.addFilter(_PrintedOnStdout())
     return chosen

@@ -264,6 +264,7 @@ def _show_notification(console: Console, inbox: _Inbox) -> bool:
 def _show_http(console: Console, url: str) -> bool:
     """`curl` of /status (abbreviated) and of a few /metrics lines, over real HTTP."""
     console.print(Rule("5. what the loop serves over HTTP"))
+    started = time.monotonic()
     status = json.loads(_get(f"{url}/status"))
     last, gpus = status.get("last_pass") or {}, status.get("gpus") or []
     abbreviated = {
@@ -271,7 +272,7 @@ def _show_http(console: Console, url: str) -> bool:
         "applied_revision": (status["applied_revision"] or "")[:12],
         "attempted_revision": (status["attempted_revision"] or "")[:12],
         "suspended": status["suspended"],
-        "last_pass": {key: last.get(key) for key in ("number", "trigger", "outcome", "duration")},
+        "last_pass": {key: last.get(key) for key in ("number", "trigger", "outcome")},
         "resources": {r["address"]: r["state"] for r in status["resources"]},
         "gpus": [
             f"{g['uuid'][:12]}: {(g['memory_used'] or 0) >> 20}/{(g['memory_total'] or 0) >> 20} MiB used" for g in gpus
@@ -283,6 +284,7 @@ def _show_http(console: Console, url: str) -> bool:
     lines = [line for line in _get(f"{url}/metrics").splitlines() if shown.match(line)]
     console.print(f"$ curl -s {url}/metrics | grep -E '{METRICS_SHOWN}'", markup=False)
     console.print("\n".join(lines), markup=False, soft_wrap=True)
+    console.print(f"[bold]took {time.monotonic() - started:.2f}s[/] for both requests")
     return bool(lines)
 
 
