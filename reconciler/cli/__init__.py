@@ -442,9 +442,10 @@ ListenOption = Annotated[str, typer.Option("--listen", help="where the daemon's 
 
 def _ask_daemon(verb: str, listen: str, done: str) -> None:
     from reconciler.cli.daemon import call_api
+    from reconciler.server import api_token_from_env
 
-    with _errors_exit():
-        answer = call_api(listen, verb, token=os.environ.get("RECONCILER_API_TOKEN"))
+    with _errors_exit():  # the token as the daemon reads it: RECONCILER_API_TOKEN or RECONCILER_API_TOKEN_FILE
+        answer = call_api(listen, verb, token=api_token_from_env())
     console.print(done + (f" ({escape(json.dumps(answer))})" if answer else ""))
 
 
