@@ -33,6 +33,7 @@ check: lint typecheck layers test
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.loop
+	$(BIN)/python -m benchmarks.server
 
 schemas: $(STAMP)
 	$(BIN)/reconciler schema --out schemas

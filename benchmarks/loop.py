@@ -261,8 +261,9 @@ class Daemon:
         (work / "lab" / "specs" / "lab.yaml").write_text(lab_yaml(guests))
         init_repository(work / "lab")
         login = {"RECONCILER_PROXMOX_USER": "root@pam", "RECONCILER_PROXMOX_PASSWORD": PASSWORD}
+        command = ["run", "specs", "--repo", str(work / "lab"), "--interval", interval, "--listen", "127.0.0.1:0"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "run", "specs", "--repo", str(work / "lab"), "--interval", interval],
+            [sys.executable, "-m", "reconciler", *command],  # its HTTP server on a free port
             env={**os.environ, **env, **login, "RECONCILER_STATE_DIR": str(work / "state"), "NO_COLOR": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -7,15 +7,21 @@ a bare repository as the remote.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from reconciler.cli.demo import run_demo
 from reconciler.sources.git import load_commit, read_commit
 from tests.support.components import missing
 
@@ -100,10 +106,30 @@ def test_demo_runs_the_loop_end_to_end_and_leaves_nothing_behind() -> None:
     assert "pass 1 (start)" in out and ": applied in" in out
     assert "pass 2 (commit)" in out and "replace container/llm/qwen-7b" in out
     assert "drift lxc/llm: memory (corrected)" in out  # the change made by hand, corrected by a drift pass
-    assert ": rolled-back in" in out and "notification: rolled-back" in out
-    assert '"applied_revision"' in out
+    assert ": rolled-back in" in out
+    # What the loopback receiver got from the Lab's generic webhook, and curl of the loop's server.
+    assert "the notification it sent" in out and '"events": ["rolled-back"]' in out
+    assert re.search(r"\$ curl -s http://127\.0\.0\.1:\d+/status", out) and '"result": "rolled-back"' in out
+    assert 'reconciler_passes_total{outcome="applied"} 3.0' in out
+    assert 'reconciler_passes_total{outcome="rolled-back"} 1.0' in out
     folder = next(line.split(" in ", 1)[1].split(";")[0] for line in out.splitlines() if "a git repository in" in line)
     assert not Path(folder).exists()
+
+
+def test_the_demo_leaves_no_thread_and_no_port_behind() -> None:
+    before = set(threading.enumerate())
+    output = io.StringIO()
+    assert run_demo(Console(file=output, width=200), ROOT / "specs") == 0, output.getvalue()
+    left = [t for t in threading.enumerate() if t not in before]
+    for thread in left:  # a request's thread may still be returning from its last write
+        thread.join(5)
+    assert [t for t in left if t.is_alive()] == []
+    ports = {int(port) for port in re.findall(r"http://127\.0\.0\.1:(\d+)", output.getvalue())}
+    assert len(ports) == 2  # the loop's server and the notification receiver
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))  # nothing listens there any more
 
 
 def test_a_commit_is_read_not_the_working_copy(lab_repo: Path) -> None:

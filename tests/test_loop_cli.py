@@ -116,3 +116,11 @@ def test_run_once_without_repo_follows_the_repository_holding_path(tmp_path: Pat
     assert f"pass 1 (start) {sha[:12]}: invalid" in result.stdout
     assert "specs/guests.yaml:9:9: Lxc/llm: error: memory" in result.stdout
     assert "reconciler: invalid" in repo.git("notes", "--ref=reconciler", "show", sha)
+
+
+def test_client_commands_read_the_token_from_a_file_as_the_daemon_does(daemon_api: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(_Daemon.token + "\n")
+    result = cli("reconcile", "--listen", daemon_api, env={"RECONCILER_API_TOKEN_FILE": str(token_file)})
+    assert result.returncode == 0, result.stderr
+    assert _Daemon.seen == [("/api/v1/reconcile", f"Bearer {_Daemon.token}")]

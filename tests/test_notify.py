@@ -371,3 +371,24 @@ def test_a_bad_notification_url_is_a_diagnostic_with_its_line(tmp_path: Path, re
     assert "http:// or https://" in problem.message
     assert problem.position is not None
     assert problem.position.line == before.count("\n") + 2
+
+
+def test_closing_with_drain_sends_what_is_queued_and_a_closed_notifier_starts_nothing(receiver: Receiver) -> None:
+    """`run --once` and a stopping daemon close with drain: the last pass's notification still goes out."""
+    receiver.gate.clear()  # the receiver holds its answers: the notifications queue up behind the first
+    notifier = Notifier("homelab", [Notification(kind="generic", url=receiver.url)])
+    loop = LoopDouble()
+    loop.subscribe(notifier)
+    for number in (1, 2, 3):
+        loop.finish_pass(record(number, revision=f"{number}" * 40))
+    receiver.wait_for(1)
+    releaser = threading.Timer(0.2, receiver.gate.set)
+    releaser.start()
+    notifier.close(timeout=WAIT, drain=True)
+    releaser.join()
+    assert [json.loads(r.body)["pass"] for r in receiver.received] == [1, 2, 3]
+    before = set(threading.enumerate())
+    notifier.configure("homelab", [Notification(kind="generic", url=receiver.url)])
+    loop.finish_pass(record(4, revision="4" * 40))
+    assert set(threading.enumerate()) - before == set(), "a closed notifier starts no worker"
+    assert len(receiver.received) == 3

@@ -386,14 +386,15 @@ def run(
     keyring: Annotated[
         Path | None, typer.Option("--keyring", help="a GnuPG home folder, or an ssh allowed-signers file")
     ] = None,
-    listen: Annotated[str, typer.Option("--listen", help="address of the HTTP API")] = "127.0.0.1:9450",
-    log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT of the HTTP API, status, metrics and webhooks; none: no server")
+    ] = "127.0.0.1:9450",
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json (JSON lines on stderr)")] = "text",
     health_timeout: Annotated[
         float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
     ] = None,
-    allow_delete: Annotated[
-        bool, typer.Option("--allow-delete", help="allow more deletions than the lab's max_deletes")
-    ] = False,
+    allow_delete: AllowDelete = False,
+    adopt_orphans: AdoptOrphans = False,
     state_dir: StateDir = None,
 ) -> None:
     """Keep the lab equal to a git branch: a pass on every commit, every interval (drift) and on request.
@@ -401,13 +402,21 @@ def run(
     One daemon per state directory. SIGTERM/SIGINT finish the current step and exit 0. With --once: exit 0
     applied (or nothing to do), 1 failed or refused, 3 rollback incomplete.
     """
-    from reconciler.cli.daemon import DaemonSettings, checked_keyring, configure_logging, parse_interval, run_daemon
+    from reconciler.cli.daemon import (
+        DaemonSettings,
+        checked_keyring,
+        listen_address,
+        parse_interval,
+        run_daemon,
+        setup_logging,
+    )
     from reconciler.engine.apply import HealthPolicy
     from reconciler.engine.run import ApplyOptions
     from reconciler.sources.git import GitSource
 
     with _errors_exit():
-        configure_logging(log_format)
+        chosen_format = setup_logging(log_format)
+        address = listen_address(listen)
         seconds = parse_interval(interval, minimum=MIN_INTERVAL)
         trusted = checked_keyring(keyring) if verify_signatures else None
         repository, inside = (repo, path.strip("/")) if repo else (_repo_top(Path(path)), _path_in_repo(Path(path)))
@@ -418,8 +427,11 @@ def run(
             interval=seconds,
             once=once,
             keyring=trusted,
-            listen=listen,
-            apply=ApplyOptions(allow_delete=allow_delete, health=HealthPolicy(max_timeout=health_timeout)),
+            listen=address,
+            log_format=chosen_format,
+            apply=ApplyOptions(
+                allow_delete=allow_delete, adopt_orphans=adopt_orphans, health=HealthPolicy(max_timeout=health_timeout)
+            ),
         )
         code = run_daemon(settings, console)
     raise typer.Exit(code)
@@ -430,9 +442,10 @@ ListenOption = Annotated[str, typer.Option("--listen", help="where the daemon's 
 
 def _ask_daemon(verb: str, listen: str, done: str) -> None:
     from reconciler.cli.daemon import call_api
+    from reconciler.server import api_token_from_env
 
-    with _errors_exit():
-        answer = call_api(listen, verb, token=os.environ.get("RECONCILER_API_TOKEN"))
+    with _errors_exit():  # the token as the daemon reads it: RECONCILER_API_TOKEN or RECONCILER_API_TOKEN_FILE
+        answer = call_api(listen, verb, token=api_token_from_env())
     console.print(done + (f" ({escape(json.dumps(answer))})" if answer else ""))
 
 

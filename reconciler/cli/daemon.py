@@ -3,25 +3,26 @@
 Who calls it: the `run`, `reconcile`, `suspend` and `resume` commands in `cli/__init__.py`.
 It builds the pieces (source, journal, backends, pass runner, controller), holds
 the state directory's lock for the daemon's whole life (one daemon per lab),
-watches a local repository's refs, starts the HTTP server when there is one,
-and turns SIGTERM/SIGINT into "finish the current step, record it, exit 0".
+watches a local repository's refs, starts the HTTP server (unless `--listen none`)
+and the notifiers of the Lab in force, and turns SIGTERM/SIGINT into "finish the
+current step, record it, exit 0". The demo attaches the same services
+(`daemon_services`) to its own loop.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,19 +31,33 @@ from reconciler.engine.journal import Journal
 from reconciler.engine.lock import state_lock
 from reconciler.engine.run import ApplyOptions
 from reconciler.errors import ConfigError, ReconcilerError, TemporaryError
+from reconciler.logs import LogFormat, configure_logging, fields
 from reconciler.loop.controller import Controller
-from reconciler.loop.events import LoopControl, Outcome, PassRecord, SourceInfo, Trigger
+from reconciler.loop.events import Outcome, PassRecord, SourceInfo, Trigger
+from reconciler.loop.notify import Notifier
 from reconciler.loop.passes import LoopOptions, PassRunner
 from reconciler.loop.wiring import Connector, LabConnector
+from reconciler.server import DEFAULT_LISTEN, ServerHandle, WebhookSecrets, api_token_from_env, parse_listen, serve
 from reconciler.sources.git import GitSource
 from reconciler.sources.watch import RefWatcher
+from reconciler.spec.state import DesiredState
 from reconciler.spec.units import parse_duration
 
-__all__ = ["DaemonSettings", "call_api", "exit_code", "print_pass", "run_daemon"]
+__all__ = [
+    "DaemonSettings",
+    "call_api",
+    "daemon_services",
+    "exit_code",
+    "listen_address",
+    "print_pass",
+    "run_daemon",
+    "setup_logging",
+]
 
 log = logging.getLogger("reconciler.loop")
 
 EXIT_OK, EXIT_FAILED, EXIT_ROLLBACK_INCOMPLETE = 0, 1, 3
+NOTIFY_DRAIN = 5.0  # seconds a stopping daemon (or `run --once`) gives its notifiers to send what is queued
 _COLOUR = {
     Outcome.APPLIED: "green",
     Outcome.NO_CHANGES: "dim",
@@ -62,12 +77,9 @@ class DaemonSettings:
     interval: float = 60.0
     once: bool = False
     keyring: Path | None = None
-    listen: str = "127.0.0.1:9450"
+    listen: str | None = DEFAULT_LISTEN  # None: no HTTP server (`--listen none`)
+    log_format: LogFormat = LogFormat.HUMAN
     apply: ApplyOptions = field(default_factory=ApplyOptions)
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
 
 
 def exit_code(record: PassRecord | None) -> int:
@@ -115,6 +127,10 @@ def build_controller(
 
 def run_daemon(settings: DaemonSettings, console: Console) -> int:
     """Hold the lab, run passes until a signal (or one pass with `once`); the exit code."""
+    text = settings.log_format is LogFormat.HUMAN
+    api_token, webhooks = (
+        (None, WebhookSecrets()) if settings.once else (api_token_from_env(), WebhookSecrets.from_env())
+    )
     with ExitStack() as stack:
         try:
             stack.enter_context(state_lock(settings.state_dir, holder=f"reconciler run {settings.source.shown}"))
@@ -128,22 +144,80 @@ def run_daemon(settings: DaemonSettings, console: Console) -> int:
         connector = LabConnector(dict(os.environ))
         stack.callback(connector.close)
         controller = build_controller(settings, journal, connector)
-        controller.subscribe(lambda record: print_pass(console, record))
+        if text:  # in JSON, the "pass finished" log event is the pass's line
+            controller.subscribe(lambda record: print_pass(console, record))
         stack.enter_context(_stop_on_signals(controller.stop))
         if settings.once:
-            return exit_code(controller.run_once(Trigger.START))
+            with daemon_services(controller, listen=None):
+                return exit_code(controller.run_once(Trigger.START))
         if settings.source.local:
             stack.callback(RefWatcher(settings.source.git_dir(), _on_ref_change(controller, settings.source)).close)
-        server = start_server(controller, listen=settings.listen, token=os.environ.get("RECONCILER_API_TOKEN"))
-        if server is not None:
-            stack.callback(server.close)
-        console.print(
-            f"watching {escape(settings.source.shown)} {settings.source.branch}:{settings.source.path or '/'}"
-            f" every {settings.interval:g}s" + (f", API on http://{settings.listen}" if server else "")
+        server = stack.enter_context(
+            daemon_services(controller, listen=settings.listen, api_token=api_token, webhooks=webhooks)
         )
+        _announce(console, settings, server, text=text)
         controller.serve()
-        console.print("stopped")
+        if text:
+            console.print("stopped")
+        log.info("daemon stopped")
     return EXIT_OK
+
+
+@contextmanager
+def daemon_services(
+    controller: Controller,
+    *,
+    listen: str | None,
+    api_token: str | None = None,
+    webhooks: WebhookSecrets | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Iterator[ServerHandle | None]:
+    """The loop's outlets while the block runs: the Lab's notifiers and (unless `listen` is None) the HTTP server.
+
+    On the way out the server stops (its port is free again) and the notifiers send what they
+    still hold for at most NOTIFY_DRAIN seconds, then stop. Stop the loop before leaving the block.
+    """
+    with ExitStack() as stack:
+        notifier = follow_notifications(controller, environ)
+        stack.callback(notifier.close, NOTIFY_DRAIN, drain=True)
+        server = None
+        if listen is not None:
+            server = serve(controller, listen=listen, api_token=api_token, webhooks=webhooks or WebhookSecrets())
+            stack.callback(server.close)
+        yield server
+
+
+def follow_notifications(controller: Controller, environ: Mapping[str, str] | None = None) -> Notifier:
+    """A `Notifier` on the loop, configured from the Lab of the revision in force, and again each time a
+    new revision changes the Lab's name or `notifications:` (a rejected revision's Lab is never read)."""
+    notifier = Notifier("", (), environ=environ)
+    configured: list[object] = [None]
+
+    def follow(desired: DesiredState) -> None:
+        wanted = (desired.lab.name, desired.lab.notifications)
+        if wanted != configured[0]:
+            configured[0] = wanted
+            notifier.configure(*wanted, environ=environ)
+
+    controller.runner.on_new_revision(follow)
+    controller.subscribe(notifier)
+    return notifier
+
+
+def _announce(console: Console, settings: DaemonSettings, server: ServerHandle | None, *, text: bool) -> None:
+    source = settings.source
+    api = server.url if server is not None else None
+    if text:
+        console.print(
+            f"watching {escape(source.shown)} {source.branch}:{source.path or '/'} every {settings.interval:g}s"
+            + (f", API on {api}" if api else ", no HTTP API (--listen none)")
+        )
+    log.info(
+        "daemon started",
+        extra=fields(
+            repository=source.shown, branch=source.branch, path=source.path, interval=settings.interval, api=api
+        ),
+    )
 
 
 def _on_ref_change(controller: Controller, source: GitSource) -> Callable[[], None]:
@@ -163,7 +237,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM and SIGINT ask the loop to stop after the current step; the previous handlers come back after."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        log.info("stop requested", extra=fields(signal=signal.Signals(signum).name))
         stop()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -174,18 +248,12 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def start_server(control: LoopControl, *, listen: str, token: str | None) -> _Closable | None:
-    """MERGE POINT: the HTTP server (status, metrics, webhooks) is `reconciler.server.serve`.
-
-    Looked up at run time so this branch works without it; once the server is merged, this
-    starts it. Returns its handle, or None when there is no server in this build.
-    """
-    try:
-        server = importlib.import_module("reconciler.server")
-    except ImportError:
+def listen_address(text: str) -> str | None:
+    """`--listen HOST:PORT` checked now (ConfigError), or `none`: no HTTP server."""
+    if text.strip().lower() == "none":
         return None
-    serve: Callable[..., _Closable] = server.serve
-    return serve(control, listen=listen, token=token)
+    parse_listen(text)
+    return text
 
 
 def call_api(listen: str, verb: str, *, token: str | None, timeout: float = 10.0) -> dict[str, Any]:
@@ -237,19 +305,26 @@ def checked_keyring(keyring: Path | None) -> Path:
     return keyring
 
 
-def configure_logging(log_format: str) -> None:
-    """MERGE POINT: `--log-format json` is the server's JSON-lines formatter (`reconciler.server`).
+class _PrintedOnStdout(logging.Filter):
+    """In text mode the daemon's start, each pass and its stop are printed on stdout; their log events
+    would say them twice (in JSON they are the only record)."""
 
-    Text: warnings and errors on stderr (each pass is printed as a line anyway).
-    """
-    if log_format not in ("text", "json"):
-        raise ConfigError(f"--log-format {log_format!r}: give text or json")
-    if log_format == "json":
-        try:
-            server = importlib.import_module("reconciler.server")
-        except ImportError:
-            server = None
-        if server is not None and hasattr(server, "configure_logging"):
-            server.configure_logging("json")
-            return
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    PRINTED = frozenset({"daemon started", "pass finished", "daemon stopped"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "reconciler.loop" and record.msg in self.PRINTED)
+
+
+def setup_logging(log_format: str) -> LogFormat:
+    """`--log-format text` (human-readable lines on stderr, passes on stdout) or `json` (JSON lines on stderr only)."""
+    match log_format.strip().lower():
+        case "text" | "human":
+            chosen = LogFormat.HUMAN
+        case "json":
+            chosen = LogFormat.JSON
+        case _:
+            raise ConfigError(f"--log-format {log_format!r}: give text or json")
+    handler = configure_logging(chosen)
+    if chosen is LogFormat.HUMAN:
+        handler.addFilter(_PrintedOnStdout())
+    return chosen

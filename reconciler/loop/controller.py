@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from reconciler.logs import fields
 from reconciler.loop.backoff import Backoff
 from reconciler.loop.events import LoopStatus, Outcome, PassListener, PassRecord, SourceInfo, Trigger
 from reconciler.loop.passes import PassInterrupted, PassRunner
@@ -135,10 +136,10 @@ class Controller:
         try:
             record = self.runner.run(number, trigger, suspended=suspended, stopping=self._stopping.is_set)
         except PassInterrupted as stopped:
-            log.info("pass interrupted", extra={"pass": number, "detail": str(stopped)})
+            log.info("pass interrupted", extra=fields(**{"pass": number}, detail=str(stopped)))
             return None
         except Exception as exc:  # a bug: the daemon reports it and keeps reconciling at the next trigger
-            log.exception("pass failed unexpectedly", extra={"pass": number})
+            log.exception("pass failed unexpectedly", extra=fields(**{"pass": number}))
             self.runner.last_error = None
             record = PassRecord(
                 number, trigger, self.runner.head, time.time(), 0.0, Outcome.ERROR, message=f"internal error: {exc!r}"
@@ -184,20 +185,27 @@ class Controller:
             else:
                 self.backoff.reset()
             self._due = self.clock() + (delay if delay is not None else self.interval)
-        log.info(
-            "pass finished",
-            extra={
-                "pass": record.number,
-                "trigger": str(record.trigger),
-                "outcome": str(record.outcome),
-                "revision": record.revision,
-                "duration": round(record.duration, 3),
-                "changes": len(record.changes),
-                "drift": len(record.drift),
-            },
-        )
+        log.info("pass finished", extra=fields(**_pass_fields(record)))
         for listener in listeners:
             try:
                 listener(record)
             except Exception:  # a watcher's bug must not stop reconciliation
-                log.exception("pass listener failed", extra={"listener": repr(listener)})
+                log.exception("pass listener failed", extra=fields(listener=repr(listener)))
+
+
+def _pass_fields(record: PassRecord) -> dict[str, object]:
+    """The "pass finished" event: what the terminal's pass line says, as fields (the JSON log's pass line)."""
+    return {
+        "pass": record.number,
+        "trigger": str(record.trigger),
+        "outcome": str(record.outcome),
+        "revision": record.revision,
+        "duration": round(record.duration, 3),
+        "changes": list(record.changes),
+        "drift": [
+            {"address": d.address, "fields": list(d.fields), "policy": d.policy, "corrected": d.corrected}
+            for d in record.drift
+        ],
+        "detail": record.message,  # `message` is the event's own key
+        "diagnostics": list(record.diagnostics[:20]),
+    }

@@ -14,12 +14,12 @@ revision, outcome, drift and message: a retried error, drift left alone under `w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, assert_never
@@ -179,12 +179,21 @@ class _Worker:
             return False
         return True
 
-    def stop(self, timeout: float | None) -> None:
-        self._stop.set()
-        with contextlib.suppress(queue.Full):  # when full, the worker sees the flag after its current send
-            self._queue.put_nowait(None)
+    def stop(self, timeout: float | None, *, drain: bool = False) -> None:
+        """End the worker; with `drain`, what is queued is sent first (each send bounded by its timeout)."""
+        if not drain:
+            self._stop.set()
+        try:
+            if drain:
+                self._queue.put(None, timeout=timeout)  # behind what is queued
+            else:
+                self._queue.put_nowait(None)
+        except queue.Full:  # the worker sees the flag after its current send
+            self._stop.set()
         if timeout is not None:
             self._thread.join(timeout)
+            if drain and self._thread.is_alive():
+                self._stop.set()  # the time is up: what is left is dropped
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -228,6 +237,7 @@ class Notifier:
         self._queue_size = queue_size
         self._lab = lab
         self._workers: list[_Worker] = []
+        self._closed = False
         self.configure(lab, targets, environ=environ)
 
     @classmethod
@@ -239,6 +249,8 @@ class Notifier:
         env = os.environ if environ is None else environ
         resolved = [t for i, spec in enumerate(targets) if (t := _resolve(i, spec, env)) is not None]
         with self._lock:
+            if self._closed:  # a pass finishing while the daemon stops starts no new worker
+                return
             self._lab = lab
             keep = {w.target: w for w in self._workers}
             self._workers = [keep.pop(t) if t in keep else _Worker(t, self._queue_size) for t in resolved]
@@ -259,12 +271,14 @@ class Notifier:
             if not worker.offer(doc):
                 log.warning("notification dropped", extra=fields(target=worker.target.label, reason="queue full"))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the workers; what is still queued is dropped."""
+    def close(self, timeout: float = 5.0, *, drain: bool = False) -> None:
+        """Stop the workers within about `timeout` seconds in all; what is still queued is dropped,
+        unless `drain`, which sends it first while the time allows (`run --once`, a daemon stopping)."""
         with self._lock:
-            workers, self._workers = self._workers, []
+            workers, self._workers, self._closed = self._workers, [], True
+        deadline = time.monotonic() + timeout
         for worker in workers:
-            worker.stop(timeout=timeout)
+            worker.stop(timeout=max(0.0, deadline - time.monotonic()), drain=drain)
 
 
 def _dedup_key(record: PassRecord, events: frozenset[NotifyEvent]) -> object:

@@ -20,6 +20,7 @@ next start resumes it by the crash rule.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from reconciler.engine.apply import ApplyReport, StepReport
 from reconciler.engine.journal import Journal, RunResult
 from reconciler.engine.run import ApplyOptions, apply_pass, plan_pass
 from reconciler.errors import PlanError, ReconcilerError
+from reconciler.logs import fields
 from reconciler.loop.events import DriftReport, GpuStatus, Outcome, PassRecord, Trigger
 from reconciler.loop.report import drift_reports, gpu_statuses, note_text
 from reconciler.loop.wiring import Connector
@@ -39,6 +41,8 @@ from reconciler.spec.loader import LoadResult
 from reconciler.spec.state import DesiredState
 
 __all__ = ["LoopOptions", "PassInterrupted", "PassRunner", "SpecSource"]
+
+log = logging.getLogger("reconciler.loop")
 
 MAX_VERDICTS = 64  # heads remembered (a head is judged once)
 
@@ -104,6 +108,23 @@ class PassRunner:
         self._verdicts: dict[str, _Verdict] = {}
         self._noted: dict[str, str] = {}  # sha -> the last note body written on it by this process
         self._restored = False
+        self._revision_listeners: list[Callable[[DesiredState], None]] = []
+
+    def on_new_revision(self, listener: Callable[[DesiredState], None]) -> None:
+        """Call `listener` (on the loop's thread) with each new revision in force, and now with the current one.
+
+        The daemon re-reads the Lab's notification targets this way. A revision is in force once a pass
+        applied it (or found nothing to do), or when the journal says it was the last one applied.
+        """
+        self._revision_listeners.append(listener)
+        if self.last_good is not None:
+            _tell(listener, self.last_good)
+
+    def _hold(self, target: DesiredState) -> None:
+        previous, self.last_good = self.last_good, target
+        if previous is None or previous.revision != target.revision:
+            for listener in list(self._revision_listeners):
+                _tell(listener, target)
 
     def restore(self) -> None:
         """Start from the journal: the last revision applied is the last good one, if git still has it.
@@ -118,7 +139,7 @@ class PassRunner:
                 except ReconcilerError:
                     return
                 if loaded.ok:
-                    self.last_good = loaded.state
+                    self._hold(loaded.state)
                 return
 
     def run(self, number: int, trigger: Trigger, *, suspended: bool, stopping: Callable[[], bool]) -> PassRecord:
@@ -159,7 +180,7 @@ class PassRunner:
             return record(_Result(Outcome.REFUSED, message=held), head, None)
         result = self._reconcile(target, suspended=suspended, stopping=stopping)
         if result.outcome in (Outcome.APPLIED, Outcome.NO_CHANGES):
-            self.last_good = target
+            self._hold(target)
         if held and not result.message:
             result.message = held
         return self._noted_record(record(result, head, target))
@@ -268,6 +289,13 @@ class PassRunner:
             return record
         self._noted[sha] = body
         return record
+
+
+def _tell(listener: Callable[[DesiredState], None], revision: DesiredState) -> None:
+    try:
+        listener(revision)
+    except Exception:  # a watcher's bug must not stop reconciliation
+        log.exception("revision listener failed", extra=fields(listener=repr(listener)))
 
 
 def _outcome(report: ApplyReport) -> Outcome:
