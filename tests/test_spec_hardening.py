@@ -499,6 +499,16 @@ def test_a_file_name_with_a_newline_keeps_each_diagnostic_on_one_line(tmp_path: 
     assert "\n" in diagnostic.to_json()["file"], "the JSON form keeps the real name"  # type: ignore[operator]
 
 
+def test_a_file_name_is_printed_as_it_is_never_as_emoji_or_markup(tmp_path: Path) -> None:
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    (folder / "lab.yaml").write_text(LAB)
+    (folder / ":x: [bold]b.yaml").write_text("kind: Lxc\nname: x\n")
+    result = _cli("validate", str(folder), env={})
+    assert result.exit_code == 1
+    assert f"{folder}/:x: [bold]b.yaml:1:1: Lxc/x: error:" in result.output, result.output
+
+
 # ---- symlinks and huge trees ----------------------------------------------------------------------------------
 
 

@@ -42,8 +42,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: `:x:` in a file name, a message or a value from a backend is printed as written, never as an emoji.
+console = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SpecPath = Annotated[Path, typer.Argument(help="spec tree (a folder of YAML files) or one file")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
