@@ -183,6 +183,7 @@ HOSTILE_FIELDS = [
     pytest.param("ssh_keys: [{file: /etc/passwd}]", "absolute", id="absolute"),
     pytest.param("ssh_keys: [{file: keys/missing.pub}]", "does not exist", id="missing-file"),
     pytest.param("password_env: 'X=1 ; rm'", "password_env", id="password-env"),
+    pytest.param("password_env: RECONCILER_PROXMOX_PASSWORD", "reconciler's own", id="password-env-own-secret"),
     pytest.param("provision: [podman]", "provision.0.builtin", id="unknown-builtin"),
     pytest.param("provision: [{script: a.sh, builtin: docker}]", "exactly one", id="both"),
     pytest.param("provision: [{builtin: docker, creates: '/x; reboot'}]", "absolute path", id="creates-injection"),
@@ -218,6 +219,8 @@ HOSTILE_VM = [
         "cloud_init: {user_data: 'local:snippets/x.yaml,meta=local:snippets/y'}", "user_data", id="snippet-inject"
     ),
     pytest.param("cloud_init: {user: 'root,x=1'}", "user", id="ciuser"),
+    pytest.param("cloud_init: {password_env: RECONCILER_PROXMOX_TOKEN}", "reconciler's own", id="cipassword-own"),
+    pytest.param("cloud_init: {password_env: DOCKER_HOST}", "reconciler's own", id="cipassword-docker-host"),
     pytest.param("clone: {template: 9000, full: false, storage: local-lvm}", "linked clone", id="linked-storage"),
     pytest.param("clone: {template: 200}", "itself", id="clone-self"),
     pytest.param("clone: {template: 9000, node: pve9}", "not declared", id="clone-node"),

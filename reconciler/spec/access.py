@@ -23,6 +23,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reconciler.spec.grammar import ReconcilerEnvName
 from reconciler.spec.units import Duration, Size
 
 __all__ = [
@@ -315,7 +316,9 @@ class CloudInit(_Strict):
     """Cloud-init settings PVE writes to the VM's cloud-init drive (ciuser, sshkeys, ipconfigN, DNS, cicustom)."""
 
     user: str | None = Field(None, pattern=_USER.pattern, description="the user cloud-init creates (ciuser)")
-    password_env: str | None = Field(None, pattern=ENV_NAME, description="environment variable holding its password")
+    password_env: ReconcilerEnvName | None = Field(  # not the reconciler's own: it would be the guest's password
+        None, pattern=ENV_NAME, description="environment variable holding its password"
+    )
     ssh_keys: tuple[SshKey, ...] = ()
     ipconfig: tuple[IpConfig, ...] = Field((), description="ipconfigN, one per network entry, in order")
     nameserver: tuple[str, ...] = ()
