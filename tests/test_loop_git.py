@@ -541,3 +541,21 @@ def test_a_failing_listener_does_not_stop_the_loop_and_suspension_survives_a_res
         loop.runner, source=loop.controller.source, interval=60.0, suspend_file=loop.controller.suspend_file
     )
     assert again.status().suspended
+
+
+def test_an_unexpected_error_holding_a_secret_is_reported_scrubbed(
+    repo: GitRepo, make_loop: Callable[..., Loop], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler import redact
+
+    secret = "unexpected-secret-5f3a9c"
+    redact.register(secret)
+    loop = make_loop(str(repo.path))
+
+    def fails(*args: object, **kwargs: object) -> PassRecord:
+        raise RuntimeError(f"an SDK said: token={secret}")  # a bug's exception, not a ReconcilerError
+
+    monkeypatch.setattr(loop.runner, "run", fails)
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR and "internal error" in record.message
+    assert secret not in record.message and secret not in str(loop.controller.status().to_json())
