@@ -90,7 +90,7 @@ def test_a_secret_removed_from_the_spec_stays_secret(lab: RealLab, docker_client
     assert applied.returncode == 0, said(applied)
     assert live_env(docker_client, "client")["API_KEY"] == SECRET  # the secret reached the container
     labels = docker_client.api.inspect_container("client")["Config"]["Labels"]
-    assert labels[label_keys("reconciler")["secret_env_keys"]] == "API_KEY"
+    assert labels[label_keys("reconciler-secrets")["secret_env_keys"]] == "API_KEY"
 
     tree(lab.spec, without_secret(WITH_SECRET))
     out = tmp_path / "plan.json"
@@ -139,7 +139,7 @@ def test_values_the_spec_does_not_declare_are_fingerprints_and_plain_ones_stay_r
     # The same container as an older reconciler made it: it does not say which keys were secret.
     old = docker_client.api.inspect_container("client")
     labels = dict(old["Config"]["Labels"])
-    del labels[label_keys("reconciler")["secret_env_keys"]]
+    del labels[label_keys("reconciler-secrets")["secret_env_keys"]]
     docker_client.api.remove_container("client", force=True)
     docker_client.api.create_container(
         old["Config"]["Image"], name="client", environment=old["Config"]["Env"], labels=labels
