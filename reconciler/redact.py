@@ -38,6 +38,7 @@ __all__ = [
     "register_environment",
     "register_url",
     "scrub",
+    "scrub_cut",
     "without_userinfo",
 ]
 
@@ -126,6 +127,20 @@ def scrub(text: str) -> str:
     for header in _HEADER_SECRETS:
         text = header.sub(rf"\g<1>{MASK}", text)
     return text
+
+
+def scrub_cut(text: str, limit: int, *, continues: bool = False) -> str:
+    """`text` scrubbed, then cut to `limit` characters. When it is cut, or `continues` (the rest of the
+    line is dropped unread), a beginning of a secret left at its end is cut too: scrubbing only finds
+    whole secrets, and half a secret is not for showing either."""
+    text = scrub(text)
+    if len(text) <= limit and not continues:
+        return text
+    text = text[:limit]
+    with _registry.lock:
+        values = sorted(_registry.values, key=len, reverse=True)
+    cut = max((k for value in values for k in range(1, len(value)) if text.endswith(value[:k])), default=0)
+    return text[: len(text) - cut]
 
 
 def without_userinfo(url: str) -> str:

@@ -497,6 +497,21 @@ def test_credentials_in_a_url_never_show(tmp_path: Path, make_loop: Callable[...
     assert status.source.repository == "https://127.0.0.1:9/lab.git"
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["https://127.0.0.1:9/lab.git?access_token=hunter2-token", "https://127.0.0.1:9/lab.git#hunter2-token"],
+)
+def test_a_token_in_a_urls_query_or_fragment_never_shows(
+    tmp_path: Path, make_loop: Callable[..., Loop], url: str
+) -> None:
+    loop = make_loop(url)
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR
+    status = loop.controller.status()
+    assert "hunter2" not in record.message and "hunter2" not in str(status.to_json())
+    assert status.source.repository == "https://127.0.0.1:9/lab.git"
+
+
 @pytest.mark.parametrize("branch", ["--output=/tmp/reconciler-pwned", "main..other", "main^{tree}", "a b"])
 def test_hostile_branch_names_are_errors(repo: GitRepo, make_loop: Callable[..., Loop], branch: str) -> None:
     loop = make_loop(str(repo.path), branch=branch)
@@ -526,3 +541,21 @@ def test_a_failing_listener_does_not_stop_the_loop_and_suspension_survives_a_res
         loop.runner, source=loop.controller.source, interval=60.0, suspend_file=loop.controller.suspend_file
     )
     assert again.status().suspended
+
+
+def test_an_unexpected_error_holding_a_secret_is_reported_scrubbed(
+    repo: GitRepo, make_loop: Callable[..., Loop], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler import redact
+
+    secret = "unexpected-secret-5f3a9c"
+    redact.register(secret)
+    loop = make_loop(str(repo.path))
+
+    def fails(*args: object, **kwargs: object) -> PassRecord:
+        raise RuntimeError(f"an SDK said: token={secret}")  # a bug's exception, not a ReconcilerError
+
+    monkeypatch.setattr(loop.runner, "run", fails)
+    record = loop.once(Trigger.START)
+    assert record.outcome is Outcome.ERROR and "internal error" in record.message
+    assert secret not in record.message and secret not in str(loop.controller.status().to_json())

@@ -392,3 +392,24 @@ def test_closing_with_drain_sends_what_is_queued_and_a_closed_notifier_starts_no
     loop.finish_pass(record(4, revision="4" * 40))
     assert set(threading.enumerate()) - before == set(), "a closed notifier starts no worker"
     assert len(receiver.received) == 3
+
+
+@pytest.mark.parametrize("token", ["tok€n-secret-123", "tok\nX-Evil: 1", "two words"])
+def test_a_token_no_http_header_can_carry_disables_its_target_and_says_why(
+    token: str, receiver: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="reconciler")
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    specs = [
+        Notification(kind="generic", url=f"{receiver.url}/bad", token_env="BAD_TOKEN"),
+        Notification(kind="generic", url=f"{receiver.url}/good", token_env="GOOD_TOKEN"),
+    ]
+    notifier = Notifier("homelab", specs, environ={"BAD_TOKEN": token, "GOOD_TOKEN": "good-token-1234"})
+    notifier(record(1))
+    assert [r.path for r in receiver.wait_for(1)] == ["/good"]
+    notifier.close()
+    assert died == [], "a sending thread died"
+    disabled = [log_fields(r) for r in caplog.records if r.getMessage() == "notification target disabled"]
+    assert [(d.get("variable"), "token" in str(d.get("problem"))) for d in disabled] == [("BAD_TOKEN", True)]
+    assert "secret-123" not in caplog.text

@@ -17,6 +17,8 @@ assertions are on what fakepve and the engine hold afterwards, and on fakepve's 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +174,37 @@ def test_what_was_made_under_the_old_default_tag_and_is_in_the_journal_moves_to_
 def tampered(saved: Path, target: Path, edit: Any) -> Path:
     data = json.loads(saved.read_text())
     edit(data)
+    assert data != json.loads(saved.read_text()), "an edit that changes nothing tests nothing"
     target.write_text(json.dumps(data))
     return target
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)  # nothing ever writes to it: reading it would wait for ever
+    return path
+
+
+HOSTILE_PLAN_FILES: list[tuple[str, Callable[[Path], Path]]] = [
+    ("a FIFO", _fifo),
+    ("a device", lambda _: Path("/dev/zero")),  # endless
+    ("a folder", lambda path: path.mkdir() or path),
+    ("deeply nested JSON", lambda path: _written(path, "[" * 200_000 + "]" * 200_000)),
+    (
+        "a deeply nested value in a plan",
+        lambda path: _written(path, '{"format": 2, "changes": [], "x": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+    ),
+    (
+        "a value nested just below the JSON decoder's limit",  # it would recurse while the plans are compared
+        lambda path: _written(path, '{"format": 2, "changes": [{"after": ' + "[" * 900 + "]" * 900 + "}]}"),
+    ),
+    ("a plan larger than any plan", lambda path: _written(path, '{"format": 2, "x": "' + "a" * (70 << 20) + '"}')),
+    ("not UTF-8", lambda path: path.write_bytes(b'{"format": 2, "\xff": 1}') and path),
+]
 
 
 def change_of(data: dict[str, Any], address: str) -> dict[str, Any]:
@@ -212,6 +243,14 @@ def test_a_saved_plan_is_executed_exactly_or_refused_before_anything_is_written(
         ("another revision", lambda d: d.update(revision="0123abcd"), "for revision 0123abcd"),
         ("another format", lambda d: d.update(format=1), "plan format 1"),
         ("not a plan", lambda d: d.update(changes=[{"address": 1}]), "not a saved plan"),
+        ("an added dependency", lambda d: change_of(d, "lxc/two").update(depends_on=["lxc/keep"]), "differs"),
+        ("what a delete loses hidden", lambda d: change_of(d, "lxc/two").update(loses=[]), "differs"),
+        ("reordered changes", lambda d: d["changes"].reverse(), "differs"),
+        ("a dropped change", lambda d: d["changes"].pop(), "differ"),
+        ("an added warning", lambda d: d.update(warnings=[{"resource": "x", "message": "y"}]), "warnings differ"),
+        ("a change marked drift", lambda d: change_of(d, "lxc/keep").update(drift=True), "differs in drift"),
+        ("no format", lambda d: d.pop("format"), "plan format None"),
+        ("a format that is text", lambda d: d.update(format="2"), "plan format '2'"),
     ]
     before = guests(pve_server)
     pve_server.clear_requests()
@@ -219,10 +258,18 @@ def test_a_saved_plan_is_executed_exactly_or_refused_before_anything_is_written(
         bad = tampered(saved, tmp_path / "bad.json", edit)
         refused = lab.cli("apply", str(spec), "--plan", str(bad))
         assert refused.returncode == 1, f"{what}: {output(refused)}"
-        assert message in refused.stderr and "Traceback" not in refused.stderr, f"{what}: {output(refused)}"
+        assert message in refused.stderr, f"{what}: {output(refused)}"
+        assert "Traceback" not in refused.stderr, f"{what}: {output(refused)}"
         assert pve_server.writes() == [], f"{what}: {pve_server.writes()}"
     assert guests(pve_server) == before, "nothing changed on fakepve"
     assert pve_server.pve.vm(400).status == "running"
+
+    for what, make in HOSTILE_PLAN_FILES:
+        bad = make(tmp_path / f"hostile-{what.replace(' ', '-')}")
+        refused = lab.cli("apply", str(spec), "--plan", str(bad), timeout=60)
+        assert refused.returncode == 1 and "is not a saved plan" in refused.stderr, f"{what}: {output(refused)}"
+        assert "Traceback" not in refused.stderr, f"{what}: {output(refused)}"
+        assert pve_server.writes() == [], f"{what}: {pve_server.writes()}"
 
     applied = lab.cli("apply", str(spec), "--plan", str(saved), "--health-timeout", "20")
     assert applied.returncode == 0, output(applied)

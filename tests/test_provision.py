@@ -81,6 +81,8 @@ def test_nvidia_userspace_without_a_driver_version_cannot_be_planned() -> None:
         _plan(_steps("nvidia-userspace"), {})
     with pytest.raises(StepInputMissing, match="not one"):
         _plan(_steps("nvidia-userspace"), {}, {DRIVER_VERSION_INPUT: "580; reboot"})
+    with pytest.raises(StepInputMissing, match="not one"):  # a newline the host reports never reaches a shell
+        _plan(_steps("nvidia-userspace"), {}, {DRIVER_VERSION_INPUT: "580.105.08\n"})
 
 
 def test_a_guests_provisioning_change_lists_due_steps_with_their_reasons_and_no_script_text() -> None:

@@ -182,10 +182,10 @@ def test_a_cloned_disk_grows_to_its_declared_size_and_never_shrinks() -> None:
     vm = _vm(
         disks=[
             {"slot": "scsi0", "storage": "local-lvm", "size": "32GiB"},
-            {"slot": "scsi1", "storage": "xy", "size": "1GiB"},
+            {"slot": "scsi1", "storage": "xs", "size": "1GiB"},  # a storage id has at least two characters
         ]
     )
-    grows = clone_resizes(vm, {"scsi0": "local-lvm:vm-200-disk-0,size=2G", "scsi1": "x:vm-200-disk-1,size=4G"})
+    grows = clone_resizes(vm, {"scsi0": "local-lvm:vm-200-disk-0,size=2G", "scsi1": "xs:vm-200-disk-1,size=4G"})
     assert [(g.disk, g.size, g.current, g.shrink) for g in grows] == [
         ("scsi0", "32G", "2G", False),
         ("scsi1", "1G", "4G", True),
@@ -201,7 +201,7 @@ def test_efidisk_and_tpmstate_compare_by_storage_and_options_not_by_the_size_pve
     }
     assert pve.compare_config("qemu", desired, live) == []
     moved = pve.compare_config("qemu", desired, {**live, "tpmstate0": "other:vm-200-disk-2,size=4M,version=v2.0"})
-    # Another storage is a move (PVE's move_disk takes efidisk0 and tpmstate0), never a replace.
+    # PVE moves a VM's tpmstate0/efidisk0 with move_disk like any disk: in place, never a replace.
     assert [(d.key, d.replace, d.move) for d in moved] == [("tpmstate0", False, True)]
 
 

@@ -115,7 +115,7 @@ def echo_server(pve_pki: Pki) -> Iterator[PveServer]:
         server.stop()
 
 
-def cli(*args: str, env: Mapping[str, str], state: Path) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: Mapping[str, str], state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`python -m reconciler ARGS` with only these RECONCILER_* variables (plain text, no colour)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "DOCKER_HOST"))}
     base.update(env, RECONCILER_STATE_DIR=str(state), NO_COLOR="1", TERM="dumb", COLUMNS="200")
@@ -125,7 +125,7 @@ def cli(*args: str, env: Mapping[str, str], state: Path) -> subprocess.Completed
         env=base,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -235,3 +235,46 @@ def test_an_unexpected_error_in_the_cli_prints_a_scrubbed_traceback(tmp_path: Pa
     assert result.returncode == 1
     assert "RuntimeError: leaked ***" in result.stderr, result.stderr
     assert "bug-secret-77aa" not in result.stdout + result.stderr
+
+
+def _fifo(path: Path) -> str:
+    os.mkfifo(path)  # nobody writes to it: reading it would wait for ever
+    return str(path)
+
+
+def _binary(path: Path) -> str:
+    path.write_bytes(b"\xff\xfe\x00binary")
+    return str(path)
+
+
+@pytest.mark.fakepve
+@pytest.mark.parametrize(
+    ("key", "make", "said"),
+    [
+        ("secret_file", lambda _: "/dev/zero", "is not a regular file"),
+        ("secret_file", _fifo, "is not a regular file"),
+        ("secret_file", _binary, "is not UTF-8 text"),
+        ("ca_file", lambda _: "/dev/zero", "is not a regular file"),
+        ("ca_file", _fifo, "is not a regular file"),
+    ],
+    ids=["secret-device", "secret-fifo", "secret-binary", "ca-device", "ca-fifo"],
+)
+def test_a_secret_or_ca_file_that_is_no_file_is_a_clear_error_not_a_hang(
+    pve_server: PveServer, tmp_path: Path, key: str, make: Any, said: str
+) -> None:
+    named = make(tmp_path / "named")
+    files = {"ca_file": pve_server.ca_file, key: named}
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "lab.yaml").write_text(
+        f"kind: Lab\nname: lab\nnodes: [pve1]\nnvml: {{enabled: false}}\n"
+        f'proxmox: {{url: "{pve_server.url}", auth: password, user: root@pam, secret_env: NO_SUCH_PASSWORD, '
+        f"ca_file: {files['ca_file']}"
+        + (f", secret_file: {files['secret_file']}" if "secret_file" in files else "")
+        + "}\n"
+    )
+    env = {} if key == "secret_file" else {"NO_SUCH_PASSWORD": pve_server.password}
+    result = cli("plan", str(folder), env=env, state=tmp_path / "state", timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and named in result.stderr and said in result.stderr, output
+    assert "Traceback" not in output, output

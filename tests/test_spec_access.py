@@ -183,6 +183,7 @@ HOSTILE_FIELDS = [
     pytest.param("ssh_keys: [{file: /etc/passwd}]", "absolute", id="absolute"),
     pytest.param("ssh_keys: [{file: keys/missing.pub}]", "does not exist", id="missing-file"),
     pytest.param("password_env: 'X=1 ; rm'", "password_env", id="password-env"),
+    pytest.param("password_env: RECONCILER_PROXMOX_PASSWORD", "reconciler's own", id="password-env-own-secret"),
     pytest.param("provision: [podman]", "provision.0.builtin", id="unknown-builtin"),
     pytest.param("provision: [{script: a.sh, builtin: docker}]", "exactly one", id="both"),
     pytest.param("provision: [{builtin: docker, creates: '/x; reboot'}]", "absolute path", id="creates-injection"),
@@ -193,6 +194,8 @@ HOSTILE_FIELDS = [
     pytest.param("provision: [docker, docker]", "appears twice", id="duplicate-step"),
     pytest.param("ssh: 'root@host;reboot'", "not a host name", id="ssh-injection"),
     pytest.param("ssh: 'root@llm.lan:70000'", "port", id="ssh-port"),
+    # `$` in a Python regex also matches before a final newline: every check must match the whole value.
+    pytest.param('ssh: {host: "llm.lan\\n"}', "not a host name", id="ssh-host-trailing-newline"),
 ]
 
 
@@ -210,11 +213,14 @@ HOSTILE_VM = [
     pytest.param("cloud_init: {ipconfig: [{}, {}]}", "2 ipconfig entries for 1 network", id="too-many-ipconfig"),
     pytest.param("cloud_init: {nameserver: ['1.1.1.1 8.8.8.8']}", "nameserver", id="nameserver-list"),
     pytest.param("cloud_init: {searchdomain: ['lan,foo=1']}", "DNS domain", id="searchdomain"),
+    pytest.param('cloud_init: {searchdomain: ["lab.lan\\n"]}', "DNS domain", id="searchdomain-trailing-newline"),
     pytest.param("cloud_init: {user_data: 'local:iso/x.yaml'}", "user_data", id="snippet-content"),
     pytest.param(
         "cloud_init: {user_data: 'local:snippets/x.yaml,meta=local:snippets/y'}", "user_data", id="snippet-inject"
     ),
     pytest.param("cloud_init: {user: 'root,x=1'}", "user", id="ciuser"),
+    pytest.param("cloud_init: {password_env: RECONCILER_PROXMOX_TOKEN}", "reconciler's own", id="cipassword-own"),
+    pytest.param("cloud_init: {password_env: DOCKER_HOST}", "reconciler's own", id="cipassword-docker-host"),
     pytest.param("clone: {template: 9000, full: false, storage: local-lvm}", "linked clone", id="linked-storage"),
     pytest.param("clone: {template: 200}", "itself", id="clone-self"),
     pytest.param("clone: {template: 9000, node: pve9}", "not declared", id="clone-node"),
@@ -224,6 +230,14 @@ HOSTILE_VM = [
     pytest.param("tpmstate0: {storage: local, version: v3}", "version", id="tpm-version"),
     pytest.param("numa: true\nnuma_nodes: [{cpus: '0-7,policy=bind', memory: 16GiB}]", "ranges", id="numa-cpus"),
     pytest.param("numa: true\nnuma_nodes: [{cpus: 7-0, memory: 16GiB}]", "backwards", id="numa-backwards"),
+    pytest.param(
+        'numa: true\nnuma_nodes: [{cpus: "0-7\\n", memory: 16GiB}]', "ranges", id="numa-cpus-trailing-newline"
+    ),
+    pytest.param(
+        'numa: true\nnuma_nodes: [{cpus: 0-7, hostnodes: "0\\n", memory: 16GiB}]',
+        "ranges",
+        id="numa-hostnodes-trailing-newline",
+    ),
     pytest.param("numa: true\nnuma_nodes: [{cpus: 0-7, memory: 8GiB}]", "hold 8192 MiB", id="numa-memory"),
     pytest.param("numa: true\nnuma_nodes: [{cpus: 0-8, memory: 16GiB}]", "does not exist", id="numa-vcpu"),
     pytest.param("numa_nodes: [{cpus: 0-7, memory: 16GiB}]", "numa: true", id="numa-off"),

@@ -41,6 +41,8 @@ HOSTILE = [
     "vmbr0,rate=1,firewall=1",
     "10.0.0.5/24,gw=10.0.0.66",
     "host\nargs: -device evil",
+    "lab.lan\n",  # a valid value with a final newline: a Python `$` matches before it
+    "0-7\n",
     "../../etc",
     "local:vztmpl/../../../../etc/shadow",
     "local-lvm:1,import-from=/dev/sda,x",

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from reconciler.cli import app
 from reconciler.planning import pve
+from reconciler.planning.pve_access import vm_access_config
 from reconciler.spec.diagnostics import MAX_DIAGNOSTICS_PER_FILE, Diagnostic, Severity
 from reconciler.spec.grammar import BRIDGE_PATTERN, CPU_TYPE_PATTERN, DNS_NAME_PATTERN, STORAGE_ID_PATTERN
 from reconciler.spec.loader import MAX_DOCUMENTS, MAX_KEYS, LoadResult, SpecFile, load_files
@@ -498,6 +499,16 @@ def test_a_file_name_with_a_newline_keeps_each_diagnostic_on_one_line(tmp_path: 
     assert "\n" in diagnostic.to_json()["file"], "the JSON form keeps the real name"  # type: ignore[operator]
 
 
+def test_a_file_name_is_printed_as_it_is_never_as_emoji_or_markup(tmp_path: Path) -> None:
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    (folder / "lab.yaml").write_text(LAB)
+    (folder / ":x: [bold]b.yaml").write_text("kind: Lxc\nname: x\n")
+    result = _cli("validate", str(folder), env={})
+    assert result.exit_code == 1
+    assert f"{folder}/:x: [bold]b.yaml:1:1: Lxc/x: error:" in result.output, result.output
+
+
 # ---- symlinks and huge trees ----------------------------------------------------------------------------------
 
 
@@ -612,3 +623,60 @@ def test_the_nvml_library_a_spec_names_must_be_nvml(tmp_path: Path) -> None:
         lab = LAB.replace("nvml: {enabled: false}", f"nvml: {{library: {json.dumps(library)}}}")
         (error,) = _errors(load_and_validate(_tree(tmp_path / str(number), lab=lab)))
         assert error.message.startswith("nvml.library: NVML library"), error
+
+
+# ---- the same property for the guest-access keys (ipconfigN, numaN, efidisk0, tpmstate0, cicustom, DNS) -----
+
+
+def _or_with_newline(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """A value, or it with a final newline: a Python `$` matches before one, so only a full match refuses it."""
+    return strategy | strategy.map(lambda s: s + "\n")
+
+
+_CPUSETS = _or_with_newline(st.sampled_from(["0", "0-1", "0;1"])) | _HOSTILE
+_ACCESS_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "cloud_init.ipconfig.0.ip": _or_with_newline(st.sampled_from(["dhcp", "10.0.0.5/24"])) | _HOSTILE,
+    "cloud_init.ipconfig.0.ip6": _or_with_newline(st.sampled_from(["auto", "dhcp", "fd00::5/64"])) | _HOSTILE,
+    "cloud_init.searchdomain.0": _or_with_newline(_grammar(DNS_NAME_PATTERN)),
+    "cloud_init.nameserver.0": _or_with_newline(_IPV4) | _HOSTILE,
+    "cloud_init.user": _or_with_newline(st.just("admin")) | _HOSTILE,
+    "cloud_init.user_data": _or_with_newline(st.just("local:snippets/user.yaml")) | _HOSTILE,
+    "efidisk0.storage": _or_with_newline(_grammar(STORAGE_ID_PATTERN)),
+    "tpmstate0.storage": _or_with_newline(_grammar(STORAGE_ID_PATTERN)),
+    "numa_nodes.0.cpus": _CPUSETS,
+    "numa_nodes.0.hostnodes": _CPUSETS,
+}
+_ACCESS_VM = {
+    **VM,
+    "cores": 2,
+    "bios": "ovmf",
+    "numa": True,
+    "network": [{"name": "net0"}],
+    "numa_nodes": [{"cpus": "0-1", "memory": "4GiB"}],
+    "efidisk0": {"storage": "local-lvm"},
+    "tpmstate0": {"storage": "local-lvm"},
+    "cloud_init": {"ipconfig": [{"ip": "dhcp"}]},
+}
+_ACCESS_KEYS = {  # the sub-fields each property string may hold: anything else was injected
+    "ipconfig0": ({"ip", "gw", "ip6", "gw6"}, None),
+    "numa0": ({"cpus", "hostnodes", "memory", "policy"}, None),
+    "efidisk0": ({"file", "efitype", "pre-enrolled-keys"}, "file"),
+    "tpmstate0": ({"file", "version"}, "file"),
+    "cicustom": ({"user"}, None),
+}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.data())
+def test_any_accepted_guest_access_value_renders_without_control_characters_or_extra_fields(data: Any) -> None:
+    field = data.draw(st.sampled_from(sorted(_ACCESS_FIELDS)))
+    try:
+        spec = Vm.model_validate(_with(_ACCESS_VM, field, data.draw(_ACCESS_FIELDS[field])))
+    except ValidationError:
+        return  # refused at load
+    config = {**pve.vm_config(spec, hostpci=()), **vm_access_config(spec, {})}
+    for key, value in config.items():
+        assert not any(ord(c) < 32 or c in "\x7f\u2028\u2029" for c in value), (field, key, value)
+    for key, (allowed, default_key) in _ACCESS_KEYS.items():
+        if key in config:
+            assert set(pve.parse_property(config[key], default_key)) <= allowed, (field, key, config[key])

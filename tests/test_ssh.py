@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from reconciler.backends.ssh import (
+    MAX_LINE,
     CommandTimedOut,
     HostKeyChanged,
     SshAuthFailed,
@@ -91,6 +92,22 @@ def test_a_secret_the_process_holds_never_leaves_in_the_output(sshd: Sshd) -> No
         result = session.run(f"echo token={secret}; echo {secret} >&2; exit 1", timeout=30, on_line=seen.append)
     assert seen and all(secret not in line for line in seen)
     assert all(secret not in line for line in result.tail)
+
+
+@pytest.mark.parametrize("offset", [MAX_LINE - 20, MAX_LINE - 5, MAX_LINE + 7, 3 * MAX_LINE + 1])
+def test_a_secret_where_a_long_line_is_cut_leaves_no_piece_of_itself(sshd: Sshd, offset: int) -> None:
+    from reconciler import redact
+
+    secret = "s3cret-cut-token-90210-qwerty"
+    redact.register(secret)
+    command = f"head -c {offset} /dev/zero | tr '\\0' x; printf '{secret}'; head -c 20000 /dev/zero | tr '\\0' y; echo"
+    seen: list[str] = []
+    with connect(sshd.target, credentials=credentials_from(sshd.env), known_hosts=sshd.known_hosts) as session:
+        result = session.run(command + "; echo end", timeout=30, on_line=seen.append)
+    assert result.ok and seen[-1] == "end"
+    pieces = {secret[i : i + 4] for i in range(len(secret) - 3)}  # any 4 characters of it in a row
+    for line in [*seen, *result.tail]:
+        assert not any(piece in line for piece in pieces), line[max(0, offset - 40) : offset + 40]
 
 
 def test_stdin_and_env_reach_the_command_and_a_hostile_value_stays_a_value(sshd: Sshd, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,3 +161,20 @@ def test_a_lock_file_that_is_a_folder(command: tuple[str, ...], spec: Path, tmp_
     said = result.stdout + result.stderr
     assert result.returncode == 1, said
     assert f"the lock file {state / 'apply.lock'} cannot be opened" in result.stderr and "Traceback" not in said, said
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda path: path.symlink_to("/dev/null"), id="a device"),
+        pytest.param(os.mkfifo, id="a FIFO"),
+    ],
+)
+def test_a_lock_file_that_is_not_a_regular_file(make: Any, spec: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    make(state / "apply.lock")
+    result = run(("forget", "container/x"), state=state, spec=spec)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert f"the lock file {state / 'apply.lock'} cannot be" in result.stderr and "Traceback" not in said, said

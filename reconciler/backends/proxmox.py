@@ -39,13 +39,14 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import logging
+import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -159,11 +160,34 @@ def _token_parts(value: str) -> tuple[str, str, str] | None:
     return user, token_id, secret
 
 
+_MAX_SECRET_FILE = 64 * 1024  # a password or token, not a file to read all of
+
+
 def _read_secret_file(path: str) -> str:
+    """The secret a file holds: a regular file of UTF-8 text (a device or a FIFO would never end, or block)."""
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ConfigError(f"the Proxmox secret file {path} is not a regular file")
+            return handle.read(_MAX_SECRET_FILE).decode("utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the Proxmox secret file {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the Proxmox secret file {path} is not UTF-8 text") from None
+
+
+def _check_ca_file(path: str | None) -> None:
+    """A CA bundle must be a regular file: TLS would read a device or a FIFO for ever. Missing is said later."""
+    try:
+        mode = os.stat(path).st_mode if path else None
+    except OSError:
+        return
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"the Proxmox CA file {path} is not a regular file",
+            hint="point RECONCILER_PROXMOX_CA or the Lab's proxmox.ca_file at a PEM bundle",
+        )
 
 
 def settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) -> ProxmoxSettings:
@@ -226,6 +250,7 @@ def _settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str])
         except ValueError:
             raise ConfigError(f"{ENV_VERIFY_TLS} must be 1 or 0", hint=f"fix {ENV_VERIFY_TLS}") from None
     ca_file = env.get(ENV_CA) or (connection.ca_file if connection else None)
+    _check_ca_file(ca_file)
     timeout = float(connection.timeout) if connection else DEFAULT_TIMEOUT
     common: dict[str, Any] = {"url": url, "verify_tls": verify_tls, "ca_file": ca_file or None, "timeout": timeout}
     user = env.get(ENV_USER) or (connection.user if connection else "root@pam")

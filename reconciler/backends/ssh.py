@@ -83,9 +83,10 @@ class CommandTimedOut(TemporaryError):
         self.tail = tail
 
 
-def _scrub(line: str) -> str:
-    """The one place output leaves this module: every secret the process holds is taken out."""
-    return redact.scrub(line)
+def _scrub(line: str, *, continues: bool = False) -> str:
+    """The one place output leaves this module: every secret the process holds is taken out, and a line
+    cut at MAX_LINE keeps no beginning of one (the rest of it is never read into another line)."""
+    return redact.scrub_cut(line, MAX_LINE, continues=continues)
 
 
 @dataclass(frozen=True)
@@ -227,9 +228,10 @@ class SshSession:
         """Read until the command exits (its code) or the time is up (None)."""
         deadline = time.monotonic() + timeout
         pending = b""
+        skipping = False  # the rest of a line already cut and emitted: dropped up to its newline
 
-        def emit(raw: bytes) -> None:
-            line = _scrub(raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r"))
+        def emit(raw: bytes, *, continues: bool = False) -> None:
+            line = _scrub(raw.decode("utf-8", errors="replace").rstrip("\r"), continues=continues)
             lines.append(line)
             if on_line is not None:
                 on_line(line)
@@ -247,11 +249,16 @@ class SshSession:
                 break
             pending += chunk
             *complete, pending = pending.split(b"\n")
+            if skipping:
+                if not complete:
+                    pending = b""
+                    continue
+                complete, skipping = complete[1:], False
             for raw in complete:
                 emit(raw)
             if len(pending) > MAX_LINE:
-                emit(pending)
-                pending = b""
+                emit(pending, continues=True)
+                pending, skipping = b"", True
         if pending:
             emit(pending)
         while not channel.exit_status_ready():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,8 +42,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: `:x:` in a file name, a message or a value from a backend is printed as written, never as an emoji.
+console = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SpecPath = Annotated[Path, typer.Argument(help="spec tree (a folder of YAML files) or one file")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
@@ -296,6 +298,36 @@ def apply(
     raise typer.Exit(report.exit_code)
 
 
+MAX_PLAN_BYTES = 32 * 1024 * 1024  # far more than any plan of a lab; the bound on reading a hostile file
+
+
+MAX_PLAN_NESTING = 64  # a plan nests a few levels; a deeper one would recurse while it is compared
+
+
+def _nesting(value: object) -> int:
+    """How deeply JSON lists and objects nest in `value`, counted without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _read_plan_file(path: Path) -> bytes:
+    """A plan file's bytes: a regular file of at most MAX_PLAN_BYTES (a FIFO or a device would block or never end)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = handle.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise OSError(f"{path} is larger than {MAX_PLAN_BYTES // (1024 * 1024)} MiB")
+    return data
+
+
 def _saved_plan(path: Path) -> Plan:
     """A saved plan, read with care: a file is hostile input. Its format is checked before anything else."""
     from reconciler.errors import PlanError
@@ -303,11 +335,15 @@ def _saved_plan(path: Path) -> Plan:
 
     hint = "make one with `reconciler plan --out`"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_plan_file(path).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise PlanError(f"{path} is not a saved plan ({type(exc).__name__}: {exc})", hint=hint) from None
+    except RecursionError:
+        raise PlanError(f"{path} is not a saved plan (nested too deeply)", hint=hint) from None
     if not isinstance(data, dict):
         raise PlanError(f"{path} is not a saved plan (not a JSON object)", hint=hint)
+    if _nesting(data) > MAX_PLAN_NESTING:
+        raise PlanError(f"{path} is not a saved plan (nested too deeply)", hint=hint)
     if data.get("format") != PLAN_FORMAT:
         raise PlanError(
             f"{path} has plan format {data.get('format')!r}; this reconciler reads format {PLAN_FORMAT}",

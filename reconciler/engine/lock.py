@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,12 @@ def state_lock(state_dir: Path, *, wait: float = 0.0, poll: float = 0.2, holder:
             f"the lock file {path} cannot be opened: {exc.strerror or type(exc).__name__}",
             hint="it must be a file this user may write; move whatever is there aside",
         ) from None
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # a device or a FIFO: its holder cannot be written
+        handle.close()
+        raise StateError(
+            f"the lock file {path} cannot be used: it is not a regular file",
+            hint="move whatever is there aside",
+        )
     deadline = time.monotonic() + wait
     try:
         while True:

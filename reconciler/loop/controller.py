@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from reconciler import redact
 from reconciler.logs import fields
 from reconciler.loop.backoff import Backoff
 from reconciler.loop.events import LoopStatus, Outcome, PassListener, PassRecord, SourceInfo, Trigger
@@ -141,9 +142,8 @@ class Controller:
         except Exception as exc:  # a bug: the daemon reports it and keeps reconciling at the next trigger
             log.exception("pass failed unexpectedly", extra=fields(**{"pass": number}))
             self.runner.last_error = None
-            record = PassRecord(
-                number, trigger, self.runner.head, time.time(), 0.0, Outcome.ERROR, message=f"internal error: {exc!r}"
-            )
+            message = redact.scrub(f"internal error: {exc!r}")  # it reaches /status, notifications, git notes
+            record = PassRecord(number, trigger, self.runner.head, time.time(), 0.0, Outcome.ERROR, message=message)
         finally:
             with self._cond:
                 self._busy = False

@@ -156,6 +156,11 @@ def _resolve(index: int, spec: Notification, environ: Mapping[str, str]) -> _Tar
     if spec.token_env and not token:
         log.error("notification target disabled", extra=fields(target=label, missing_variable=spec.token_env))
         return None
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        # An HTTP header carries printable ASCII only: anything else would kill the sending thread.
+        problem = "the token is not printable ASCII without spaces"
+        log.error("notification target disabled", extra=fields(target=label, variable=spec.token_env, problem=problem))
+        return None
     host = urlsplit(url).hostname or "?"
     return _Target(spec.kind, url, token, frozenset(spec.events), spec.timeout, f"{label}@{host}")
 

@@ -93,7 +93,7 @@ def _builtin_inputs(step: BuiltinStep, observed: Mapping[str, str]) -> dict[str,
         value = observed.get(name)
         if value is None:
             raise StepInputMissing(f"{step.value} needs the host's {name}, and the host's NVML did not report one")
-        if name == DRIVER_VERSION_INPUT and not _DRIVER_VERSION.match(value):
+        if name == DRIVER_VERSION_INPUT and not _DRIVER_VERSION.fullmatch(value):
             raise StepInputMissing(f"{step.value}: the host reports driver version {value!r}, which is not one")
         inputs[name] = value
     return inputs

@@ -270,12 +270,12 @@ def _first_line(text: str) -> str:
 
 
 def _shown(repository: str) -> str:
-    """The repository without any user:password a URL may carry (git@host:path has none)."""
+    """The repository without any user:password, query or fragment a URL may carry (a token hides in any)."""
     if "://" not in repository:
         return repository
     parts = urlsplit(repository)
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _mirror_path(repository: str, cache: Path) -> Path:

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reconciler.spec.grammar import ReconcilerEnvName
 from reconciler.spec.units import Duration, Size
 
 __all__ = [
@@ -202,7 +203,7 @@ class SshTarget(_Strict):
         try:
             ipaddress.ip_address(value)
         except ValueError:
-            if len(value) > 253 or not _HOSTNAME.match(value):
+            if len(value) > 253 or not _HOSTNAME.fullmatch(value):
                 raise ValueError(f"{value!r} is not a host name or IP address") from None
         return value
 
@@ -233,7 +234,7 @@ class Clone(_Strict):
             if not 100 <= value <= 999_999_999:
                 raise ValueError("a template VMID is between 100 and 999999999")
             return value
-        if not isinstance(value, str) or len(value) > 253 or not _HOSTNAME.match(value):
+        if not isinstance(value, str) or len(value) > 253 or not _HOSTNAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a VMID or a VM name")
         return value
 
@@ -315,7 +316,9 @@ class CloudInit(_Strict):
     """Cloud-init settings PVE writes to the VM's cloud-init drive (ciuser, sshkeys, ipconfigN, DNS, cicustom)."""
 
     user: str | None = Field(None, pattern=_USER.pattern, description="the user cloud-init creates (ciuser)")
-    password_env: str | None = Field(None, pattern=ENV_NAME, description="environment variable holding its password")
+    password_env: ReconcilerEnvName | None = Field(  # not the reconciler's own: it would be the guest's password
+        None, pattern=ENV_NAME, description="environment variable holding its password"
+    )
     ssh_keys: tuple[SshKey, ...] = ()
     ipconfig: tuple[IpConfig, ...] = Field((), description="ipconfigN, one per network entry, in order")
     nameserver: tuple[str, ...] = ()
@@ -334,7 +337,7 @@ class CloudInit(_Strict):
     @classmethod
     def _domains(cls, domains: tuple[str, ...]) -> tuple[str, ...]:
         for domain in domains:
-            if len(domain) > 253 or not _HOSTNAME.match(domain):
+            if len(domain) > 253 or not _HOSTNAME.fullmatch(domain):
                 raise ValueError(f"{domain!r} is not a DNS domain")
         return domains
 
@@ -378,7 +381,7 @@ class NumaNode(_Strict):
     def _cpuset(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not _CPUSET.match(value):
+        if not _CPUSET.fullmatch(value):
             raise ValueError(f"{value!r} is not a list of ids or ranges (0-11;24-35)")
         for part in value.split(";"):
             low, _, high = part.partition("-")

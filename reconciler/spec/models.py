@@ -482,7 +482,7 @@ class Lxc(Resource):
     docker: DockerEndpoint | None = Field(None, description="this guest runs a Docker engine reached here")
     exclusive: GroupMembership | None = None
     ssh_keys: tuple[SshKey, ...] = Field((), description="root's authorized keys, set at creation")
-    password_env: str | None = Field(
+    password_env: ReconcilerEnvName | None = Field(  # not the reconciler's own: it would be the guest's password
         None, pattern=r"^[A-Z_][A-Z0-9_]{0,127}$", description="environment variable holding root's password"
     )
     ssh: SshTarget | None = Field(None, description="where provisioning connects; default: the ssh:// docker endpoint")
