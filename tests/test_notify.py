@@ -413,3 +413,19 @@ def test_a_token_no_http_header_can_carry_disables_its_target_and_says_why(
     disabled = [log_fields(r) for r in caplog.records if r.getMessage() == "notification target disabled"]
     assert [(d.get("variable"), "token" in str(d.get("problem"))) for d in disabled] == [("BAD_TOKEN", True)]
     assert "secret-123" not in caplog.text
+
+
+def test_notification_secrets_are_scrubbed_wherever_they_would_show() -> None:
+    """A receiver's token or a Discord URL is a secret of the process: any text that quotes it is scrubbed."""
+    from reconciler import redact
+
+    url = "https://discord.example/api/webhooks/42/n0t1fy-url-secret"
+    token = "ntfy-bearer-secret-5521"
+    specs = [
+        Notification(kind="discord", url_env="LAB_DISCORD_URL"),
+        Notification(kind="ntfy", url="https://ntfy.example/lab", token_env="LAB_NTFY_TOKEN"),
+    ]
+    notifier = Notifier("homelab", specs, environ={"LAB_DISCORD_URL": url, "LAB_NTFY_TOKEN": token})
+    notifier.close()
+    shown = redact.scrub(f"POST {url} failed; Authorization: Bearer {token}; token={token}")
+    assert "n0t1fy-url-secret" not in shown and token not in shown

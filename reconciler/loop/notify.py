@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from reconciler import redact
 from reconciler.logs import fields
 from reconciler.loop.events import Outcome, PassRecord
 from reconciler.spec.models import Lab, Notification, NotifyEvent, NotifyKind, http_url_problem
@@ -146,6 +147,8 @@ def _resolve(index: int, spec: Notification, environ: Mapping[str, str]) -> _Tar
     """The target with its URL and token read from the environment; None (logged) when unusable."""
     url = spec.url if spec.url is not None else environ.get(spec.url_env or "", "")
     label = f"{spec.kind}#{index}"
+    if spec.url_env:
+        redact.register(url)  # a URL from the environment is a secret (a Discord webhook URL is its own key)
     if not url:
         log.error("notification target disabled", extra=fields(target=label, missing_variable=spec.url_env))
         return None
@@ -153,6 +156,7 @@ def _resolve(index: int, spec: Notification, environ: Mapping[str, str]) -> _Tar
         log.error("notification target disabled", extra=fields(target=label, variable=spec.url_env, problem=problem))
         return None
     token = environ.get(spec.token_env) if spec.token_env else None
+    redact.register(token)
     if spec.token_env and not token:
         log.error("notification target disabled", extra=fields(target=label, missing_variable=spec.token_env))
         return None
