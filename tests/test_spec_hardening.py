@@ -680,3 +680,33 @@ def test_any_accepted_guest_access_value_renders_without_control_characters_or_e
     for key, (allowed, default_key) in _ACCESS_KEYS.items():
         if key in config:
             assert set(pve.parse_property(config[key], default_key)) <= allowed, (field, key, config[key])
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "mark"),
+    [
+        ({**LXC, "tags": ["llm", "reconciler-otherlab"]}, "tags", "reconciler-otherlab"),
+        ({**VM, "tags": ["Reconciler"]}, "tags", "Reconciler"),
+        ({**CONTAINER, "labels": {"reconciler-otherlab.managed": "true"}}, "labels", "reconciler-otherlab.managed"),
+        ({**CONTAINER, "labels": {"reconciler.managed": "true"}}, "labels", "reconciler.managed"),
+        ({**MODEL, "labels": {"reconciler-lab.resource": "Model/x"}}, "labels", "reconciler-lab.resource"),
+    ],
+)
+def test_a_spec_cannot_write_an_ownership_mark_its_own_labs_or_anothers(
+    tmp_path: Path, document: dict[str, Any], field: str, mark: str
+) -> None:
+    """Another lab's mark on a resource would make that lab see an orphan, and `--adopt-orphans` delete it."""
+    folder = _tree(tmp_path / "spec", yaml.safe_load(HOST), document)
+    (problem,) = [d for d in _errors(load_and_validate(folder)) if "ownership mark" in d.message]
+    assert repr(mark) in problem.message and problem.position is not None
+    assert problem.position.line > LAB.count("\n")
+
+
+def test_plain_tags_and_labels_stay_allowed(tmp_path: Path) -> None:
+    folder = _tree(
+        tmp_path / "spec",
+        yaml.safe_load(HOST),
+        {**LXC, "tags": ["llm", "reconcile-me"]},
+        {**CONTAINER, "labels": {"com.example.team": "ml", "reconcilers": "x"}},
+    )
+    assert _errors(load_and_validate(folder)) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -324,6 +325,7 @@ class _Checker:
         for container in self.state.of(Container):
             _unique(self, container, "volumes", [v.path for v in container.volumes], "volume path")
             _own_ports(self, container)
+        _ownership_marks(self)
 
     # ---- what runs at the same time ----------------------------------------------------------
 
@@ -475,6 +477,29 @@ def _secrets(checker: _Checker, workload: Workload) -> None:
                 key,
                 hint="give the workload its own variable",
             )
+
+
+# A spec that wrote another lab's mark on its resources would make that lab see an orphan to adopt and delete.
+_RESERVED_MARK = re.compile(r"^reconciler(?:$|[-.])", re.IGNORECASE)
+
+
+def _ownership_marks(checker: _Checker) -> None:
+    """Ownership tags and labels are the reconciler's to write: a spec may not set any, its lab's or another's."""
+    owner = checker.lab.owner.lower()
+
+    def reserved(mark: str) -> bool:
+        low = mark.lower()
+        return bool(_RESERVED_MARK.match(low)) or low == owner or low.startswith(owner + ".")
+
+    hint = "ownership marks are written by the reconciler itself; use another name"
+    for guest in checker.guests:
+        for index, tag in enumerate(guest.tags):
+            if reserved(tag):
+                checker.error(guest, f"tag {tag!r} is an ownership mark", "tags", index, hint=hint)
+    for workload in checker.workloads:
+        for key in workload.labels:
+            if reserved(key):
+                checker.error(workload, f"label {key!r} is an ownership mark", "labels", key, hint=hint)
 
 
 def _own_ports(checker: _Checker, container: Container) -> None:
