@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -66,7 +66,7 @@ from reconciler.errors import (
 )
 from reconciler.planning import pve
 from reconciler.planning.observed import (
-    GuestType,
+    GuestKind,
     ObservedGuest,
     ObservedNode,
     ObservedPciDevice,
@@ -100,7 +100,6 @@ DEFAULT_TIMEOUT: Final = 30.0
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-GuestKind = GuestType | Literal["lxc", "qemu"]
 
 
 class ConfigChanged(TemporaryError):
@@ -309,8 +308,8 @@ def _upid_node(upid: str) -> str:
     return parts[1]
 
 
-def _kind(guest_type: GuestKind) -> GuestType:
-    return GuestType(guest_type)
+def _kind(guest_type: GuestKind) -> GuestKind:
+    return GuestKind(guest_type)
 
 
 def _ref(guest_type: GuestKind, vmid: int) -> str:
@@ -563,7 +562,7 @@ class ProxmoxBackend:
         )
 
     def _observe_row(self, row: Mapping[str, Any], online: frozenset[str]) -> ObservedGuest | None:
-        kind = GuestType(str(row["type"]))
+        kind = GuestKind(str(row["type"]))
         vmid = int(row["vmid"])
         node = str(row["node"])
         name = str(row.get("name") or "")
@@ -649,11 +648,11 @@ class ProxmoxBackend:
         Raises PermanentError when the vmid is taken, PermissionDenied for root-only
         keys without a root@pam password login, TaskFailed if the task fails.
         """
-        self._create(GuestType.LXC, node, vmid, config, timeout)
+        self._create(GuestKind.LXC, node, vmid, config, timeout)
 
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
         """Create a VM (POST /nodes/{node}/qemu) and wait for the task; errors as `create_lxc`."""
-        self._create(GuestType.QEMU, node, vmid, config, timeout)
+        self._create(GuestKind.QEMU, node, vmid, config, timeout)
 
     def clone_vm(
         self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
@@ -664,12 +663,12 @@ class ProxmoxBackend:
         answer finds the new VM locked by its clone and waits for it, as a create does; a vmid taken
         by anything else is a PermanentError.
         """
-        ref = _ref(GuestType.QEMU, newid)
+        ref = _ref(GuestKind.QEMU, newid)
 
         def clone(attempt: int) -> None:
             taken = self._inventory_row(newid)
-            if taken is not None and attempt > 0 and taken.get("type") == GuestType.QEMU.value:
-                self._await_unlocked(GuestType.QEMU, str(taken.get("node")), newid, lock="clone", timeout=timeout)
+            if taken is not None and attempt > 0 and taken.get("type") == GuestKind.QEMU.value:
+                self._await_unlocked(GuestKind.QEMU, str(taken.get("node")), newid, lock="clone", timeout=timeout)
                 return
             if taken is not None:
                 raise PermanentError(
@@ -681,7 +680,7 @@ class ProxmoxBackend:
 
         self._write(clone, resource=ref, action="clone")
 
-    def _create(self, kind: GuestType, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
+    def _create(self, kind: GuestKind, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         self._check_root_only(kind, config, resource=ref)
 
@@ -703,7 +702,7 @@ class ProxmoxBackend:
 
         self._write(create, resource=ref, action="create")
 
-    def _await_unlocked(self, kind: GuestType, node: str, vmid: int, *, lock: str, timeout: float | None) -> None:
+    def _await_unlocked(self, kind: GuestKind, node: str, vmid: int, *, lock: str, timeout: float | None) -> None:
         """Wait while the guest holds `lock` (its create task runs); NotFoundError if the guest goes away."""
         ref = _ref(kind, vmid)
         deadline = time.monotonic() + (self._task_timeout if timeout is None else timeout)
@@ -745,10 +744,7 @@ class ProxmoxBackend:
         ref = _ref(kind, vmid)
         if not config and not delete:
             return
-        pve_kind: pve.GuestKind = "lxc" if kind is GuestType.LXC else "qemu"
-        fixed = sorted(
-            k for k in (*config, *delete) if k in pve.CREATE_ONLY[pve_kind] or k in pve.REPLACE_KEYS[pve_kind]
-        )
+        fixed = sorted(k for k in (*config, *delete) if k in pve.CREATE_ONLY[kind] or k in pve.REPLACE_KEYS[kind])
         if fixed:
             raise PermanentError(
                 f"{', '.join(fixed)} cannot change on an existing guest", resource=ref, hint="recreate the guest"
@@ -786,7 +782,7 @@ class ProxmoxBackend:
             status = self._status(kind, node, vmid)
             if status.get("status") == "running":
                 return
-            self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestType.QEMU else ())
+            self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestKind.QEMU else ())
             upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/start", resource=ref)
             self._wait(upid, resource=ref, timeout=timeout)
 
@@ -828,7 +824,7 @@ class ProxmoxBackend:
 
         self._write(lambda attempt: self._stop_once(kind, node, vmid, timeout), resource=ref, action="stop")
 
-    def _stop_once(self, kind: GuestType, node: str, vmid: int, timeout: float | None) -> None:
+    def _stop_once(self, kind: GuestKind, node: str, vmid: int, timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         status = self._status(kind, node, vmid)
         if status.get("status") == "stopped":
@@ -867,7 +863,7 @@ class ProxmoxBackend:
         def resize(attempt: int) -> None:
             config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
             value = config.get(disk) if isinstance(config, Mapping) else None
-            default = pve.default_key_for(kind.value, disk)
+            default = pve.default_key_for(kind, disk)
             if not isinstance(value, str) or default is None:
                 raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
             current = pve.parse_property(value, default).get("size")
@@ -892,11 +888,11 @@ class ProxmoxBackend:
         def move(attempt: int) -> None:
             config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
             value = config.get(disk) if isinstance(config, Mapping) else None
-            if not isinstance(value, str) or pve.volume_storage(kind.value, disk, value) is None:
+            if not isinstance(value, str) or pve.volume_storage(kind, disk, value) is None:
                 raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
-            if pve.volume_storage(kind.value, disk, value) == storage:
+            if pve.volume_storage(kind, disk, value) == storage:
                 return
-            if kind.value == "lxc":
+            if kind is GuestKind.LXC:
                 path, params = "move_volume", {"volume": disk, "storage": storage, "delete": 1}
             else:
                 path, params = "move_disk", {"disk": disk, "storage": storage, "delete": 1}
@@ -935,7 +931,7 @@ class ProxmoxBackend:
 
     # ---- helpers ------------------------------------------------------------------
 
-    def _status(self, kind: GuestType, node: str, vmid: int) -> Mapping[str, Any]:
+    def _status(self, kind: GuestKind, node: str, vmid: int) -> Mapping[str, Any]:
         """The guest's current status; NotFoundError when it does not exist there.
 
         PVE answers a missing guest with 500 (no config file), as it does a lock timeout: the
@@ -956,7 +952,7 @@ class ProxmoxBackend:
         rows = self._get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
         return next((row for row in rows or () if int(row.get("vmid", -1)) == vmid), None)
 
-    def _digest_changed(self, kind: GuestType, node: str, vmid: int, digest: str) -> bool:
+    def _digest_changed(self, kind: GuestKind, node: str, vmid: int, digest: str) -> bool:
         try:
             current = self._call(
                 "GET", f"nodes/{node}/{kind.value}/{vmid}/config", resource=_ref(kind, vmid), params={"current": 1}
@@ -971,7 +967,7 @@ class ProxmoxBackend:
         if lock and lock not in allowed:
             raise TemporaryError(f"guest is locked ({lock})", resource=resource, hint="retry when the lock is gone")
 
-    def _check_root_only(self, kind: GuestType, config: Mapping[str, str], *, resource: str) -> None:
+    def _check_root_only(self, kind: GuestKind, config: Mapping[str, str], *, resource: str) -> None:
         """Refuse what PVE allows only to a root@pam password login, before sending it."""
         if self._settings.is_root_pam:
             return
@@ -984,8 +980,8 @@ class ProxmoxBackend:
             )
 
 
-def _root_only(kind: GuestType, key: str, value: str) -> bool:
-    if kind is GuestType.LXC:
+def _root_only(kind: GuestKind, key: str, value: str) -> bool:
+    if kind is GuestKind.LXC:
         if key.startswith("dev") and key[3:].isdigit():
             return True
         if key == "rootfs" or (key.startswith("mp") and key[2:].isdigit()):
@@ -1010,7 +1006,7 @@ the server sends (fakepve sends it in clear), so a password never reaches an obs
 
 
 def _guest(
-    kind: GuestType,
+    kind: GuestKind,
     vmid: int,
     node: str,
     *,

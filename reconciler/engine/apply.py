@@ -28,14 +28,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
-from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer, ObservedGuest
+from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Change, Plan
 from reconciler.planning.planner import OLD_SUFFIX, spec_hash
 from reconciler.spec.models import Resource
@@ -46,8 +46,6 @@ __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Appl
 EXIT_APPLIED = 0
 EXIT_ROLLED_BACK = 1
 EXIT_ROLLBACK_INCOMPLETE = 3
-
-GuestKind = Literal["lxc", "qemu"]
 
 
 class GuestBackend(Protocol):
@@ -308,12 +306,12 @@ class Applier:
     def _guest(self, change: Change) -> None:
         assert self.proxmox is not None
         after, before = change.after or {}, change.before or {}
-        kind: GuestKind = (after or before)["type"]
+        kind = GuestKind((after or before)["type"])
         node, vmid = (after or before)["node"], (after or before)["vmid"]
         running = after.get("state") == "running"
         match change.action:
             case Action.CREATE:
-                create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
+                create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
                 create(node, vmid, config=after["config"])
                 if running:
                     self.proxmox.start(kind, node, vmid)
@@ -354,7 +352,7 @@ class Applier:
                 self.destroyed.add(change.address)  # from here on, the guest's data may be gone
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
-                    create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
+                    create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
                     create(node, vmid, config=after["config"])
                     if running:
                         self.proxmox.start(kind, node, vmid)
@@ -401,7 +399,7 @@ class Applier:
         assert self.proxmox is not None
         change = done.change
         after, before = change.after or {}, change.before or {}
-        kind: GuestKind = (after or before)["type"]
+        kind = GuestKind((after or before)["type"])
         node, vmid = (after or before)["node"], (after or before)["vmid"]
         was_running = before.get("status") == "running"
         match change.action:

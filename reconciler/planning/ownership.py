@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler.planning import pve
+from reconciler.planning.observed import GuestKind
 from reconciler.planning.plan import Action, Change, Problem
 from reconciler.spec.state import DesiredState
 
@@ -95,7 +96,7 @@ class Ownership:
         )
 
 
-def volumes_lost(kind: pve.GuestKind, config: Mapping[str, str]) -> tuple[str, ...]:
+def volumes_lost(kind: GuestKind, config: Mapping[str, str]) -> tuple[str, ...]:
     """What destroying a guest loses: each storage volume, as `rootfs local-lvm:vm-955-disk-0 (64G)`."""
     return tuple(
         f"{key} {volume}" + (f" ({size})" if size else "") for key, volume, size in pve.guest_volumes(kind, config)

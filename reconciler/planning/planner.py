@@ -24,14 +24,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from deepdiff import DeepDiff
 
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.observed import (
-    GuestType,
+    GuestKind,
     NvmlObservation,
     Observed,
     ObservedContainer,
@@ -251,7 +251,7 @@ class _Planner:
                 continue
             if claim is Claim.FOREIGN:
                 continue
-            lost = volumes_lost("lxc" if seen.type is GuestType.LXC else "qemu", seen.config)
+            lost = volumes_lost(seen.type, seen.config)
             self.changes.append(
                 Change(
                     address,
@@ -273,7 +273,7 @@ class _Planner:
             )
 
     def plan_guest(self, guest: Lxc | Vm, seen: ObservedGuest | None, proxmox: ProxmoxObservation) -> None:
-        kind: Literal["lxc", "qemu"] = "lxc" if isinstance(guest, Lxc) else "qemu"
+        kind = GuestKind.LXC if isinstance(guest, Lxc) else GuestKind.QEMU
         address = f"{kind}/{guest.name}"
         power = self.desired_power(guest)
         config = self.guest_config(guest, proxmox)
@@ -292,7 +292,7 @@ class _Planner:
             self.guest_changes[guest.name] = change
             self.changes.append(change)
             return
-        if seen.type is not GuestType(kind):
+        if seen.type is not GuestKind(kind):
             self.conflicts.append(
                 Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}")
             )
@@ -352,7 +352,7 @@ class _Planner:
         )
         removed = _removed_keys(guest, desired_cfg, effective)
         for key in removed:
-            timing = _timing(pve.classify(kind, key, running, delete=True, hotplug=hotplug))
+            timing = pve.classify(kind, key, running, delete=True, hotplug=hotplug)
             fields.append(FieldChange(key, effective[key], None, timing))
         pending_restart = running and any(key in desired_cfg for key in (*pending, *pending_delete))
         if pending_restart and not fields:
@@ -428,7 +428,7 @@ class _Planner:
     def config_fields(
         self,
         guest: Lxc | Vm,
-        kind: pve.GuestKind,
+        kind: GuestKind,
         diffs: list[pve.FieldDiff],
         *,
         reverting: set[str],
@@ -449,12 +449,13 @@ class _Planner:
                 timing = Timing.REPLACE
             elif diff.move:
                 moves[diff.key] = str(pve.volume_storage(kind, diff.key, diff.after))
-                timing = Timing.RESTART if kind == "lxc" and running else Timing.LIVE  # a CT volume moves stopped
+                # a CT volume moves stopped
+                timing = Timing.RESTART if kind is GuestKind.LXC and running else Timing.LIVE
             elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
                 timing = Timing.LIVE  # a disk grows online, on a running guest too
             else:
                 new, gone = diff.before is None, diff.after is None
-                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug))
+                timing = pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug)
             if diff.fields and diff.before is not None and diff.after is not None:
                 fields.extend(
                     FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
@@ -768,7 +769,7 @@ def _nvml_gpu(gpu: Gpu, nvml: NvmlObservation | None) -> Any:
     return None
 
 
-def _real_pending(kind: pve.GuestKind, seen: ObservedGuest) -> tuple[dict[str, str], frozenset[str]]:
+def _real_pending(kind: GuestKind, seen: ObservedGuest) -> tuple[dict[str, str], frozenset[str]]:
     """The pending changes that change something: a pending value equal to the current one, or a pending
     delete of a key the config does not hold, is none.
 
@@ -784,10 +785,6 @@ def _real_pending(kind: pve.GuestKind, seen: ObservedGuest) -> tuple[dict[str, s
         or pve.compare_config(kind, {key: seen.config[key]}, {key: value})
     }
     return pending, frozenset(key for key in seen.pending_delete if key in seen.config)
-
-
-def _timing(value: Any) -> Timing:
-    return Timing(str(getattr(value, "value", value)).lower())
 
 
 def _guest_action(fields: list[FieldChange], running: bool) -> Action:
