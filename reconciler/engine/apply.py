@@ -36,9 +36,8 @@ from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecor
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
 from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
-from reconciler.planning.plan import Action, Change, Plan
+from reconciler.planning.plan import Action, Address, Backend, Change, Plan
 from reconciler.planning.planner import OLD_SUFFIX, spec_hash
-from reconciler.spec.models import Resource
 from reconciler.spec.state import DesiredState
 
 __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Applier", "ApplyReport", "HealthPolicy"]
@@ -206,11 +205,11 @@ class Applier:
     def _preflight(self, plan: Plan) -> None:
         """Refuse before touching anything: secrets that are not set, a backend that is not configured."""
         for change in plan.changes:
-            if change.backend == "docker" and self.docker is None:
+            if change.backend is Backend.DOCKER and self.docker is None:
                 raise ConfigError(
                     "the plan changes containers but no Docker host is configured", resource=change.address
                 )
-            if change.backend == "proxmox" and self.proxmox is None:
+            if change.backend is Backend.PROXMOX and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
             for variable in (change.after or {}).get("secret_env", {}).values():
                 if variable not in self.env:
@@ -265,7 +264,7 @@ class Applier:
         )
         done.append(_Done(change, before, step_id))
         try:
-            if change.backend == "proxmox":
+            if change.backend is Backend.PROXMOX:
                 self._guest(change)
             else:
                 self._container(change, before)
@@ -529,7 +528,7 @@ class Applier:
         after = change.after or {}
         if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
             return None
-        if change.backend == "proxmox":
+        if change.backend is Backend.PROXMOX:
             return self._guest_running(after)
         return self._container_healthy(change, after.get("probe"), load=after.get("load"))
 
@@ -617,7 +616,7 @@ class Applier:
                 before=item.before,
             )
             try:
-                if change.backend == "proxmox":
+                if change.backend is Backend.PROXMOX:
                     self._undo_guest(item)
                 else:
                     self._undo_container(item)
@@ -646,7 +645,7 @@ class Applier:
         before = item.before or {}
         if before.get("status") not in ("running", "restarting"):
             return None
-        if item.change.backend == "proxmox":
+        if item.change.backend is Backend.PROXMOX:
             return self._guest_running(item.change.before or {})
         return self._container_healthy(item.change, None)
 
@@ -655,7 +654,7 @@ class Applier:
         if self.docker is None:
             return
         for item in done:
-            if item.change.backend != "docker" or item.change.action not in (Action.REPLACE, Action.DELETE):
+            if item.change.backend is not Backend.DOCKER or item.change.action not in (Action.REPLACE, Action.DELETE):
                 continue
             host, name = _host_and_name(item.change)
             step_id = self._begin(
@@ -679,14 +678,15 @@ class Applier:
         for change in plan.changes:
             if change.action is Action.DELETE:
                 self.journal.forget_under(change.address)
-                if change.backend == "proxmox":  # the containers of a Docker engine in it went with it
-                    self.journal.forget_under(f"container/{change.address.partition('/')[2]}")
+                if change.backend is Backend.PROXMOX:  # the containers of a Docker engine in it went with it
+                    self.journal.forget_under(f"container/{change.where.name}")
         for resource in desired.resources:
-            if resource.kind in ("Lxc", "Vm", "Container", "Model"):
+            address = Address.of(resource)
+            if address is not None:
                 self.journal.record_owned(
-                    _address_of(resource),
+                    str(address),
                     resource=resource.ref,
-                    backend=_backend_of(resource),
+                    backend=address.backend,
                     spec_hash=spec_hash(resource, desired),
                     protected=resource.protect,
                     run_id=run_id,
@@ -695,7 +695,7 @@ class Applier:
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
-        if change.backend == "proxmox":
+        if change.backend is Backend.PROXMOX:
             return dict(change.before) if change.before else None
         assert self.docker is not None
         host, name = _host_and_name(change)
@@ -711,16 +711,6 @@ class Applier:
         }
 
 
-def _address_of(resource: Resource) -> str:
-    if resource.kind in ("Lxc", "Vm"):
-        return f"{'lxc' if resource.kind == 'Lxc' else 'qemu'}/{resource.name}"
-    return f"container/{getattr(resource, 'host', '')}/{resource.name}"
-
-
-def _backend_of(resource: Resource) -> str:
-    return "proxmox" if resource.kind in ("Lxc", "Vm") else "docker"
-
-
 def _config_key(path: str, grow: Mapping[str, str]) -> str | None:
     """The config key a field change is sent under; None for a size that PVE's resize call changes instead."""
     key, _, sub = path.partition(".")
@@ -728,7 +718,7 @@ def _config_key(path: str, grow: Mapping[str, str]) -> str | None:
 
 
 def _irreversible(change: Change) -> bool:
-    return change.backend == "proxmox" and change.action in (Action.DELETE, Action.REPLACE)
+    return change.backend is Backend.PROXMOX and change.action in (Action.DELETE, Action.REPLACE)
 
 
 def _holds_exclusive(container: ObservedContainer) -> bool:
@@ -737,8 +727,9 @@ def _holds_exclusive(container: ObservedContainer) -> bool:
 
 
 def _host_and_name(change: Change) -> tuple[str, str]:
-    _, host, name = change.address.split("/", 2)
-    return host, name
+    where = change.where
+    assert where.host is not None, "a Docker change has a container address"
+    return where.host, where.name
 
 
 def _default_run(after: Mapping[str, Any], env: Mapping[str, str]) -> Any:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from reconciler.planning import pve
-from reconciler.planning.plan import Action, Change
+from reconciler.planning.plan import Action, AddressKind, Backend, Change
 from reconciler.spec.models import Gpu, Lxc, Resource, Vm
 from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
@@ -31,7 +31,7 @@ _STOPPING = {Action.STOP, Action.DELETE, Action.REPLACE}  # take down what runs 
 
 def _phase(change: Change) -> int:
     """Default order when no edge decides: take things down, then build up from guests to containers."""
-    container = change.backend == "docker"
+    container = change.backend is Backend.DOCKER
     if change.action in (Action.STOP, Action.DELETE):
         return 0 if container else 1
     return 3 if container else 2
@@ -46,9 +46,9 @@ def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Cha
         if first.address != then.address:
             edges[first.address].add(then.address)
 
-    guest_by_name = {_name_of(c.resource): c for c in items if c.backend == "proxmox" and "/" in c.resource}
+    guest_by_name = {c.where.name: c for c in items if c.backend is Backend.PROXMOX}
     for change in items:
-        if change.backend != "docker":
+        if change.backend is not Backend.DOCKER:
             continue
         host = _container_host(change)
         guest = guest_by_name.get(host) if host else None
@@ -111,7 +111,7 @@ def _held_before(change: Change, desired: DesiredState, names_by_uuid: Mapping[s
     before = change.before or {}
     if before.get("status") not in ("running", "restarting"):
         return set()
-    if change.backend == "docker":
+    if change.backend is Backend.DOCKER:
         return {names_by_uuid.get(str(u).lower(), str(u)) for u in before.get("gpus", ())}
     held = _gpus_in_config(before, desired)
     if change.action is Action.REPLACE:
@@ -123,7 +123,7 @@ def _held_after(change: Change, desired: DesiredState) -> set[str]:
     after = change.after or {}
     if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
         return set()
-    if change.backend == "docker":
+    if change.backend is Backend.DOCKER:
         return set(after.get("gpu_names", ()))
     resource = _resource(desired, change.resource)
     if isinstance(resource, Vm):
@@ -203,13 +203,9 @@ def _topological(
     )
 
 
-def _name_of(ref: str) -> str:
-    return ref.split("/", 1)[1]
-
-
 def _container_host(change: Change) -> str | None:
-    parts = change.address.split("/")
-    return parts[1] if len(parts) == 3 else None
+    where = change.where
+    return where.host if where.kind is AddressKind.CONTAINER else None
 
 
 def _resource(desired: DesiredState, ref: str) -> Resource | None:

@@ -43,6 +43,8 @@ from reconciler.planning.ownership import LEGACY_OWNER, Claim, Ownership, guard_
 from reconciler.planning.plan import (
     SENSITIVE,
     Action,
+    Address,
+    Backend,
     Change,
     FieldChange,
     Plan,
@@ -187,14 +189,11 @@ class _Planner:
         """Containers the reconciler made on a Docker host the spec no longer names are not observed, so never
         removed: say so, unless the guest they run in is deleted by this plan (they go with it)."""
         hosts = self.desired.docker_hosts()
-        deleted = {
-            c.address.partition("/")[2] for c in self.changes if c.backend == "proxmox" and c.action is Action.DELETE
-        }
+        deleted = {c.where.name for c in self.changes if c.backend is Backend.PROXMOX and c.action is Action.DELETE}
         stranded: dict[str, list[str]] = {}
-        for address in self.inventory.owned:
-            kind, _, rest = address.partition("/")
-            host, _, name = rest.partition("/")
-            if kind == "container" and host not in hosts and host not in deleted and host not in self.observed.docker:
+        for address in map(Address.parse, self.inventory.owned):
+            host, name = address.host, address.name
+            if host is not None and host not in hosts and host not in deleted and host not in self.observed.docker:
                 stranded.setdefault(host, []).append(name)
         for host, names in sorted(stranded.items()):
             self.warnings.append(
@@ -257,7 +256,7 @@ class _Planner:
                     address,
                     Action.DELETE,
                     address,
-                    "proxmox",
+                    Backend.PROXMOX,
                     before={
                         "type": str(seen.type),
                         "node": seen.node,
@@ -284,7 +283,7 @@ class _Planner:
                 address,
                 Action.CREATE,
                 guest.ref,
-                "proxmox",
+                Backend.PROXMOX,
                 before=None,
                 after=self.guest_after(guest, kind, config, power, create=True),
                 reason=f"{guest.ref} does not exist",
@@ -414,7 +413,7 @@ class _Planner:
             address,
             action,
             guest.ref,
-            "proxmox",
+            Backend.PROXMOX,
             before=before,
             after=after,
             fields=tuple(fields),
@@ -584,7 +583,7 @@ class _Planner:
                         address,
                         Action.DELETE,
                         address,
-                        "docker",
+                        Backend.DOCKER,
                         before=_container_view(live),
                         after=None,
                         reason="owned by this lab and no longer in the spec",
@@ -602,7 +601,7 @@ class _Planner:
                         container.address,
                         Action.CREATE,
                         workload.ref,
-                        "docker",
+                        Backend.DOCKER,
                         before=None,
                         after=after,
                         reason=f"its host {workload.host!r} is being created or started",
@@ -633,7 +632,7 @@ class _Planner:
                     container.address,
                     Action.CREATE,
                     workload.ref,
-                    "docker",
+                    Backend.DOCKER,
                     before=None,
                     after=after,
                     reason=f"{workload.ref} has no container on {workload.host!r}",
@@ -666,7 +665,7 @@ class _Planner:
                 container.address,
                 Action.REPLACE,
                 workload.ref,
-                "docker",
+                Backend.DOCKER,
                 before=before,
                 after=after,
                 fields=tuple(fields),
@@ -682,7 +681,7 @@ class _Planner:
                 container.address,
                 action,
                 workload.ref,
-                "docker",
+                Backend.DOCKER,
                 before=before,
                 after=after,
                 reason=reason,
