@@ -464,11 +464,13 @@ class ProxmoxBackend:
             try:
                 return operation(attempt)
             except (ConfigChanged, _TaskStillRunning):
-                raise
-            except TemporaryError as exc:
-                if attempt + 1 >= attempts:
+                raise  # retryable by a new pass, which reads and plans again, never by repeating this call
+            except ReconcilerError as exc:
+                if not exc.retryable or attempt + 1 >= attempts:
                     raise
                 delay = min(30.0, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
+                if exc.delay is not None and exc.delay > 0:
+                    delay = max(delay, min(exc.delay, 30.0))
                 extra = {**context, "attempt": attempt + 1, "delay": delay, "error": str(exc)}
                 _log.info(f"proxmox {what} retried", extra=extra)
                 time.sleep(delay)
