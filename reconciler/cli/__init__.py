@@ -79,26 +79,19 @@ def _read(path: Path, ref: str | None, repo: str | None, state_dir: Path | None 
 
 
 def _path_in_repo(path: Path) -> str:
-    import subprocess
+    """`path` inside the git working copy holding it ("" when git does not know it)."""
+    from reconciler.sources.git import locate
 
-    top = subprocess.run(
-        ["git", "-C", str(path if path.is_dir() else path.parent), "rev-parse", "--show-toplevel"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return str(path.resolve().relative_to(Path(top).resolve())) if top else ""
+    found = locate(path)
+    return found[1] if found else ""
 
 
 def _repo_top(path: Path) -> str:
     """The top folder of the git repository holding `path` (the path itself when git does not know it)."""
-    import subprocess
+    from reconciler.sources.git import locate
 
-    folder = path if path.is_dir() else path.parent
-    top = subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return top or str(path)
+    found = locate(path)
+    return str(found[0]) if found else str(path)
 
 
 def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None = None) -> LoadResult:
