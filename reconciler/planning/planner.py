@@ -30,6 +30,7 @@ from deepdiff import DeepDiff
 
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
+from reconciler.planning.gpudev import nvidia_numbers
 from reconciler.planning.observed import (
     GuestKind,
     NvmlObservation,
@@ -59,7 +60,6 @@ from reconciler.spec.state import DesiredState
 
 __all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
 
-NVIDIA_VENDOR = "0x10de"
 _UNPROTECT = "to delete it, declare it again with 'protect: false' and apply, then remove it"
 OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
@@ -117,7 +117,10 @@ def make_plan(
     planner.plan_guests()
     planner.plan_containers()
     planner.warn_unwatched_hosts()
-    changes = order_changes(planner.changes, desired)
+    pci_devices = observed.proxmox.pci_devices if observed.proxmox else ()
+    gpus = desired.of(Gpu)
+    numbers = {node: nvidia_numbers(node, gpus, pci_devices) for node in {g.node for g in gpus}}
+    changes = order_changes(planner.changes, desired, nvidia=numbers)
     return Plan(
         changes=changes,
         revision=desired.revision,
@@ -491,29 +494,17 @@ class _Planner:
         """/dev/nvidiaN per GPU (N: its rank by PCI address among the node's NVIDIA GPUs), then the shared nodes."""
         if not lxc.gpus:
             return []
-        seen = sorted(
-            {
-                d.address.rsplit(".", 1)[0]
-                for d in proxmox.pci_devices
-                if d.node == lxc.node and d.vendor == NVIDIA_VENDOR
-            }
-        )
-        declared = sorted(
-            {g.pci_function0.rsplit(".", 1)[0] for g in self.gpus.values() if g.node == lxc.node and g.pci_function0}
-        )
-        order = seen or declared
+        numbers = nvidia_numbers(lxc.node, self.gpus.values(), proxmox.pci_devices)
         devices = []
         for name in lxc.gpus:
-            gpu = self.gpus[name]
-            address = gpu.pci_function0.rsplit(".", 1)[0] if gpu.pci_function0 else None
-            if address is None or address not in order:
+            if name not in numbers:
                 self.blockers.append(
                     Problem(
                         lxc.ref, f"cannot tell the /dev/nvidia number of Gpu {name!r}", "give the Gpu its 'pci' address"
                     )
                 )
                 continue
-            devices.append(f"/dev/nvidia{order.index(address)}")
+            devices.append(f"/dev/nvidia{numbers[name]}")
         return devices + list(NVIDIA_SHARED_DEVICES)
 
     def hostpci(self, vm: Vm) -> list[str]:
