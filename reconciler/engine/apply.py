@@ -35,9 +35,9 @@ from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load,
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
+from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
-from reconciler.planning.planner import OLD_SUFFIX, spec_hash
 from reconciler.spec.state import DesiredState
 
 __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Applier", "ApplyReport", "HealthPolicy"]

@@ -31,6 +31,7 @@ from deepdiff import DeepDiff
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.gpudev import nvidia_numbers
+from reconciler.planning.inventory import OLD_SUFFIX, Inventory, spec_hash
 from reconciler.planning.observed import (
     GuestKind,
     NvmlObservation,
@@ -58,10 +59,9 @@ from reconciler.spec.models import DriftPolicy, ExclusiveGroup, Gpu, GpuRole, Lx
 from reconciler.spec.placement import member_of, place_role
 from reconciler.spec.state import DesiredState
 
-__all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
+__all__ = ["make_plan"]
 
 _UNPROTECT = "to delete it, declare it again with 'protect: false' and apply, then remove it"
-OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 # Spec fields -> the Proxmox config keys they become (for `ignore:`).
@@ -74,31 +74,6 @@ _PVE_KEYS_OF_FIELD: dict[str, tuple[str, ...]] = {
     "hostname": ("hostname",),
     "rootfs": ("rootfs",),
 }
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What the journal knows: the spec each resource was last applied from, and what is protected."""
-
-    spec_hashes: Mapping[str, str] = field(default_factory=dict)  # "Lxc/llm" -> spec_hash at last apply
-    protected: frozenset[str] = frozenset()  # addresses never to delete
-    protected_vmids: frozenset[int] = frozenset()  # guests never to delete, whatever they are called now
-    owned: frozenset[str] = frozenset()  # every address the reconciler made and has not deleted
-    owned_vmids: frozenset[int] = frozenset()  # the guests among them, by vmid
-
-
-def spec_hash(resource: Resource, desired: DesiredState) -> str:
-    """Fingerprint of what the spec asks of a resource, to tell a spec edit from drift.
-
-    It covers the group switch too: making another member active changes what
-    is asked of every member, though their own documents stay the same.
-    """
-    body = resource.model_dump(mode="json", exclude={"description"})
-    membership = getattr(resource, "exclusive", None)
-    if membership is not None:
-        group = next((g for g in desired.of(ExclusiveGroup) if g.name == membership.group), None)
-        body["_active"] = group.active if group else None
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_plan(
