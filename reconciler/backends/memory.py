@@ -21,9 +21,8 @@ from dataclasses import dataclass, field, replace
 
 from reconciler.errors import NotFoundError, PermanentError, TaskFailed, TemporaryError
 from reconciler.planning import pve
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.observed import (
-    ContainerPort,
-    ContainerVolume,
     DockerObservation,
     GuestKind,
     NvmlObservation,
@@ -369,7 +368,7 @@ class MemoryDocker:
             self._host(host)
             self.images[host].add(image)
 
-    def create_container(self, host: str, spec: ContainerSpecLike) -> str:
+    def create_container(self, host: str, spec: ContainerRun) -> str:
         _planned_fault(self.fail_next, "create_container")
         with self._lock:
             self.requests.append(("POST", f"{host}/containers/{spec.name}"))
@@ -446,23 +445,6 @@ class MemoryDocker:
         if host not in self.containers:
             raise NotFoundError(f"no Docker host named {host!r}", resource=host)
         return self.containers[host]
-
-
-class ContainerSpecLike:  # pragma: no cover - a structural type, see backends.docker.ContainerRun
-    name: str
-    image: str
-    command: tuple[str, ...] | None
-    entrypoint: tuple[str, ...] | None
-    env: Mapping[str, str]
-    labels: Mapping[str, str]
-    ports: tuple[ContainerPort, ...]
-    volumes: tuple[ContainerVolume, ...]
-    gpus: tuple[str, ...]
-    devices: tuple[str, ...]
-    restart: str
-    shm_size: int | None
-    ipc: str | None
-    network_mode: str | None
 
 
 class MemoryNvml:

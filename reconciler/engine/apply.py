@@ -35,6 +35,7 @@ from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load,
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
+from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
@@ -73,7 +74,7 @@ class GuestBackend(Protocol):
 class ContainerBackend(Protocol):
     def container_state(self, host: str, name: str) -> ObservedContainer | None: ...
     def ensure_image(self, host: str, image: str) -> None: ...
-    def create_container(self, host: str, spec: Any) -> str: ...
+    def create_container(self, host: str, spec: ContainerRun) -> str: ...
     def start_container(self, host: str, name: str) -> None: ...
     def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None: ...
     def remove_container(self, host: str, name: str, *, force: bool = False) -> None: ...
@@ -147,7 +148,7 @@ class Applier:
         env: Mapping[str, str],
         docker_endpoints: Mapping[str, str],
         health: HealthPolicy | None = None,
-        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], Any] | None = None,
+        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
@@ -158,7 +159,7 @@ class Applier:
         self.env = env
         self.endpoints = docker_endpoints
         self.health = health or HealthPolicy()
-        self.container_run = container_run or _default_run
+        self.container_run = container_run or container_run_from
         self.sleep = sleep
         self.on_step = on_step
         self.prober = prober  # replaces network probes (the demo's in-memory containers answer them)
@@ -732,20 +733,14 @@ def _host_and_name(change: Change) -> tuple[str, str]:
     return where.host, where.name
 
 
-def _default_run(after: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    """The Docker backend's ContainerRun for a planned container, with secrets resolved now."""
-    from reconciler.backends.docker import ContainerHealthcheck, ContainerRun
-
-    return container_run_from(after, env, run_type=ContainerRun, health_type=ContainerHealthcheck)
-
-
-def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_type: Any, health_type: Any) -> Any:
+def container_run_from(after: Mapping[str, Any], env: Mapping[str, str]) -> ContainerRun:
+    """The container a planned `Change.after` describes, with its secret references resolved from `env` now."""
     variables = dict(after.get("env", {}))
     for key, variable in after.get("secret_env", {}).items():
         variables[key] = env[variable]
         redact.register(variables[key])  # read now, hidden from every message from now on
     health = after.get("healthcheck")
-    return run_type(
+    return ContainerRun(
         name=after["name"],
         image=after["image"],
         command=tuple(after["command"]) if after.get("command") is not None else None,
@@ -760,7 +755,7 @@ def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_
         shm_size=after.get("shm_size"),
         ipc=after.get("ipc"),
         network_mode=after.get("network_mode"),
-        healthcheck=health_type(
+        healthcheck=ContainerHealthcheck(
             test=tuple(health["test"]),
             interval=health["interval"],
             timeout=health["timeout"],
