@@ -251,14 +251,13 @@ class _Planner:
 
     def plan_guest(self, guest: Lxc | Vm, seen: ObservedGuest | None, proxmox: ProxmoxObservation) -> None:
         kind = GuestKind.LXC if isinstance(guest, Lxc) else GuestKind.QEMU
-        address = f"{kind}/{guest.name}"
         power = self.desired_power(guest)
         config = self.guest_config(guest, proxmox)
         if config is None:
             return
         if seen is None:
             change = Change(
-                address,
+                f"{kind}/{guest.name}",
                 Action.CREATE,
                 guest.ref,
                 Backend.PROXMOX,
@@ -269,17 +268,24 @@ class _Planner:
             self.guest_changes[guest.name] = change
             self.changes.append(change)
             return
-        if seen.type is not GuestKind(kind):
+        tagged = self.guest_usable(guest, kind, seen)
+        if tagged is not None:
+            self.update_guest(guest, kind, seen, config, power, tagged=tagged)
+
+    def guest_usable(self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest) -> bool | None:
+        """Whether the live guest carries this lab's tag; None when it cannot be planned (a conflict or a
+        blocker is recorded): another kind, not ours and not adopted, its node silent or another node."""
+        if seen.type is not kind:
             self.conflicts.append(
                 Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}")
             )
-            return
+            return None
         marks = self.ownership.of_tags(seen.tags)
         owned = self.ownership.owns_named(marks, recorded=guest.vmid in self.inventory.owned_vmids)
         if not owned and not guest.adopt:
             if marks.legacy:
                 self.conflicts.append(self.ownership.orphan(guest.ref, marks, named=True))
-                return
+                return None
             self.conflicts.append(
                 Problem(
                     guest.ref,
@@ -287,8 +293,7 @@ class _Planner:
                     "set 'adopt: true' to take it over, or choose another vmid",
                 )
             )
-            return
-        tagged = marks.ours  # an adopted guest, or one with the old default tag, gets this lab's tag
+            return None
         if seen.status == "unknown":
             self.blockers.append(
                 Problem(
@@ -297,7 +302,7 @@ class _Planner:
                     "bring the node back, or wait",
                 )
             )
-            return
+            return None
         if seen.node != guest.node:
             self.blockers.append(
                 Problem(
@@ -306,7 +311,86 @@ class _Planner:
                     "migrate it by hand or change 'node'",
                 )
             )
+            return None
+        return marks.ours  # an adopted guest, or one with the old default tag, gets this lab's tag
+
+    def update_guest(
+        self,
+        guest: Lxc | Vm,
+        kind: GuestKind,
+        seen: ObservedGuest,
+        config: Mapping[str, str],
+        power: PowerState,
+        *,
+        tagged: bool,
+    ) -> None:
+        """The change that brings an existing guest to its spec, if any: config, volumes, power."""
+        running = seen.status == "running"
+        diff = self.guest_diff(guest, kind, seen, config)
+        fields = diff.fields
+        # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
+        adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
+        if not tagged and not any(f.path == "tags" for f in fields):
+            fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
+        power_change = (power is PowerState.RUNNING) != running
+        if not fields and not power_change:
             return
+        drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
+        before = {
+            "type": kind,
+            "node": seen.node,
+            "vmid": seen.vmid,
+            "status": seen.status,
+            "digest": seen.digest,
+            "config": {k: seen.config.get(k) for k in sorted({*diff.desired, *diff.removed}) if k in seen.config},
+        }
+        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
+        # rendered over the current value, so that it equals it and PVE drops the pending one.
+        to_send = {
+            key: pve.update_value(kind, key, value, (seen.config if key in diff.reverting else diff.effective).get(key))
+            for key, value in diff.desired.items()
+        }
+        if not tagged:
+            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
+        after = self.guest_after(guest, kind, to_send, power, create=False)
+        after["delete"] = diff.removed
+        if diff.grow:
+            after["resize"] = diff.grow
+        if diff.moves:
+            after["move"] = diff.moves
+        lost: tuple[str, ...] = ()
+        if fields:
+            action = _guest_action(fields, running)
+            reason = _guest_reason(fields, action, drift=drift, moves=diff.moves)
+            if action is Action.REPLACE:
+                # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
+                after = self.guest_after(guest, kind, config, power, create=True)
+                lost = volumes_lost(kind, seen.config)
+                reason += "; the guest is destroyed and created again: its volumes and their data are lost"
+            if power_change:
+                reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
+        else:
+            action = Action.START if power is PowerState.RUNNING else Action.STOP
+            reason = f"is {seen.status}, should be {power}"
+        change = Change(
+            f"{kind}/{guest.name}",
+            action,
+            guest.ref,
+            Backend.PROXMOX,
+            before=before,
+            after=after,
+            fields=tuple(fields),
+            reason=reason,
+            drift=drift,
+            loses=lost,
+        )
+        self.guest_changes[guest.name] = change
+        self.keep(change, guest)
+
+    def guest_diff(
+        self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest, config: Mapping[str, str]
+    ) -> _GuestDiff:
+        """How the live guest (its pending changes included) differs from the config the spec asks for."""
         running = seen.status == "running"
         pending, pending_delete = _real_pending(kind, seen)
         effective = {**seen.config, **pending}
@@ -338,69 +422,7 @@ class _Planner:
                 for key in sorted({*pending, *pending_delete})
                 if key in desired_cfg
             ]
-        # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
-        adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
-        if not tagged and not any(f.path == "tags" for f in fields):
-            fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
-        power_change = (power is PowerState.RUNNING) != running
-        if not fields and not power_change:
-            return
-        drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
-        before = {
-            "type": kind,
-            "node": seen.node,
-            "vmid": seen.vmid,
-            "status": seen.status,
-            "digest": seen.digest,
-            "config": {k: seen.config.get(k) for k in sorted({*desired_cfg, *removed}) if k in seen.config},
-        }
-        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
-        # rendered over the current value, so that it equals it and PVE drops the pending one.
-        to_send = {
-            key: pve.update_value(kind, key, value, (seen.config if key in reverting else effective).get(key))
-            for key, value in desired_cfg.items()
-        }
-        if not tagged:
-            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
-        after = self.guest_after(guest, kind, to_send, power, create=False)
-        after["delete"] = removed
-        if grow:
-            after["resize"] = grow
-        if moves:
-            after["move"] = moves
-        lost: tuple[str, ...] = ()
-        if fields:
-            action = _guest_action(fields, running)
-            why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
-            reason = f"{'drift' if drift else 'spec'}: {why}"
-            if moves:
-                reason += " (" + ", ".join(f"{k} moves to {v} with its data" for k, v in sorted(moves.items())) + ")"
-            if action is Action.UPDATE_RESTART:
-                reason += " (takes effect after a restart)"
-            if action is Action.REPLACE:
-                # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
-                after = self.guest_after(guest, kind, config, power, create=True)
-                lost = volumes_lost(kind, seen.config)
-                reason += "; the guest is destroyed and created again: its volumes and their data are lost"
-            if power_change:
-                reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
-        else:
-            action = Action.START if power is PowerState.RUNNING else Action.STOP
-            reason = f"is {seen.status}, should be {power}"
-        change = Change(
-            address,
-            action,
-            guest.ref,
-            Backend.PROXMOX,
-            before=before,
-            after=after,
-            fields=tuple(fields),
-            reason=reason,
-            drift=drift,
-            loses=lost,
-        )
-        self.guest_changes[guest.name] = change
-        self.keep(change, guest)
+        return _GuestDiff(fields, desired_cfg, effective, reverting, removed, grow, moves)
 
     def config_fields(
         self,
@@ -750,6 +772,29 @@ def _real_pending(kind: GuestKind, seen: ObservedGuest) -> tuple[dict[str, str],
         or pve.compare_config(kind, {key: seen.config[key]}, {key: value})
     }
     return pending, frozenset(key for key in seen.pending_delete if key in seen.config)
+
+
+@dataclass(frozen=True, slots=True)
+class _GuestDiff:
+    """A live guest against its spec: the field changes, and what to send, remove, grow and move."""
+
+    fields: list[FieldChange]
+    desired: dict[str, str]  # the spec's config, create-time keys left out
+    effective: dict[str, str]  # the live config with its pending changes
+    reverting: set[str]  # keys whose pending change the spec undoes
+    removed: list[str]
+    grow: dict[str, str]
+    moves: dict[str, str]
+
+
+def _guest_reason(fields: list[FieldChange], action: Action, *, drift: bool, moves: Mapping[str, str]) -> str:
+    why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
+    reason = f"{'drift' if drift else 'spec'}: {why}"
+    if moves:
+        reason += " (" + ", ".join(f"{k} moves to {v} with its data" for k, v in sorted(moves.items())) + ")"
+    if action is Action.UPDATE_RESTART:
+        reason += " (takes effect after a restart)"
+    return reason
 
 
 def _guest_action(fields: list[FieldChange], running: bool) -> Action:
