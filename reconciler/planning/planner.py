@@ -33,6 +33,7 @@ from reconciler.planning.containers import DesiredContainer, desired_container, 
 from reconciler.planning.gpudev import nvidia_numbers
 from reconciler.planning.inventory import OLD_SUFFIX, Inventory, spec_hash
 from reconciler.planning.observed import (
+    DockerObservation,
     GuestKind,
     NvmlObservation,
     Observed,
@@ -580,30 +581,8 @@ class _Planner:
 
     def plan_container(self, workload: Workload, container: DesiredContainer) -> None:
         host = self.observed.docker.get(workload.host)
-        after = container.to_json()
-        guest_change = self.guest_changes.get(workload.host)
         if host is None or not host.reachable:
-            if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
-                self.changes.append(
-                    Change(
-                        container.address,
-                        Action.CREATE,
-                        workload.ref,
-                        Backend.DOCKER,
-                        before=None,
-                        after=after,
-                        reason=f"its host {workload.host!r} is being created or started",
-                    )
-                )
-                return
-            why = host.error if host is not None and host.error else "not observed"
-            self.blockers.append(
-                Problem(
-                    workload.ref,
-                    f"Docker host {workload.host!r} is unreachable: {why}",
-                    "check the host's docker endpoint",
-                )
-            )
+            self.plan_container_unseen(workload, container, host)
             return
         host_label = label_keys(self.owner)["host"]
         live = next(
@@ -622,31 +601,68 @@ class _Planner:
                     workload.ref,
                     Backend.DOCKER,
                     before=None,
-                    after=after,
+                    after=container.to_json(),
                     reason=f"{workload.ref} has no container on {workload.host!r}",
                 )
             )
             return
-        keys = label_keys(self.owner)
-        marks = self.ownership.of_labels(live.labels)
-        owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
-        if not owned and not workload.adopt:
-            if marks.legacy:
-                self.conflicts.append(self.ownership.orphan(workload.ref, marks, named=True))
-                return
-            self.conflicts.append(
-                Problem(
+        if self.container_usable(workload, container, live):
+            self.update_container(workload, container, live)
+
+    def plan_container_unseen(
+        self, workload: Workload, container: DesiredContainer, host: DockerObservation | None
+    ) -> None:
+        """A container on a host not observed: created once its guest is, else the plan is blocked."""
+        guest_change = self.guest_changes.get(workload.host)
+        if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
+            self.changes.append(
+                Change(
+                    container.address,
+                    Action.CREATE,
                     workload.ref,
-                    f"container {live.name!r} on {workload.host!r} exists and is not managed by this lab",
-                    "set 'adopt: true' to replace it, or rename",
+                    Backend.DOCKER,
+                    before=None,
+                    after=container.to_json(),
+                    reason=f"its host {workload.host!r} is being created or started",
                 )
             )
             return
+        why = host.error if host is not None and host.error else "not observed"
+        self.blockers.append(
+            Problem(
+                workload.ref,
+                f"Docker host {workload.host!r} is unreachable: {why}",
+                "check the host's docker endpoint",
+            )
+        )
+
+    def container_usable(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> bool:
+        """Whether the lab may change the live container of that name; a conflict is recorded when not."""
+        marks = self.ownership.of_labels(live.labels)
+        owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
+        if owned or workload.adopt:
+            return True
+        if marks.legacy:
+            self.conflicts.append(self.ownership.orphan(workload.ref, marks, named=True))
+            return False
+        self.conflicts.append(
+            Problem(
+                workload.ref,
+                f"container {live.name!r} on {workload.host!r} exists and is not managed by this lab",
+                "set 'adopt: true' to replace it, or rename",
+            )
+        )
+        return False
+
+    def update_container(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> None:
+        """The change that brings a live container to its spec, if any: recreated when a field differs."""
+        keys = label_keys(self.owner)
         fields = _container_fields(container, live, keys, ignored=set(workload.ignore))
         running = live.status in ("running", "restarting")
         want_running = container.state is PowerState.RUNNING
         drift = self.is_drift(workload)
         before = _container_view(live)
+        after = container.to_json()
         if fields:
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
             change = Change(
