@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
@@ -265,10 +265,13 @@ class Applier:
         )
         done.append(_Done(change, before, step_id))
         try:
-            if change.backend is Backend.PROXMOX:
-                self._guest(change)
-            else:
-                self._container(change, before)
+            match change.backend:
+                case Backend.PROXMOX:
+                    self._guest(change)
+                case Backend.DOCKER:
+                    self._container(change, before)
+                case _:
+                    assert_never(change.backend)
         except ReconcilerError as exc:
             done[-1].failed = True
             self.journal.end_step(step_id, StepOutcome.FAILED, error=str(exc))
@@ -356,6 +359,8 @@ class Applier:
                     create(node, vmid, config=after["config"])
                     if running:
                         self.proxmox.start(kind, node, vmid)
+            case _:
+                assert_never(change.action)
 
     def _move_volumes(
         self, kind: GuestKind, node: str, vmid: int, moves: Mapping[str, str], desired: Mapping[str, str]
@@ -438,6 +443,8 @@ class Applier:
                 self.proxmox.start(kind, node, vmid)
             case Action.DELETE | Action.REPLACE:
                 self._undo_destroy(done, kind, node, vmid, was_running=was_running)
+            case _:
+                assert_never(change.action)
 
     def _undo_destroy(self, done: _Done, kind: GuestKind, node: str, vmid: int, *, was_running: bool) -> None:
         """A guest not yet destroyed gets its power state back; a destroyed one cannot come back: say what is lost.
@@ -498,6 +505,8 @@ class Applier:
                 self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 raise PlanError("containers are replaced, not updated", resource=change.address)
+            case _:
+                assert_never(change.action)
 
     def _undo_container(self, done: _Done) -> None:
         assert self.docker is not None
@@ -521,6 +530,8 @@ class Applier:
                 self.docker.start_container(host, name)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 pass
+            case _:
+                assert_never(change.action)
 
     # ---- health ------------------------------------------------------------------------------------
 
@@ -529,9 +540,13 @@ class Applier:
         after = change.after or {}
         if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
             return None
-        if change.backend is Backend.PROXMOX:
-            return self._guest_running(after)
-        return self._container_healthy(change, after.get("probe"), load=after.get("load"))
+        match change.backend:
+            case Backend.PROXMOX:
+                return self._guest_running(after)
+            case Backend.DOCKER:
+                return self._container_healthy(change, after.get("probe"), load=after.get("load"))
+            case _:
+                assert_never(change.backend)
 
     def _guest_running(self, after: Mapping[str, Any]) -> ProbeResult:
         assert self.proxmox is not None
@@ -617,10 +632,13 @@ class Applier:
                 before=item.before,
             )
             try:
-                if change.backend is Backend.PROXMOX:
-                    self._undo_guest(item)
-                else:
-                    self._undo_container(item)
+                match change.backend:
+                    case Backend.PROXMOX:
+                        self._undo_guest(item)
+                    case Backend.DOCKER:
+                        self._undo_container(item)
+                    case _:
+                        assert_never(change.backend)
                 restored = self._check_restored(item)
             except ReconcilerError as exc:
                 message = f"{change.address}: undo {change.action} failed: {exc}"
@@ -646,9 +664,13 @@ class Applier:
         before = item.before or {}
         if before.get("status") not in ("running", "restarting"):
             return None
-        if item.change.backend is Backend.PROXMOX:
-            return self._guest_running(item.change.before or {})
-        return self._container_healthy(item.change, None)
+        match item.change.backend:
+            case Backend.PROXMOX:
+                return self._guest_running(item.change.before or {})
+            case Backend.DOCKER:
+                return self._container_healthy(item.change, None)
+            case _:
+                assert_never(item.change.backend)
 
     def _finalize(self, run_id: int, done: list[_Done], report: ApplyReport) -> None:
         """Everything is healthy: remove what was kept for a rollback."""
