@@ -36,6 +36,7 @@ from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecor
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
 from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
+from reconciler.planning.intents import GuestIntent
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
@@ -308,26 +309,16 @@ class Applier:
 
     def _guest(self, change: Change) -> None:
         assert self.proxmox is not None
-        after, before = change.after or {}, change.before or {}
-        kind = GuestKind((after or before)["type"])
-        node, vmid = (after or before)["node"], (after or before)["vmid"]
-        running = after.get("state") == "running"
+        intent = GuestIntent.of(change)
+        before = change.before or {}
+        kind, node, vmid, running = intent.kind, intent.node, intent.vmid, intent.running
         match change.action:
             case Action.CREATE:
                 create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                create(node, vmid, config=after["config"])
+                create(node, vmid, config=intent.config)
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
-                grow: Mapping[str, str] = after.get("resize", {})
-                moves: Mapping[str, str] = after.get("move", {})
-                keys = sorted(
-                    {key for f in change.fields if (key := _config_key(f.path, grow))}
-                    & set(after["config"]) - set(moves)
-                )
-                config = {k: after["config"][k] for k in keys}
-                if "tags" in {f.path for f in change.fields}:
-                    config["tags"] = after["config"]["tags"]
                 restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
                 if restart:  # stop, set, start: a GPU is released before anything else claims it
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
@@ -335,12 +326,12 @@ class Applier:
                     kind,
                     node,
                     vmid,
-                    config=config,
-                    delete=after.get("delete", []),
+                    config=intent.send,
+                    delete=list(intent.delete),
                     digest=None if restart else before.get("digest"),
                 )
-                self._move_volumes(kind, node, vmid, moves, after["config"])
-                for disk, size in grow.items():
+                self._move_volumes(kind, node, vmid, intent.moves, intent.config)
+                for disk, size in intent.grow.items():
                     self.proxmox.resize(kind, node, vmid, disk=disk, size=size)
                 if running and (restart or before.get("status") != "running"):
                     self.proxmox.start(kind, node, vmid)
@@ -356,7 +347,7 @@ class Applier:
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
                     create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                    create(node, vmid, config=after["config"])
+                    create(node, vmid, config=intent.config)
                     if running:
                         self.proxmox.start(kind, node, vmid)
             case _:
@@ -732,12 +723,6 @@ class Applier:
             "id": state.id,
             "restart_count": state.restart_count,
         }
-
-
-def _config_key(path: str, grow: Mapping[str, str]) -> str | None:
-    """The config key a field change is sent under; None for a size that PVE's resize call changes instead."""
-    key, _, sub = path.partition(".")
-    return None if key in grow and sub == "size" else key
 
 
 def _irreversible(change: Change) -> bool:
