@@ -345,20 +345,7 @@ class _Planner:
             "digest": seen.digest,
             "config": {k: seen.config.get(k) for k in sorted({*diff.desired, *diff.removed}) if k in seen.config},
         }
-        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
-        # rendered over the current value, so that it equals it and PVE drops the pending one.
-        to_send = {
-            key: pve.update_value(kind, key, value, (seen.config if key in diff.reverting else diff.effective).get(key))
-            for key, value in diff.desired.items()
-        }
-        if not tagged:
-            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
-        after = self.guest_after(guest, kind, to_send, power, create=False)
-        after["delete"] = diff.removed
-        if diff.grow:
-            after["resize"] = diff.grow
-        if diff.moves:
-            after["move"] = diff.moves
+        after = self.guest_update_after(guest, kind, seen, diff, power, adopt_tags=None if tagged else adopt_tags)
         lost: tuple[str, ...] = ()
         if fields:
             action = _guest_action(fields, running)
@@ -387,6 +374,33 @@ class _Planner:
         )
         self.guest_changes[guest.name] = change
         self.keep(change, guest)
+
+    def guest_update_after(
+        self,
+        guest: Lxc | Vm,
+        kind: GuestKind,
+        seen: ObservedGuest,
+        diff: _GuestDiff,
+        power: PowerState,
+        *,
+        adopt_tags: str | None,
+    ) -> dict[str, Any]:
+        """An update's `after`: the config to send, what to delete, grow and move."""
+        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
+        # rendered over the current value, so that it equals it and PVE drops the pending one.
+        to_send = {
+            key: pve.update_value(kind, key, value, (seen.config if key in diff.reverting else diff.effective).get(key))
+            for key, value in diff.desired.items()
+        }
+        if adopt_tags is not None:
+            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
+        after = self.guest_after(guest, kind, to_send, power, create=False)
+        after["delete"] = diff.removed
+        if diff.grow:
+            after["resize"] = diff.grow
+        if diff.moves:
+            after["move"] = diff.moves
+        return after
 
     def guest_diff(
         self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest, config: Mapping[str, str]
