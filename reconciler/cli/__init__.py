@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -244,12 +244,6 @@ def apply(
         saved = _saved_plan(plan_file) if plan_file else None
         folder = _state_dir(state_dir)
 
-    def confirm(planned: Plan) -> bool:
-        print_plan(console, planned)
-        if auto_approve or saved is not None:
-            return True
-        return typer.confirm("Apply these changes?", default=False)
-
     options = ApplyOptions(
         allow_delete=allow_delete,
         adopt_orphans=adopt_orphans,
@@ -270,23 +264,38 @@ def apply(
                 docker_endpoints=endpoints,
                 options=options,
                 saved_plan=saved,
-                confirm=confirm,
+                confirm=_confirmer(ask=not auto_approve and saved is None),
                 on_step=lambda step: print_step(console, step),
             )
         finally:
             journal.close()
     if report is None:
-        if not planned.applicable:
-            print_plan(console, planned)
-            for problem in (*planned.conflicts, *planned.blockers):
-                err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
-            raise typer.Exit(EXIT_ERROR)
-        if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
-            print_plan(console, planned)
-        console.print("Nothing to do." if planned.empty else "Not applied.")
-        raise typer.Exit(EXIT_OK)
+        _not_applied(planned)
     print_report(console, report)
     raise typer.Exit(report.exit_code)
+
+
+def _confirmer(*, ask: bool) -> Callable[[Plan], bool]:
+    """Show the plan; with `ask`, go on only if the person says yes (a saved plan or --auto-approve does not ask)."""
+
+    def confirm(planned: Plan) -> bool:
+        print_plan(console, planned)
+        return typer.confirm("Apply these changes?", default=False) if ask else True
+
+    return confirm
+
+
+def _not_applied(planned: Plan) -> NoReturn:
+    """End an apply that changed nothing: blocked (exit 1), nothing to do or declined (exit 0)."""
+    if not planned.applicable:
+        print_plan(console, planned)
+        for problem in (*planned.conflicts, *planned.blockers):
+            err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
+        raise typer.Exit(EXIT_ERROR)
+    if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
+        print_plan(console, planned)
+    console.print("Nothing to do." if planned.empty else "Not applied.")
+    raise typer.Exit(EXIT_OK)
 
 
 def _saved_plan(path: Path) -> Plan:
