@@ -77,17 +77,13 @@ def applied_memory_lab(desired: DesiredState) -> tuple[MemoryProxmox, MemoryDock
     plan = make_plan(desired, Observed(proxmox=proxmox.observe(), docker=docker.observe()))
     from reconciler.engine.apply import container_run_from
 
-    class Run:
-        def __init__(self, **fields: Any) -> None:
-            self.__dict__.update(fields)
-
     for change in plan.changes:
         after = change.after or {}
         if change.backend == "proxmox":
             proxmox.create_lxc(after["node"], after["vmid"], config=after["config"])
             proxmox.start("lxc", after["node"], after["vmid"])
         else:
-            docker.create_container("ws", container_run_from(after, {}, run_type=Run, health_type=Run))
+            docker.create_container("ws", container_run_from(after, {}))
             docker.start_container("ws", after["name"])
     return proxmox, docker
 

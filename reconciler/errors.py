@@ -3,7 +3,7 @@
 Every error says whether retrying can help, so the loop (not the pass) decides
 what to do with it::
 
-    ReconcilerError                 base; .retryable says if a later try may succeed
+    ReconcilerError                 base; .retryable says if a later try may succeed, .delay how soon
     ├── SpecError                   the desired state is invalid (permanent until a new commit)
     ├── ConfigError                 connection settings or secrets are missing or wrong
     ├── BackendError                a backend call failed; .resource names what it touched
@@ -14,6 +14,10 @@ what to do with it::
     │   └── TaskFailed              a Proxmox task ended with an error
     ├── PlanError                   a saved plan cannot be used (stale, wrong version)
     └── StateError                  the state directory or its journal cannot be used (a person must look)
+
+Who retries reads both: the Proxmox backend's own retry of one call
+(`ProxmoxBackend._retried`) and the loop's backoff between passes
+(`loop.backoff.Backoff.delay_after`); `delay` is a lower bound on the wait.
 
 Messages never carry secrets: callers pass resource names, never credentials, and
 every error scrubs its message and hint of the secrets the process holds
@@ -43,6 +47,7 @@ class ReconcilerError(Exception):
     """Base of every error the project raises on purpose."""
 
     retryable: bool = False
+    delay: float | None = None  # seconds to wait at least before retrying, when the cause says so
 
     def __init__(self, message: str, *, resource: str | None = None, hint: str | None = None) -> None:
         message = redact.scrub(message)
@@ -82,7 +87,8 @@ class TemporaryError(BackendError):
         delay: float | None = None,
     ) -> None:
         super().__init__(message, resource=resource, hint=hint)
-        self.delay = delay
+        if delay is not None:
+            self.delay = delay
 
 
 class PermanentError(BackendError):

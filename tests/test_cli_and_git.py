@@ -22,7 +22,7 @@ import pytest
 from rich.console import Console
 
 from reconciler.cli.demo import run_demo
-from reconciler.sources.git import load_commit, read_commit
+from reconciler.sources.git import load_commit, locate, read_commit
 from tests.support.components import missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +141,18 @@ def test_a_commit_is_read_not_the_working_copy(lab_repo: Path) -> None:
     assert result.ok and result.state.revision == sha
     assert run("validate", str(lab_repo / "specs")).returncode == 1, "the working copy is broken"
     assert run("validate", str(lab_repo / "specs"), "--ref", "main").returncode == 0, "the commit is not"
+
+
+def test_a_spec_folder_is_located_in_the_working_copy_that_holds_it(lab_repo: Path, tmp_path: Path) -> None:
+    top = lab_repo.resolve()
+    assert locate(lab_repo / "specs") == (top, "specs")
+    assert locate(lab_repo / "specs" / "vm.yaml") == (top, "specs/vm.yaml")
+    assert locate(lab_repo) == (top, "")
+    outside = tmp_path / "loose"
+    outside.mkdir()
+    assert locate(outside) is None
+    # the top of the working copy reads as the whole commit
+    assert run("validate", str(lab_repo), "--ref", "main").returncode == 0
 
 
 def test_a_remote_branch_is_fetched_into_a_mirror(lab_repo: Path, tmp_path: Path) -> None:

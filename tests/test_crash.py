@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from reconciler.engine.journal import RunResult
-from reconciler.planning.planner import OLD_SUFFIX
+from reconciler.planning.inventory import OLD_SUFFIX
 from tests.support.fakepve import PveServer
 from tests.support.reallab import RealLab
 from tests.test_apply_real import (  # noqa: F401 - lab_of is a fixture

@@ -12,10 +12,11 @@ import pytest
 
 from reconciler.engine.journal import Journal
 from reconciler.engine.run import plan_pass
+from reconciler.planning.inventory import Inventory
 from reconciler.planning.observed import NvmlObservation, Observed, ObservedGpu, ProxmoxObservation
 from reconciler.planning.ownership import Claim, Ownership
 from reconciler.planning.plan import Action, Plan, Timing
-from reconciler.planning.planner import Inventory, make_plan
+from reconciler.planning.planner import make_plan
 from tests.support.labs import Harness, load, write_tree
 
 LLM_LXC = """\

@@ -35,7 +35,7 @@ from reconciler.errors import (
     TemporaryError,
 )
 from reconciler.planning import pve as props
-from reconciler.planning.observed import GuestType, ObservedGuest
+from reconciler.planning.observed import GuestKind, ObservedGuest
 from reconciler.spec.models import Lxc, ProxmoxAuth, ProxmoxConnection, Vm
 from tests.support.fakepve import PveServer
 
@@ -225,7 +225,7 @@ def test_create_an_lxc_and_observe_it(pve_server: PveServer, root_backend: Proxm
 
     observation = root_backend.observe()
     guest = _guest(observation.guests, 955)
-    assert (guest.type, guest.node, guest.name, guest.status) == (GuestType.LXC, "pve1", "llm", "stopped")
+    assert (guest.type, guest.node, guest.name, guest.status) == (GuestKind.LXC, "pve1", "llm", "stopped")
     assert guest.tags == ("llm", "reconciler")
     assert guest.config["hostname"] == "llm"
     assert "hwaddr=" in guest.config["net0"]  # PVE adds the MAC; the planner must not see it as drift
@@ -244,7 +244,7 @@ def test_create_a_vm_and_observe_it(pve_server: PveServer, root_backend: Proxmox
     assert props.parse_property(vm.config["net0"], "model")["macaddr"].startswith("BC:24:11")
 
     guest = _guest(root_backend.observe().guests, 200)
-    assert (guest.type, guest.name, guest.tags) == (GuestType.QEMU, "infer", ("inference", "reconciler"))
+    assert (guest.type, guest.name, guest.tags) == (GuestKind.QEMU, "infer", ("inference", "reconciler"))
     assert props.compare_config("qemu", config, _effective(guest)) == []
 
 

@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reconciler.planning import pve
-from reconciler.planning.pve import ChangeTiming, FieldChange, FieldDiff
+from reconciler.planning.observed import GuestKind
+from reconciler.planning.plan import Timing
+from reconciler.planning.pve import FieldDiff, PropertyChange
 from reconciler.spec.models import Lxc, Vm
 
 # ---- parse / format -----------------------------------------------------------------------
@@ -357,7 +359,7 @@ def test_a_rendered_config_equals_itself(cores: int, memory: int, tags: list[str
         ("qemu", "numa", "0", None),
     ],
 )
-def test_equal_by_fields(kind: pve.GuestKind, key: str, desired: str, live: str | None) -> None:
+def test_equal_by_fields(kind: GuestKind, key: str, desired: str, live: str | None) -> None:
     assert pve.compare_config(kind, {key: desired}, {} if live is None else {key: live}) == []
 
 
@@ -377,7 +379,7 @@ def test_a_declared_sub_field_that_differs_is_reported_by_field() -> None:
             "net0",
             "name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:00:01,ip=dhcp,type=veth",
             "name=eth0,bridge=vmbr1,ip=dhcp",
-            (FieldChange("bridge", "vmbr0", "vmbr1"),),
+            (PropertyChange("bridge", "vmbr0", "vmbr1"),),
         ),
     ]
     name, before, after = diffs[1].fields[0]  # the planner unpacks field changes
@@ -387,21 +389,21 @@ def test_a_declared_sub_field_that_differs_is_reported_by_field() -> None:
 def test_a_missing_key_differs_with_no_before() -> None:
     [diff] = pve.compare_config("lxc", {"mp0": "/tank/models,mp=/models,ro=1"}, {})
     assert diff.before is None
-    assert diff.fields == (FieldChange("volume", None, "/tank/models"), FieldChange("mp", None, "/models"),
-                           FieldChange("ro", None, "1"))  # fmt: skip
+    assert diff.fields == (PropertyChange("volume", None, "/tank/models"), PropertyChange("mp", None, "/models"),
+                           PropertyChange("ro", None, "1"))  # fmt: skip
     assert not diff.replace
 
 
 def test_a_volume_on_another_storage_is_moved_not_replaced() -> None:
     [diff] = pve.compare_config("lxc", {"rootfs": "tank:64"}, {"rootfs": "local-lvm:vm-955-disk-0,size=64G"})
     assert diff.move and not diff.replace and not diff.resize
-    assert diff.fields == (FieldChange("volume", "local-lvm:vm-955-disk-0", "tank:64"),)
+    assert diff.fields == (PropertyChange("volume", "local-lvm:vm-955-disk-0", "tank:64"),)
     [diff] = pve.compare_config("qemu", {"scsi0": "tank:32"}, {"scsi0": "local-lvm:vm-200-disk-0,size=32G"})
     assert diff.move and not diff.replace
     # Moved and grown in one plan: the size is compared across storages too.
     [diff] = pve.compare_config("lxc", {"rootfs": "tank:80"}, {"rootfs": "local-lvm:vm-955-disk-0,size=64G"})
     assert diff.move and diff.resize
-    assert FieldChange("size", "64G", "80G") in diff.fields
+    assert PropertyChange("size", "64G", "80G") in diff.fields
 
 
 def test_a_named_volume_on_another_storage_needs_replacement() -> None:
@@ -429,7 +431,7 @@ def test_a_volume_of_another_size_is_a_resize() -> None:
     [diff] = pve.compare_config("lxc", {"rootfs": "local-lvm:64"}, {"rootfs": "local-lvm:vm-955-disk-0,size=32G"})
     assert diff.resize
     assert not diff.replace
-    assert diff.fields == (FieldChange("size", "32G", "64G"),)
+    assert diff.fields == (PropertyChange("size", "32G", "64G"),)
 
 
 def test_create_only_keys_need_replacement() -> None:
@@ -519,61 +521,59 @@ def test_an_update_value_compares_equal_to_the_desired_one(bridge: str, tag: int
 @pytest.mark.parametrize(
     ("kind", "key", "options", "timing"),
     [
-        ("qemu", "hostpci0", {}, ChangeTiming.RESTART),
-        ("qemu", "cores", {}, ChangeTiming.RESTART),
-        ("qemu", "sockets", {}, ChangeTiming.RESTART),
-        ("qemu", "cpu", {}, ChangeTiming.RESTART),
-        ("qemu", "machine", {}, ChangeTiming.RESTART),
-        ("qemu", "bios", {}, ChangeTiming.RESTART),
-        ("qemu", "numa", {}, ChangeTiming.RESTART),
-        ("qemu", "hugepages", {}, ChangeTiming.RESTART),
-        ("qemu", "args", {}, ChangeTiming.RESTART),
-        ("qemu", "agent", {}, ChangeTiming.RESTART),
-        ("qemu", "memory", {}, ChangeTiming.RESTART),
-        ("qemu", "memory", {"hotplug": "network,disk,memory"}, ChangeTiming.LIVE),
-        ("qemu", "balloon", {}, ChangeTiming.LIVE),
-        ("qemu", "net0", {}, ChangeTiming.LIVE),
-        ("qemu", "net0", {"hotplug": "disk"}, ChangeTiming.RESTART),
-        ("qemu", "scsi1", {"new": True}, ChangeTiming.LIVE),
-        ("qemu", "scsi1", {"delete": True}, ChangeTiming.LIVE),
-        ("qemu", "scsi0", {}, ChangeTiming.RESTART),
-        ("qemu", "sata1", {"new": True}, ChangeTiming.RESTART),
-        ("qemu", "scsi1", {"new": True, "hotplug": "0"}, ChangeTiming.RESTART),
-        ("qemu", "tags", {}, ChangeTiming.LIVE),
-        ("qemu", "onboot", {}, ChangeTiming.LIVE),
-        ("qemu", "name", {}, ChangeTiming.LIVE),
-        ("lxc", "memory", {}, ChangeTiming.LIVE),
-        ("lxc", "swap", {}, ChangeTiming.LIVE),
-        ("lxc", "cores", {}, ChangeTiming.LIVE),
-        ("lxc", "cpulimit", {}, ChangeTiming.LIVE),
-        ("lxc", "net0", {}, ChangeTiming.LIVE),
-        ("lxc", "mp2", {"new": True}, ChangeTiming.LIVE),
-        ("lxc", "dev0", {"new": True}, ChangeTiming.LIVE),
-        ("lxc", "mp0", {}, ChangeTiming.RESTART),
-        ("lxc", "dev0", {}, ChangeTiming.RESTART),
-        ("lxc", "mp0", {"delete": True}, ChangeTiming.RESTART),
-        ("lxc", "rootfs", {}, ChangeTiming.RESTART),
-        ("lxc", "features", {}, ChangeTiming.RESTART),
-        ("lxc", "tags", {}, ChangeTiming.LIVE),
-        ("lxc", "ostemplate", {}, ChangeTiming.REPLACE),
-        ("lxc", "unprivileged", {}, ChangeTiming.REPLACE),
-        ("lxc", "arch", {}, ChangeTiming.REPLACE),
+        ("qemu", "hostpci0", {}, Timing.RESTART),
+        ("qemu", "cores", {}, Timing.RESTART),
+        ("qemu", "sockets", {}, Timing.RESTART),
+        ("qemu", "cpu", {}, Timing.RESTART),
+        ("qemu", "machine", {}, Timing.RESTART),
+        ("qemu", "bios", {}, Timing.RESTART),
+        ("qemu", "numa", {}, Timing.RESTART),
+        ("qemu", "hugepages", {}, Timing.RESTART),
+        ("qemu", "args", {}, Timing.RESTART),
+        ("qemu", "agent", {}, Timing.RESTART),
+        ("qemu", "memory", {}, Timing.RESTART),
+        ("qemu", "memory", {"hotplug": "network,disk,memory"}, Timing.LIVE),
+        ("qemu", "balloon", {}, Timing.LIVE),
+        ("qemu", "net0", {}, Timing.LIVE),
+        ("qemu", "net0", {"hotplug": "disk"}, Timing.RESTART),
+        ("qemu", "scsi1", {"new": True}, Timing.LIVE),
+        ("qemu", "scsi1", {"delete": True}, Timing.LIVE),
+        ("qemu", "scsi0", {}, Timing.RESTART),
+        ("qemu", "sata1", {"new": True}, Timing.RESTART),
+        ("qemu", "scsi1", {"new": True, "hotplug": "0"}, Timing.RESTART),
+        ("qemu", "tags", {}, Timing.LIVE),
+        ("qemu", "onboot", {}, Timing.LIVE),
+        ("qemu", "name", {}, Timing.LIVE),
+        ("lxc", "memory", {}, Timing.LIVE),
+        ("lxc", "swap", {}, Timing.LIVE),
+        ("lxc", "cores", {}, Timing.LIVE),
+        ("lxc", "cpulimit", {}, Timing.LIVE),
+        ("lxc", "net0", {}, Timing.LIVE),
+        ("lxc", "mp2", {"new": True}, Timing.LIVE),
+        ("lxc", "dev0", {"new": True}, Timing.LIVE),
+        ("lxc", "mp0", {}, Timing.RESTART),
+        ("lxc", "dev0", {}, Timing.RESTART),
+        ("lxc", "mp0", {"delete": True}, Timing.RESTART),
+        ("lxc", "rootfs", {}, Timing.RESTART),
+        ("lxc", "features", {}, Timing.RESTART),
+        ("lxc", "tags", {}, Timing.LIVE),
+        ("lxc", "ostemplate", {}, Timing.REPLACE),
+        ("lxc", "unprivileged", {}, Timing.REPLACE),
+        ("lxc", "arch", {}, Timing.REPLACE),
     ],
 )
-def test_classify_on_a_running_guest(
-    kind: pve.GuestKind, key: str, options: dict[str, object], timing: ChangeTiming
-) -> None:
+def test_classify_on_a_running_guest(kind: GuestKind, key: str, options: dict[str, object], timing: Timing) -> None:
     assert pve.classify(kind, key, True, **options) is timing  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("kind", "key"), [("qemu", "hostpci0"), ("qemu", "memory"), ("lxc", "rootfs"), ("lxc", "mp0")])
-def test_on_a_stopped_guest_everything_is_live(kind: pve.GuestKind, key: str) -> None:
-    assert pve.classify(kind, key, running=False) is ChangeTiming.LIVE
+def test_on_a_stopped_guest_everything_is_live(kind: GuestKind, key: str) -> None:
+    assert pve.classify(kind, key, running=False) is Timing.LIVE
 
 
 def test_replace_keys_need_replacement_even_when_stopped() -> None:
-    assert pve.classify("lxc", "unprivileged", running=False) is ChangeTiming.REPLACE
-    assert ChangeTiming.RESTART.value == "restart"
+    assert pve.classify("lxc", "unprivileged", running=False) is Timing.REPLACE
+    assert Timing.RESTART.value == "restart"
 
 
 # ---- what PVE makes of a value: no perpetual diffs -------------------------------------------

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import docker
@@ -47,6 +47,7 @@ from reconciler.errors import (
     PermissionDenied,
     TemporaryError,
 )
+from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
 from reconciler.planning.gpusight import COMPUTE_APPS_QUERY, GPU_QUERY, SECTION_MARK, parse_nvidia_smi
 from reconciler.planning.observed import (
     ContainerPort,
@@ -97,38 +98,6 @@ class DockerHostSettings:
             ca_file=spec.ca_file,
             timeout=float(spec.timeout),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerHealthcheck:
-    """Docker's own HEALTHCHECK. Durations are seconds; the engine wants nanoseconds."""
-
-    test: tuple[str, ...]  # ("CMD", "wget", "-q", "-O-", "http://127.0.0.1:8000/health") or ("CMD-SHELL", "...")
-    interval: float = 30.0
-    timeout: float = 10.0
-    retries: int = 3
-    start_period: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerRun:
-    """Everything needed to create one container. `env` values may be secrets: they stay out of repr."""
-
-    name: str
-    image: str
-    command: tuple[str, ...] | None = None
-    entrypoint: tuple[str, ...] | None = None
-    env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    labels: Mapping[str, str] = field(default_factory=dict)
-    ports: tuple[ContainerPort, ...] = ()
-    volumes: tuple[ContainerVolume, ...] = ()
-    gpus: tuple[str, ...] = ()  # NVML UUIDs, or ("all",)
-    devices: tuple[str, ...] = ()  # "/dev/dri:/dev/dri" or "/dev/x:/dev/y:rwm"
-    restart: str = "unless-stopped"  # no | always | unless-stopped | on-failure
-    shm_size: int | None = None  # bytes
-    ipc: str | None = None
-    network_mode: str | None = None
-    healthcheck: ContainerHealthcheck | None = None
 
 
 # ---- error translation -----------------------------------------------------------------

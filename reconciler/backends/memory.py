@@ -18,15 +18,13 @@ import re
 import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from reconciler.errors import NotFoundError, PermanentError, TaskFailed, TemporaryError
 from reconciler.planning import pve
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.observed import (
-    ContainerPort,
-    ContainerVolume,
     DockerObservation,
-    GuestType,
+    GuestKind,
     NvmlObservation,
     ObservedContainer,
     ObservedGuest,
@@ -34,10 +32,10 @@ from reconciler.planning.observed import (
     ObservedPciDevice,
     ProxmoxObservation,
 )
+from reconciler.planning.plan import Timing
 
 __all__ = ["MemoryDocker", "MemoryGuest", "MemoryNvml", "MemoryProxmox"]
 
-GuestKind = Literal["lxc", "qemu"]
 _VOLUME_RE = re.compile(r"^([^:/\s]+):(\d+(?:\.\d+)?)$")
 _IMAGE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -99,7 +97,7 @@ class MemoryProxmox:
     @staticmethod
     def _view(g: MemoryGuest) -> ObservedGuest:
         return ObservedGuest(
-            type=GuestType(g.type),
+            type=GuestKind(g.type),
             vmid=g.vmid,
             node=g.node,
             name=g.config.get("hostname") or g.config.get("name", ""),
@@ -115,10 +113,10 @@ class MemoryProxmox:
     # ---- writing ---------------------------------------------------------------------------
 
     def create_lxc(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
-        self._create("lxc", node, vmid, config)
+        self._create(GuestKind.LXC, node, vmid, config)
 
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
-        self._create("qemu", node, vmid, config)
+        self._create(GuestKind.QEMU, node, vmid, config)
 
     def update_config(
         self,
@@ -143,16 +141,16 @@ class MemoryProxmox:
             running = guest.status == "running"
             for key, value in self._stored(guest_type, vmid, config, guest.config).items():
                 timing = pve.classify(guest_type, key, running, new=key not in guest.config)
-                if timing is pve.ChangeTiming.REPLACE:
+                if timing is Timing.REPLACE:
                     raise PermanentError(
                         f"parameter '{key}' cannot be changed on an existing guest", resource=f"{guest_type}/{vmid}"
                     )
-                if timing is pve.ChangeTiming.RESTART:
+                if timing is Timing.RESTART:
                     guest.pending[key] = value
                 else:
                     guest.config[key] = value
             for key in delete:
-                if running and pve.classify(guest_type, key, running, delete=True) is pve.ChangeTiming.RESTART:
+                if running and pve.classify(guest_type, key, running, delete=True) is Timing.RESTART:
                     guest.pending_delete.add(key)
                 else:
                     guest.config.pop(key, None)
@@ -224,7 +222,7 @@ class MemoryProxmox:
             default = pve.default_key_for(guest_type, disk)
             if disk not in guest.config or default is None:
                 raise PermanentError(f"no volume {disk}", resource=f"{guest_type}/{vmid}")
-            if guest_type == "lxc" and guest.status == "running":
+            if guest_type == GuestKind.LXC and guest.status == "running":
                 raise TaskFailed("cannot move volumes of a running container", resource=f"{guest_type}/{vmid}")
             fields = pve.parse_property(guest.config[disk], default)
             name = fields[default].split(":", 1)[-1]
@@ -246,7 +244,7 @@ class MemoryProxmox:
             stored = self._stored(guest_type, vmid, config, {})
             stored.update(
                 {"arch": "amd64", "ostype": "debian"}
-                if guest_type == "lxc"
+                if guest_type == GuestKind.LXC
                 else {
                     "meta": "creation-qemu=9.2.0,ctime=1700000000",
                     "vmgenid": f"{vmid:08x}-0000-4000-8000-000000000000",
@@ -287,14 +285,14 @@ class MemoryProxmox:
         return pve.format_property(fields, default)
 
     def _with_mac(self, guest_type: GuestKind, value: str, existing: str | None) -> str:
-        if guest_type == "lxc":
+        if guest_type == GuestKind.LXC:
             fields = pve.parse_property(value, None)
             old = pve.parse_property(existing, None) if existing else {}
             fields.setdefault("hwaddr", old.get("hwaddr") or self._mac())
             fields.setdefault("type", "veth")
             return pve.format_property(fields, None)
-        fields = pve.parse_property(value, pve.default_key_for("qemu", "net0"))
-        old = pve.parse_property(existing, pve.default_key_for("qemu", "net0")) if existing else {}
+        fields = pve.parse_property(value, pve.default_key_for(GuestKind.QEMU, "net0"))
+        old = pve.parse_property(existing, pve.default_key_for(GuestKind.QEMU, "net0")) if existing else {}
         model = fields.pop("model", "virtio")
         mac = fields.pop("macaddr", None) or old.get("macaddr") or self._mac()
         rest = pve.format_property(fields, None)
@@ -370,7 +368,7 @@ class MemoryDocker:
             self._host(host)
             self.images[host].add(image)
 
-    def create_container(self, host: str, spec: ContainerSpecLike) -> str:
+    def create_container(self, host: str, spec: ContainerRun) -> str:
         _planned_fault(self.fail_next, "create_container")
         with self._lock:
             self.requests.append(("POST", f"{host}/containers/{spec.name}"))
@@ -447,23 +445,6 @@ class MemoryDocker:
         if host not in self.containers:
             raise NotFoundError(f"no Docker host named {host!r}", resource=host)
         return self.containers[host]
-
-
-class ContainerSpecLike:  # pragma: no cover - a structural type, see backends.docker.ContainerRun
-    name: str
-    image: str
-    command: tuple[str, ...] | None
-    entrypoint: tuple[str, ...] | None
-    env: Mapping[str, str]
-    labels: Mapping[str, str]
-    ports: tuple[ContainerPort, ...]
-    volumes: tuple[ContainerVolume, ...]
-    gpus: tuple[str, ...]
-    devices: tuple[str, ...]
-    restart: str
-    shm_size: int | None
-    ipc: str | None
-    network_mode: str | None
 
 
 class MemoryNvml:

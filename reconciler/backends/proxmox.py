@@ -2,7 +2,7 @@
 
 Who calls it: the engine's observe step (`ProxmoxBackend.observe`, reads only)
 and its apply step (create, update, power and delete calls, each waiting for
-the PVE task it starts). `settings_from` turns the Lab's `proxmox` connection
+the PVE task it starts). `settings_from` (in `proxmox_settings`) turns the Lab's `proxmox` connection
 and the environment into `ProxmoxSettings`; the secret never leaves them.
 
 Why it is shaped this way:
@@ -39,15 +39,12 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import logging
-import os
 import random
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -55,6 +52,16 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 
 from reconciler import redact
+from reconciler.backends.proxmox_settings import (
+    ENV_CA,
+    ENV_PASSWORD,
+    ENV_TOKEN,
+    ENV_URL,
+    ENV_USER,
+    ENV_VERIFY_TLS,
+    ProxmoxSettings,
+    settings_from,
+)
 from reconciler.errors import (
     BackendError,
     ConfigError,
@@ -67,14 +74,14 @@ from reconciler.errors import (
 )
 from reconciler.planning import pve
 from reconciler.planning.observed import (
-    GuestType,
+    GuestKind,
     ObservedGuest,
     ObservedNode,
     ObservedPciDevice,
     PciMapping,
     ProxmoxObservation,
 )
-from reconciler.spec.models import ProxmoxAuth, ProxmoxConnection
+from reconciler.spec.models import ProxmoxAuth
 
 __all__ = [
     "ENV_CA",
@@ -90,18 +97,11 @@ __all__ = [
     "settings_from",
 ]
 
-ENV_URL: Final = "RECONCILER_PROXMOX_URL"
-ENV_TOKEN: Final = "RECONCILER_PROXMOX_TOKEN"
-ENV_USER: Final = "RECONCILER_PROXMOX_USER"
-ENV_PASSWORD: Final = "RECONCILER_PROXMOX_PASSWORD"
-ENV_CA: Final = "RECONCILER_PROXMOX_CA"
-ENV_VERIFY_TLS: Final = "RECONCILER_PROXMOX_VERIFY_TLS"
+
 NVIDIA_VENDOR: Final = "0x10de"
-DEFAULT_TIMEOUT: Final = 30.0
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-GuestKind = GuestType | Literal["lxc", "qemu"]
 
 
 class ConfigChanged(TemporaryError):
@@ -113,180 +113,6 @@ class ConfigChanged(TemporaryError):
 
 class _TaskStillRunning(TemporaryError):
     """A task outlived the time allowed for it; starting the operation again would not help."""
-
-
-# ---- settings -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProxmoxSettings:
-    """How to reach the PVE API. `secret` is the token secret or the password; repr masks it."""
-
-    url: str
-    auth: ProxmoxAuth
-    user: str
-    token_id: str | None = None
-    secret: str
-    verify_tls: bool = True
-    ca_file: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-
-    def __repr__(self) -> str:
-        return (
-            f"ProxmoxSettings(url={self.url!r}, auth={self.auth.value!r}, user={self.user!r}, "
-            f"token_id={self.token_id!r}, secret='***', verify_tls={self.verify_tls!r}, "
-            f"ca_file={self.ca_file!r}, timeout={self.timeout!r})"
-        )
-
-    @property
-    def is_root_pam(self) -> bool:
-        """True for a root@pam password login, the only one PVE lets set LXC devN, bind mounts and raw hostpciN."""
-        return self.auth is ProxmoxAuth.PASSWORD and self.user == "root@pam"
-
-    @property
-    def verify(self) -> bool | str:
-        """What requests takes as `verify`: the CA bundle when given, else the flag."""
-        if not self.verify_tls:
-            return False
-        return self.ca_file or True
-
-
-def _token_parts(value: str) -> tuple[str, str, str] | None:
-    """(user, token id, secret) of `user@realm!tokenid=secret`, or None for anything else."""
-    head, eq, secret = value.partition("=")
-    user, bang, token_id = head.partition("!")
-    if not (eq and bang and secret and token_id) or user.count("@") != 1 or any(c.isspace() for c in value):
-        return None
-    return user, token_id, secret
-
-
-_MAX_SECRET_FILE = 64 * 1024  # a password or token, not a file to read all of
-
-
-def _read_secret_file(path: str) -> str:
-    """The secret a file holds: a regular file of UTF-8 text (a device or a FIFO would never end, or block)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(descriptor, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise ConfigError(f"the Proxmox secret file {path} is not a regular file")
-            return handle.read(_MAX_SECRET_FILE).decode("utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the Proxmox secret file {path}: {exc.strerror or type(exc).__name__}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"the Proxmox secret file {path} is not UTF-8 text") from None
-
-
-def _check_ca_file(path: str | None) -> None:
-    """A CA bundle must be a regular file: TLS would read a device or a FIFO for ever. Missing is said later."""
-    try:
-        mode = os.stat(path).st_mode if path else None
-    except OSError:
-        return
-    if mode is not None and not stat.S_ISREG(mode):
-        raise ConfigError(
-            f"the Proxmox CA file {path} is not a regular file",
-            hint="point RECONCILER_PROXMOX_CA or the Lab's proxmox.ca_file at a PEM bundle",
-        )
-
-
-def settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) -> ProxmoxSettings:
-    """Settings from the Lab's `proxmox` connection, overridden by the environment (see `_settings_from`).
-
-    The secret is registered with `reconciler.redact` as soon as it is read, so no message shows it. A URL
-    carrying credentials (`https://root:pass@host:8006`) is refused, and so is a token that an HTTP header
-    cannot carry (anything but printable ASCII): both are ConfigErrors that show neither secret.
-    """
-    url = env.get(ENV_URL) or (connection.url if connection else "")
-    redact.register_url(url)
-    if "@" in urlsplit(url.strip()).netloc:
-        raise ConfigError(
-            f"the Proxmox API address {redact.without_userinfo(url.strip())!r} carries credentials",
-            hint=f"give it as https://host[:port] and put the password in {ENV_PASSWORD} (or the token in {ENV_TOKEN})",
-        )
-    settings = _settings_from(connection, env)
-    redact.register(settings.secret)
-    if settings.auth is ProxmoxAuth.TOKEN:
-        parts = (("user", settings.user), ("token id", settings.token_id or ""), ("secret", settings.secret))
-        for what, value in parts:
-            if not _header_safe(value):
-                raise ConfigError(
-                    f"the Proxmox API token's {what} holds a character an HTTP header cannot carry"
-                    " (only printable ASCII can be sent)",
-                    hint=f"check {ENV_TOKEN} (or the Lab's proxmox.secret_env / secret_file) for a mistyped character",
-                )
-    return settings
-
-
-def _header_safe(value: str) -> bool:
-    """Whether `value` can travel in an HTTP header as PVE reads it: printable ASCII, no spaces or controls."""
-    return all("!" <= char <= "~" for char in value)
-
-
-def _settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str]) -> ProxmoxSettings:
-    """Settings from the Lab's `proxmox` connection, overridden by the environment.
-
-    Variables: `RECONCILER_PROXMOX_URL`; `RECONCILER_PROXMOX_TOKEN` (the full
-    `user@realm!tokenid=secret`, or only the secret when the Lab gives `user` and
-    `token_id`); `RECONCILER_PROXMOX_USER` with `RECONCILER_PROXMOX_PASSWORD` (a
-    password login, which wins over a token); `RECONCILER_PROXMOX_CA` (a CA
-    bundle); `RECONCILER_PROXMOX_VERIFY_TLS=0`. Without an override the secret
-    comes from the variable the Lab's `secret_env` names, then its `secret_file`.
-    Raises ConfigError naming what to set; the secret is never in a message.
-    """
-    url = (env.get(ENV_URL) or (connection.url if connection else "")).strip()
-    if not url:
-        raise ConfigError("no Proxmox API address", hint=f"set {ENV_URL} or the Lab's proxmox.url")
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(
-            f"the Proxmox API address must be https://host[:port], not {redact.without_userinfo(url)!r}",
-            hint=f"fix {ENV_URL}",
-        )
-    verify_tls = connection.verify_tls if connection else True
-    if env.get(ENV_VERIFY_TLS, "").strip():
-        try:
-            verify_tls = pve.parse_bool(env[ENV_VERIFY_TLS])
-        except ValueError:
-            raise ConfigError(f"{ENV_VERIFY_TLS} must be 1 or 0", hint=f"fix {ENV_VERIFY_TLS}") from None
-    ca_file = env.get(ENV_CA) or (connection.ca_file if connection else None)
-    _check_ca_file(ca_file)
-    timeout = float(connection.timeout) if connection else DEFAULT_TIMEOUT
-    common: dict[str, Any] = {"url": url, "verify_tls": verify_tls, "ca_file": ca_file or None, "timeout": timeout}
-    user = env.get(ENV_USER) or (connection.user if connection else "root@pam")
-
-    password = env.get(ENV_PASSWORD, "").strip()
-    auth = connection.auth if connection else ProxmoxAuth.TOKEN
-    if password or auth is ProxmoxAuth.PASSWORD:
-        if not password and connection is not None and connection.secret_env != ENV_TOKEN:
-            password = env.get(connection.secret_env, "").strip()
-        if not password and connection is not None and connection.secret_file:
-            password = _read_secret_file(connection.secret_file)
-        if not password:
-            raise ConfigError(
-                f"no Proxmox password for {user}",
-                hint=f"set {ENV_PASSWORD}, or the variable the Lab's proxmox.secret_env names, or its secret_file",
-            )
-        return ProxmoxSettings(auth=ProxmoxAuth.PASSWORD, user=user, secret=password, **common)
-
-    names = [ENV_TOKEN] + ([connection.secret_env] if connection and connection.secret_env != ENV_TOKEN else [])
-    raw = next((env[name].strip() for name in names if env.get(name, "").strip()), "")
-    if not raw and connection is not None and connection.secret_file:
-        raw = _read_secret_file(connection.secret_file)
-    if not raw:
-        where = " or ".join(names)
-        raise ConfigError("no Proxmox API token", hint=f"set {where} to user@realm!tokenid=secret")
-    parsed = _token_parts(raw)
-    if parsed is not None:
-        token_user, token_id, secret = parsed
-        return ProxmoxSettings(auth=ProxmoxAuth.TOKEN, user=token_user, token_id=token_id, secret=secret, **common)
-    spec_token_id = connection.token_id if connection else None
-    if spec_token_id is None:
-        raise ConfigError(
-            "the Proxmox token holds only a secret, and no token id is known",
-            hint=f"write {names[-1]} as user@realm!tokenid=secret, or set the Lab's proxmox.token_id",
-        )
-    return ProxmoxSettings(auth=ProxmoxAuth.TOKEN, user=user, token_id=spec_token_id, secret=raw, **common)
 
 
 # ---- the backend ----------------------------------------------------------------------
@@ -334,8 +160,8 @@ def _upid_node(upid: str) -> str:
     return parts[1]
 
 
-def _kind(guest_type: GuestKind) -> GuestType:
-    return GuestType(guest_type)
+def _kind(guest_type: GuestKind) -> GuestKind:
+    return GuestKind(guest_type)
 
 
 def _ref(guest_type: GuestKind, vmid: int) -> str:
@@ -490,11 +316,13 @@ class ProxmoxBackend:
             try:
                 return operation(attempt)
             except (ConfigChanged, _TaskStillRunning):
-                raise
-            except TemporaryError as exc:
-                if attempt + 1 >= attempts:
+                raise  # retryable by a new pass, which reads and plans again, never by repeating this call
+            except ReconcilerError as exc:
+                if not exc.retryable or attempt + 1 >= attempts:
                     raise
                 delay = min(30.0, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
+                if exc.delay is not None and exc.delay > 0:
+                    delay = max(delay, min(exc.delay, 30.0))
                 extra = {**context, "attempt": attempt + 1, "delay": delay, "error": str(exc)}
                 _log.info(f"proxmox {what} retried", extra=extra)
                 time.sleep(delay)
@@ -588,7 +416,7 @@ class ProxmoxBackend:
         )
 
     def _observe_row(self, row: Mapping[str, Any], online: frozenset[str]) -> ObservedGuest | None:
-        kind = GuestType(str(row["type"]))
+        kind = GuestKind(str(row["type"]))
         vmid = int(row["vmid"])
         node = str(row["node"])
         name = str(row.get("name") or "")
@@ -674,11 +502,11 @@ class ProxmoxBackend:
         Raises PermanentError when the vmid is taken, PermissionDenied for root-only
         keys without a root@pam password login, TaskFailed if the task fails.
         """
-        self._create(GuestType.LXC, node, vmid, config, timeout)
+        self._create(GuestKind.LXC, node, vmid, config, timeout)
 
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
         """Create a VM (POST /nodes/{node}/qemu) and wait for the task; errors as `create_lxc`."""
-        self._create(GuestType.QEMU, node, vmid, config, timeout)
+        self._create(GuestKind.QEMU, node, vmid, config, timeout)
 
     def clone_vm(
         self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
@@ -689,12 +517,12 @@ class ProxmoxBackend:
         answer finds the new VM locked by its clone and waits for it, as a create does; a vmid taken
         by anything else is a PermanentError.
         """
-        ref = _ref(GuestType.QEMU, newid)
+        ref = _ref(GuestKind.QEMU, newid)
 
         def clone(attempt: int) -> None:
             taken = self._inventory_row(newid)
-            if taken is not None and attempt > 0 and taken.get("type") == GuestType.QEMU.value:
-                self._await_unlocked(GuestType.QEMU, str(taken.get("node")), newid, lock="clone", timeout=timeout)
+            if taken is not None and attempt > 0 and taken.get("type") == GuestKind.QEMU.value:
+                self._await_unlocked(GuestKind.QEMU, str(taken.get("node")), newid, lock="clone", timeout=timeout)
                 return
             if taken is not None:
                 raise PermanentError(
@@ -706,7 +534,7 @@ class ProxmoxBackend:
 
         self._write(clone, resource=ref, action="clone")
 
-    def _create(self, kind: GuestType, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
+    def _create(self, kind: GuestKind, node: str, vmid: int, config: Mapping[str, str], timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         self._check_root_only(kind, config, resource=ref)
 
@@ -728,7 +556,7 @@ class ProxmoxBackend:
 
         self._write(create, resource=ref, action="create")
 
-    def _await_unlocked(self, kind: GuestType, node: str, vmid: int, *, lock: str, timeout: float | None) -> None:
+    def _await_unlocked(self, kind: GuestKind, node: str, vmid: int, *, lock: str, timeout: float | None) -> None:
         """Wait while the guest holds `lock` (its create task runs); NotFoundError if the guest goes away."""
         ref = _ref(kind, vmid)
         deadline = time.monotonic() + (self._task_timeout if timeout is None else timeout)
@@ -770,10 +598,7 @@ class ProxmoxBackend:
         ref = _ref(kind, vmid)
         if not config and not delete:
             return
-        pve_kind: pve.GuestKind = "lxc" if kind is GuestType.LXC else "qemu"
-        fixed = sorted(
-            k for k in (*config, *delete) if k in pve.CREATE_ONLY[pve_kind] or k in pve.REPLACE_KEYS[pve_kind]
-        )
+        fixed = sorted(k for k in (*config, *delete) if k in pve.CREATE_ONLY[kind] or k in pve.REPLACE_KEYS[kind])
         if fixed:
             raise PermanentError(
                 f"{', '.join(fixed)} cannot change on an existing guest", resource=ref, hint="recreate the guest"
@@ -811,7 +636,7 @@ class ProxmoxBackend:
             status = self._status(kind, node, vmid)
             if status.get("status") == "running":
                 return
-            self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestType.QEMU else ())
+            self._refuse_locked(status, resource=ref, allowed=("suspended",) if kind is GuestKind.QEMU else ())
             upid = self._call("POST", f"nodes/{node}/{kind.value}/{vmid}/status/start", resource=ref)
             self._wait(upid, resource=ref, timeout=timeout)
 
@@ -853,7 +678,7 @@ class ProxmoxBackend:
 
         self._write(lambda attempt: self._stop_once(kind, node, vmid, timeout), resource=ref, action="stop")
 
-    def _stop_once(self, kind: GuestType, node: str, vmid: int, timeout: float | None) -> None:
+    def _stop_once(self, kind: GuestKind, node: str, vmid: int, timeout: float | None) -> None:
         ref = _ref(kind, vmid)
         status = self._status(kind, node, vmid)
         if status.get("status") == "stopped":
@@ -892,7 +717,7 @@ class ProxmoxBackend:
         def resize(attempt: int) -> None:
             config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
             value = config.get(disk) if isinstance(config, Mapping) else None
-            default = pve.default_key_for(kind.value, disk)
+            default = pve.default_key_for(kind, disk)
             if not isinstance(value, str) or default is None:
                 raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
             current = pve.parse_property(value, default).get("size")
@@ -917,11 +742,11 @@ class ProxmoxBackend:
         def move(attempt: int) -> None:
             config = self._get(f"nodes/{node}/{kind.value}/{vmid}/config", resource=ref, params={"current": 1})
             value = config.get(disk) if isinstance(config, Mapping) else None
-            if not isinstance(value, str) or pve.volume_storage(kind.value, disk, value) is None:
+            if not isinstance(value, str) or pve.volume_storage(kind, disk, value) is None:
                 raise PermanentError(f"{ref} has no volume {disk}", resource=ref)
-            if pve.volume_storage(kind.value, disk, value) == storage:
+            if pve.volume_storage(kind, disk, value) == storage:
                 return
-            if kind.value == "lxc":
+            if kind is GuestKind.LXC:
                 path, params = "move_volume", {"volume": disk, "storage": storage, "delete": 1}
             else:
                 path, params = "move_disk", {"disk": disk, "storage": storage, "delete": 1}
@@ -960,7 +785,7 @@ class ProxmoxBackend:
 
     # ---- helpers ------------------------------------------------------------------
 
-    def _status(self, kind: GuestType, node: str, vmid: int) -> Mapping[str, Any]:
+    def _status(self, kind: GuestKind, node: str, vmid: int) -> Mapping[str, Any]:
         """The guest's current status; NotFoundError when it does not exist there.
 
         PVE answers a missing guest with 500 (no config file), as it does a lock timeout: the
@@ -981,7 +806,7 @@ class ProxmoxBackend:
         rows = self._get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
         return next((row for row in rows or () if int(row.get("vmid", -1)) == vmid), None)
 
-    def _digest_changed(self, kind: GuestType, node: str, vmid: int, digest: str) -> bool:
+    def _digest_changed(self, kind: GuestKind, node: str, vmid: int, digest: str) -> bool:
         try:
             current = self._call(
                 "GET", f"nodes/{node}/{kind.value}/{vmid}/config", resource=_ref(kind, vmid), params={"current": 1}
@@ -996,7 +821,7 @@ class ProxmoxBackend:
         if lock and lock not in allowed:
             raise TemporaryError(f"guest is locked ({lock})", resource=resource, hint="retry when the lock is gone")
 
-    def _check_root_only(self, kind: GuestType, config: Mapping[str, str], *, resource: str) -> None:
+    def _check_root_only(self, kind: GuestKind, config: Mapping[str, str], *, resource: str) -> None:
         """Refuse what PVE allows only to a root@pam password login, before sending it."""
         if self._settings.is_root_pam:
             return
@@ -1009,8 +834,8 @@ class ProxmoxBackend:
             )
 
 
-def _root_only(kind: GuestType, key: str, value: str) -> bool:
-    if kind is GuestType.LXC:
+def _root_only(kind: GuestKind, key: str, value: str) -> bool:
+    if kind is GuestKind.LXC:
         if key.startswith("dev") and key[3:].isdigit():
             return True
         if key == "rootfs" or (key.startswith("mp") and key[2:].isdigit()):
@@ -1035,7 +860,7 @@ the server sends (fakepve sends it in clear), so a password never reaches an obs
 
 
 def _guest(
-    kind: GuestType,
+    kind: GuestKind,
     vmid: int,
     node: str,
     *,

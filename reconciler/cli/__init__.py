@@ -10,10 +10,10 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -81,26 +81,19 @@ def _read(path: Path, ref: str | None, repo: str | None, state_dir: Path | None 
 
 
 def _path_in_repo(path: Path) -> str:
-    import subprocess
+    """`path` inside the git working copy holding it ("" when git does not know it)."""
+    from reconciler.sources.git import locate
 
-    top = subprocess.run(
-        ["git", "-C", str(path if path.is_dir() else path.parent), "rev-parse", "--show-toplevel"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return str(path.resolve().relative_to(Path(top).resolve())) if top else ""
+    found = locate(path)
+    return found[1] if found else ""
 
 
 def _repo_top(path: Path) -> str:
     """The top folder of the git repository holding `path` (the path itself when git does not know it)."""
-    import subprocess
+    from reconciler.sources.git import locate
 
-    folder = path if path.is_dir() else path.parent
-    top = subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return top or str(path)
+    found = locate(path)
+    return str(found[0]) if found else str(path)
 
 
 def _load(path: Path, *, as_json: bool, ref: str | None = None, repo: str | None = None) -> LoadResult:
@@ -253,12 +246,6 @@ def apply(
         saved = _saved_plan(plan_file) if plan_file else None
         folder = _state_dir(state_dir)
 
-    def confirm(planned: Plan) -> bool:
-        print_plan(console, planned)
-        if auto_approve or saved is not None:
-            return True
-        return typer.confirm("Apply these changes?", default=False)
-
     options = ApplyOptions(
         allow_delete=allow_delete,
         adopt_orphans=adopt_orphans,
@@ -279,21 +266,13 @@ def apply(
                 docker_endpoints=endpoints,
                 options=options,
                 saved_plan=saved,
-                confirm=confirm,
+                confirm=_confirmer(ask=not auto_approve and saved is None),
                 on_step=lambda step: print_step(console, step),
             )
         finally:
             journal.close()
     if report is None:
-        if not planned.applicable:
-            print_plan(console, planned)
-            for problem in (*planned.conflicts, *planned.blockers):
-                err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
-            raise typer.Exit(EXIT_ERROR)
-        if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
-            print_plan(console, planned)
-        console.print("Nothing to do." if planned.empty else "Not applied.")
-        raise typer.Exit(EXIT_OK)
+        _not_applied(planned)
     print_report(console, report)
     raise typer.Exit(report.exit_code)
 
@@ -326,6 +305,29 @@ def _read_plan_file(path: Path) -> bytes:
     if len(data) > MAX_PLAN_BYTES:
         raise OSError(f"{path} is larger than {MAX_PLAN_BYTES // (1024 * 1024)} MiB")
     return data
+
+
+def _confirmer(*, ask: bool) -> Callable[[Plan], bool]:
+    """Show the plan; with `ask`, go on only if the person says yes (a saved plan or --auto-approve does not ask)."""
+
+    def confirm(planned: Plan) -> bool:
+        print_plan(console, planned)
+        return typer.confirm("Apply these changes?", default=False) if ask else True
+
+    return confirm
+
+
+def _not_applied(planned: Plan) -> NoReturn:
+    """End an apply that changed nothing: blocked (exit 1), nothing to do or declined (exit 0)."""
+    if not planned.applicable:
+        print_plan(console, planned)
+        for problem in (*planned.conflicts, *planned.blockers):
+            err.print(f"[red]error[/]: {escape(str(problem))}", highlight=False)
+        raise typer.Exit(EXIT_ERROR)
+    if planned.empty and planned.warnings:  # orphans, protected leftovers: say so even when nothing changes
+        print_plan(console, planned)
+    console.print("Nothing to do." if planned.empty else "Not applied.")
+    raise typer.Exit(EXIT_OK)
 
 
 def _saved_plan(path: Path) -> Plan:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from reconciler import redact
 from reconciler.engine.apply import ApplyReport, StepReport
 from reconciler.engine.journal import RunRecord, RunResult
-from reconciler.planning.plan import SENSITIVE, Action, Change, Plan, Timing
+from reconciler.planning.plan import SENSITIVE, Action, Backend, Change, Plan, Timing
 from reconciler.spec.diagnostics import Diagnostic, Severity, one_line
 
 __all__ = ["print_diagnostics", "print_history", "print_plan", "print_report", "print_status", "print_step"]
@@ -90,7 +90,7 @@ def _print_change(console: Console, change: Change) -> None:
         note = ""
         if field.timing is Timing.RESTART:
             note = " [dim](after restart)[/]"
-        elif field.timing is Timing.REPLACE and change.backend == "proxmox":
+        elif field.timing is Timing.REPLACE and change.backend is Backend.PROXMOX:
             note = " [magenta](forces replacement)[/]"
         console.print(
             f"    [yellow]~ {escape(field.path)}[/]: {escape(_show(before))} -> {escape(_show(after))}{note}",

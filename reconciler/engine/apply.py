@@ -28,17 +28,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol, assert_never
 
 from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
-from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer, ObservedGuest
-from reconciler.planning.plan import Action, Change, Plan
-from reconciler.planning.planner import OLD_SUFFIX, spec_hash
-from reconciler.spec.models import Resource
+from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
+from reconciler.planning.intents import GuestIntent
+from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
+from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
+from reconciler.planning.plan import Action, Address, Backend, Change, Plan
 from reconciler.spec.state import DesiredState
 
 __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Applier", "ApplyReport", "HealthPolicy"]
@@ -46,8 +47,6 @@ __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Appl
 EXIT_APPLIED = 0
 EXIT_ROLLED_BACK = 1
 EXIT_ROLLBACK_INCOMPLETE = 3
-
-GuestKind = Literal["lxc", "qemu"]
 
 
 class GuestBackend(Protocol):
@@ -76,7 +75,7 @@ class GuestBackend(Protocol):
 class ContainerBackend(Protocol):
     def container_state(self, host: str, name: str) -> ObservedContainer | None: ...
     def ensure_image(self, host: str, image: str) -> None: ...
-    def create_container(self, host: str, spec: Any) -> str: ...
+    def create_container(self, host: str, spec: ContainerRun) -> str: ...
     def start_container(self, host: str, name: str) -> None: ...
     def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None: ...
     def remove_container(self, host: str, name: str, *, force: bool = False) -> None: ...
@@ -150,7 +149,7 @@ class Applier:
         env: Mapping[str, str],
         docker_endpoints: Mapping[str, str],
         health: HealthPolicy | None = None,
-        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], Any] | None = None,
+        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
@@ -161,7 +160,7 @@ class Applier:
         self.env = env
         self.endpoints = docker_endpoints
         self.health = health or HealthPolicy()
-        self.container_run = container_run or _default_run
+        self.container_run = container_run or container_run_from
         self.sleep = sleep
         self.on_step = on_step
         self.prober = prober  # replaces network probes (the demo's in-memory containers answer them)
@@ -208,11 +207,11 @@ class Applier:
     def _preflight(self, plan: Plan) -> None:
         """Refuse before touching anything: secrets that are not set, a backend that is not configured."""
         for change in plan.changes:
-            if change.backend == "docker" and self.docker is None:
+            if change.backend is Backend.DOCKER and self.docker is None:
                 raise ConfigError(
                     "the plan changes containers but no Docker host is configured", resource=change.address
                 )
-            if change.backend == "proxmox" and self.proxmox is None:
+            if change.backend is Backend.PROXMOX and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
             for variable in (change.after or {}).get("secret_env", {}).values():
                 if variable not in self.env:
@@ -267,10 +266,13 @@ class Applier:
         )
         done.append(_Done(change, before, step_id))
         try:
-            if change.backend == "proxmox":
-                self._guest(change)
-            else:
-                self._container(change, before)
+            match change.backend:
+                case Backend.PROXMOX:
+                    self._guest(change)
+                case Backend.DOCKER:
+                    self._container(change, before)
+                case _:
+                    assert_never(change.backend)
         except ReconcilerError as exc:
             done[-1].failed = True
             self.journal.end_step(step_id, StepOutcome.FAILED, error=str(exc))
@@ -307,26 +309,16 @@ class Applier:
 
     def _guest(self, change: Change) -> None:
         assert self.proxmox is not None
-        after, before = change.after or {}, change.before or {}
-        kind: GuestKind = (after or before)["type"]
-        node, vmid = (after or before)["node"], (after or before)["vmid"]
-        running = after.get("state") == "running"
+        intent = GuestIntent.of(change)
+        before = change.before or {}
+        kind, node, vmid, running = intent.kind, intent.node, intent.vmid, intent.running
         match change.action:
             case Action.CREATE:
-                create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
-                create(node, vmid, config=after["config"])
+                create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
+                create(node, vmid, config=intent.config)
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
-                grow: Mapping[str, str] = after.get("resize", {})
-                moves: Mapping[str, str] = after.get("move", {})
-                keys = sorted(
-                    {key for f in change.fields if (key := _config_key(f.path, grow))}
-                    & set(after["config"]) - set(moves)
-                )
-                config = {k: after["config"][k] for k in keys}
-                if "tags" in {f.path for f in change.fields}:
-                    config["tags"] = after["config"]["tags"]
                 restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
                 if restart:  # stop, set, start: a GPU is released before anything else claims it
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
@@ -334,12 +326,12 @@ class Applier:
                     kind,
                     node,
                     vmid,
-                    config=config,
-                    delete=after.get("delete", []),
+                    config=intent.send,
+                    delete=list(intent.delete),
                     digest=None if restart else before.get("digest"),
                 )
-                self._move_volumes(kind, node, vmid, moves, after["config"])
-                for disk, size in grow.items():
+                self._move_volumes(kind, node, vmid, intent.moves, intent.config)
+                for disk, size in intent.grow.items():
                     self.proxmox.resize(kind, node, vmid, disk=disk, size=size)
                 if running and (restart or before.get("status") != "running"):
                     self.proxmox.start(kind, node, vmid)
@@ -354,10 +346,12 @@ class Applier:
                 self.destroyed.add(change.address)  # from here on, the guest's data may be gone
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
-                    create = self.proxmox.create_lxc if kind == "lxc" else self.proxmox.create_vm
-                    create(node, vmid, config=after["config"])
+                    create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
+                    create(node, vmid, config=intent.config)
                     if running:
                         self.proxmox.start(kind, node, vmid)
+            case _:
+                assert_never(change.action)
 
     def _move_volumes(
         self, kind: GuestKind, node: str, vmid: int, moves: Mapping[str, str], desired: Mapping[str, str]
@@ -401,7 +395,7 @@ class Applier:
         assert self.proxmox is not None
         change = done.change
         after, before = change.after or {}, change.before or {}
-        kind: GuestKind = (after or before)["type"]
+        kind = GuestKind((after or before)["type"])
         node, vmid = (after or before)["node"], (after or before)["vmid"]
         was_running = before.get("status") == "running"
         match change.action:
@@ -440,6 +434,8 @@ class Applier:
                 self.proxmox.start(kind, node, vmid)
             case Action.DELETE | Action.REPLACE:
                 self._undo_destroy(done, kind, node, vmid, was_running=was_running)
+            case _:
+                assert_never(change.action)
 
     def _undo_destroy(self, done: _Done, kind: GuestKind, node: str, vmid: int, *, was_running: bool) -> None:
         """A guest not yet destroyed gets its power state back; a destroyed one cannot come back: say what is lost.
@@ -500,6 +496,8 @@ class Applier:
                 self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 raise PlanError("containers are replaced, not updated", resource=change.address)
+            case _:
+                assert_never(change.action)
 
     def _undo_container(self, done: _Done) -> None:
         assert self.docker is not None
@@ -523,6 +521,8 @@ class Applier:
                 self.docker.start_container(host, name)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 pass
+            case _:
+                assert_never(change.action)
 
     # ---- health ------------------------------------------------------------------------------------
 
@@ -531,9 +531,13 @@ class Applier:
         after = change.after or {}
         if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
             return None
-        if change.backend == "proxmox":
-            return self._guest_running(after)
-        return self._container_healthy(change, after.get("probe"), load=after.get("load"))
+        match change.backend:
+            case Backend.PROXMOX:
+                return self._guest_running(after)
+            case Backend.DOCKER:
+                return self._container_healthy(change, after.get("probe"), load=after.get("load"))
+            case _:
+                assert_never(change.backend)
 
     def _guest_running(self, after: Mapping[str, Any]) -> ProbeResult:
         assert self.proxmox is not None
@@ -619,10 +623,13 @@ class Applier:
                 before=item.before,
             )
             try:
-                if change.backend == "proxmox":
-                    self._undo_guest(item)
-                else:
-                    self._undo_container(item)
+                match change.backend:
+                    case Backend.PROXMOX:
+                        self._undo_guest(item)
+                    case Backend.DOCKER:
+                        self._undo_container(item)
+                    case _:
+                        assert_never(change.backend)
                 restored = self._check_restored(item)
             except ReconcilerError as exc:
                 message = f"{change.address}: undo {change.action} failed: {exc}"
@@ -648,16 +655,20 @@ class Applier:
         before = item.before or {}
         if before.get("status") not in ("running", "restarting"):
             return None
-        if item.change.backend == "proxmox":
-            return self._guest_running(item.change.before or {})
-        return self._container_healthy(item.change, None)
+        match item.change.backend:
+            case Backend.PROXMOX:
+                return self._guest_running(item.change.before or {})
+            case Backend.DOCKER:
+                return self._container_healthy(item.change, None)
+            case _:
+                assert_never(item.change.backend)
 
     def _finalize(self, run_id: int, done: list[_Done], report: ApplyReport) -> None:
         """Everything is healthy: remove what was kept for a rollback."""
         if self.docker is None:
             return
         for item in done:
-            if item.change.backend != "docker" or item.change.action not in (Action.REPLACE, Action.DELETE):
+            if item.change.backend is not Backend.DOCKER or item.change.action not in (Action.REPLACE, Action.DELETE):
                 continue
             host, name = _host_and_name(item.change)
             step_id = self._begin(
@@ -681,14 +692,15 @@ class Applier:
         for change in plan.changes:
             if change.action is Action.DELETE:
                 self.journal.forget_under(change.address)
-                if change.backend == "proxmox":  # the containers of a Docker engine in it went with it
-                    self.journal.forget_under(f"container/{change.address.partition('/')[2]}")
+                if change.backend is Backend.PROXMOX:  # the containers of a Docker engine in it went with it
+                    self.journal.forget_under(f"container/{change.where.name}")
         for resource in desired.resources:
-            if resource.kind in ("Lxc", "Vm", "Container", "Model"):
+            address = Address.of(resource)
+            if address is not None:
                 self.journal.record_owned(
-                    _address_of(resource),
+                    str(address),
                     resource=resource.ref,
-                    backend=_backend_of(resource),
+                    backend=address.backend,
                     spec_hash=spec_hash(resource, desired),
                     protected=resource.protect,
                     run_id=run_id,
@@ -697,7 +709,7 @@ class Applier:
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
-        if change.backend == "proxmox":
+        if change.backend is Backend.PROXMOX:
             return dict(change.before) if change.before else None
         assert self.docker is not None
         host, name = _host_and_name(change)
@@ -713,24 +725,8 @@ class Applier:
         }
 
 
-def _address_of(resource: Resource) -> str:
-    if resource.kind in ("Lxc", "Vm"):
-        return f"{'lxc' if resource.kind == 'Lxc' else 'qemu'}/{resource.name}"
-    return f"container/{getattr(resource, 'host', '')}/{resource.name}"
-
-
-def _backend_of(resource: Resource) -> str:
-    return "proxmox" if resource.kind in ("Lxc", "Vm") else "docker"
-
-
-def _config_key(path: str, grow: Mapping[str, str]) -> str | None:
-    """The config key a field change is sent under; None for a size that PVE's resize call changes instead."""
-    key, _, sub = path.partition(".")
-    return None if key in grow and sub == "size" else key
-
-
 def _irreversible(change: Change) -> bool:
-    return change.backend == "proxmox" and change.action in (Action.DELETE, Action.REPLACE)
+    return change.backend is Backend.PROXMOX and change.action in (Action.DELETE, Action.REPLACE)
 
 
 def _holds_exclusive(container: ObservedContainer) -> bool:
@@ -739,24 +735,19 @@ def _holds_exclusive(container: ObservedContainer) -> bool:
 
 
 def _host_and_name(change: Change) -> tuple[str, str]:
-    _, host, name = change.address.split("/", 2)
-    return host, name
+    where = change.where
+    assert where.host is not None, "a Docker change has a container address"
+    return where.host, where.name
 
 
-def _default_run(after: Mapping[str, Any], env: Mapping[str, str]) -> Any:
-    """The Docker backend's ContainerRun for a planned container, with secrets resolved now."""
-    from reconciler.backends.docker import ContainerHealthcheck, ContainerRun
-
-    return container_run_from(after, env, run_type=ContainerRun, health_type=ContainerHealthcheck)
-
-
-def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_type: Any, health_type: Any) -> Any:
+def container_run_from(after: Mapping[str, Any], env: Mapping[str, str]) -> ContainerRun:
+    """The container a planned `Change.after` describes, with its secret references resolved from `env` now."""
     variables = dict(after.get("env", {}))
     for key, variable in after.get("secret_env", {}).items():
         variables[key] = env[variable]
         redact.register(variables[key])  # read now, hidden from every message from now on
     health = after.get("healthcheck")
-    return run_type(
+    return ContainerRun(
         name=after["name"],
         image=after["image"],
         command=tuple(after["command"]) if after.get("command") is not None else None,
@@ -771,7 +762,7 @@ def container_run_from(after: Mapping[str, Any], env: Mapping[str, str], *, run_
         shm_size=after.get("shm_size"),
         ipc=after.get("ipc"),
         network_mode=after.get("network_mode"),
-        healthcheck=health_type(
+        healthcheck=ContainerHealthcheck(
             test=tuple(health["test"]),
             interval=health["interval"],
             timeout=health["timeout"],

@@ -33,7 +33,7 @@ from typing import Any
 from reconciler import redact
 from reconciler.engine.lock import ensure_state_dir
 from reconciler.errors import StateError, TemporaryError
-from reconciler.planning.planner import Inventory
+from reconciler.planning.inventory import Inventory
 
 __all__ = ["Journal", "RunRecord", "RunResult", "StepOutcome", "StepRecord"]
 

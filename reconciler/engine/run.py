@@ -31,9 +31,9 @@ from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
 from reconciler.errors import PlanError, TemporaryError
-from reconciler.planning.plan import Action, Plan
+from reconciler.planning.plan import Action, Address, Backend, Plan
 from reconciler.planning.planner import make_plan
-from reconciler.spec.models import Lxc, Vm, Workload
+from reconciler.spec.models import Lxc, Vm
 from reconciler.spec.state import DesiredState
 
 __all__ = ["ApplyOptions", "apply_pass", "check_saved_plan", "plan_pass", "record_protection"]
@@ -162,17 +162,13 @@ def record_protection(journal: Journal, desired: DesiredState, plan: Plan) -> No
     for resource in desired.resources:
         if resource.ref in disputed:
             continue
-        if isinstance(resource, Lxc | Vm):
-            address = f"{'lxc' if isinstance(resource, Lxc) else 'qemu'}/{resource.name}"
-            backend, vmid = "proxmox", resource.vmid
-        elif isinstance(resource, Workload):
-            address, backend, vmid = f"container/{resource.host}/{resource.name}", "docker", None
-        else:
+        where = Address.of(resource)
+        if where is None or str(where) in created:
             continue
-        if address not in created:
-            journal.record_protection(
-                address, resource=resource.ref, backend=backend, protected=resource.protect, vmid=vmid
-            )
+        vmid = resource.vmid if isinstance(resource, Lxc | Vm) else None
+        journal.record_protection(
+            str(where), resource=resource.ref, backend=where.backend, protected=resource.protect, vmid=vmid
+        )
 
 
 def _settle_interrupted(
@@ -184,7 +180,7 @@ def _settle_interrupted(
         for step in journal.steps(run.id):
             if step.phase != "apply" or step.outcome is not StepOutcome.PENDING:
                 continue
-            if step.intent.get("backend") != "proxmox":
+            if step.intent.get("backend") != Backend.PROXMOX:
                 continue
             side = step.intent.get("after") or step.intent.get("before") or {}
             if side.get("vmid") is not None:

@@ -26,7 +26,7 @@ import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from reconciler.spec.models import Container, Engine, Lab, Model, PowerState, Workload
 
@@ -207,61 +207,72 @@ def _preset(model: Model, *, lab: Lab, gpu_count: int) -> dict[str, Any]:
     }
     match model.engine:
         case Engine.VLLM:
-            args: dict[str, Any] = {
-                "model": model.source,
-                "served-model-name": served,
-                "host": "0.0.0.0",
-                "port": model.port,
-                "tensor-parallel-size": max(gpu_count, 1),
-            }
-            if model.context is not None:
-                args["max-model-len"] = model.context
-            if model.quantization is not None:
-                args["quantization"] = model.quantization
-            args.update(_dashed(model.args))
-            return {
-                **common,
-                "command": _flags(args),
-                "env": {"VLLM_NO_USAGE_STATS": "1"},
-                "ipc": "host" if gpu_count > 1 else None,
-                "shm_size": None if gpu_count > 1 else 2 * GIB,
-                "probe": _http_probe(model, "/health"),
-            }
+            return {**common, **_vllm(model, served, gpu_count)}
         case Engine.LLAMACPP:
-            args = {
-                "model": model.source,
-                "alias": served,
-                "ctx-size": model.context or DEFAULT_LLAMACPP_CONTEXT,
-                "n-gpu-layers": 999 if gpu_count else 0,
-                "host": "0.0.0.0",
-                "port": model.port,
-                "flash-attn": "on",
-                "parallel": 1,
-                "fit": "off",
-            }
-            args.update(_dashed(model.args))
-            return {**common, "command": _flags(args), "env": {}, "probe": _http_probe(model, "/health")}
+            return {**common, **_llamacpp(model, served, gpu_count)}
         case Engine.OLLAMA:
-            env = {
-                "OLLAMA_HOST": f"0.0.0.0:{model.port}",
-                "OLLAMA_KEEP_ALIVE": "-1",
-                "OLLAMA_MAX_LOADED_MODELS": "1",
-                "OLLAMA_FLASH_ATTENTION": "1",
-            }
-            for key, value in model.args.items():
-                env[f"OLLAMA_{key.upper()}"] = _text(value)
-            if model.context is not None:
-                env["OLLAMA_CONTEXT_LENGTH"] = str(model.context)
-            volumes = ((model.models_dir, "/root/.ollama", False),) if model.models_dir else ()
-            return {
-                **common,
-                "volumes": volumes,
-                "command": None,
-                "env": env,
-                "labels": {label_keys(lab.owner)["load"]: model.source},
-                "load": model.source,
-                "probe": _http_probe(model, "/api/tags"),
-            }
+            return {**common, **_ollama(model, lab)}
+        case _:
+            assert_never(model.engine)
+
+
+def _vllm(model: Model, served: str, gpu_count: int) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model": model.source,
+        "served-model-name": served,
+        "host": "0.0.0.0",
+        "port": model.port,
+        "tensor-parallel-size": max(gpu_count, 1),
+    }
+    if model.context is not None:
+        args["max-model-len"] = model.context
+    if model.quantization is not None:
+        args["quantization"] = model.quantization
+    args.update(_dashed(model.args))
+    return {
+        "command": _flags(args),
+        "env": {"VLLM_NO_USAGE_STATS": "1"},
+        "ipc": "host" if gpu_count > 1 else None,
+        "shm_size": None if gpu_count > 1 else 2 * GIB,
+        "probe": _http_probe(model, "/health"),
+    }
+
+
+def _llamacpp(model: Model, served: str, gpu_count: int) -> dict[str, Any]:
+    args = {
+        "model": model.source,
+        "alias": served,
+        "ctx-size": model.context or DEFAULT_LLAMACPP_CONTEXT,
+        "n-gpu-layers": 999 if gpu_count else 0,
+        "host": "0.0.0.0",
+        "port": model.port,
+        "flash-attn": "on",
+        "parallel": 1,
+        "fit": "off",
+    }
+    args.update(_dashed(model.args))
+    return {"command": _flags(args), "env": {}, "probe": _http_probe(model, "/health")}
+
+
+def _ollama(model: Model, lab: Lab) -> dict[str, Any]:
+    env = {
+        "OLLAMA_HOST": f"0.0.0.0:{model.port}",
+        "OLLAMA_KEEP_ALIVE": "-1",
+        "OLLAMA_MAX_LOADED_MODELS": "1",
+        "OLLAMA_FLASH_ATTENTION": "1",
+    }
+    for key, value in model.args.items():
+        env[f"OLLAMA_{key.upper()}"] = _text(value)
+    if model.context is not None:
+        env["OLLAMA_CONTEXT_LENGTH"] = str(model.context)
+    return {
+        "volumes": ((model.models_dir, "/root/.ollama", False),) if model.models_dir else (),
+        "command": None,
+        "env": env,
+        "labels": {label_keys(lab.owner)["load"]: model.source},
+        "load": model.source,
+        "probe": _http_probe(model, "/api/tags"),
+    }
 
 
 def _http_probe(model: Model, path: str) -> dict[str, Any]:

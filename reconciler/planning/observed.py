@@ -17,7 +17,7 @@ __all__ = [
     "ContainerVolume",
     "DockerObservation",
     "GpuProcess",
-    "GuestType",
+    "GuestKind",
     "NvmlObservation",
     "Observed",
     "ObservedContainer",
@@ -30,14 +30,14 @@ __all__ = [
 ]
 
 
-class GuestType(enum.StrEnum):
+class GuestKind(enum.StrEnum):
     LXC = "lxc"
     QEMU = "qemu"
 
 
 @dataclass(frozen=True, slots=True)
 class ObservedGuest:
-    type: GuestType
+    type: GuestKind
     vmid: int
     node: str
     name: str

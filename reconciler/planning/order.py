@@ -18,7 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from reconciler.planning import pve
-from reconciler.planning.plan import Action, Change
+from reconciler.planning.gpudev import gpu_of_device
+from reconciler.planning.plan import Action, AddressKind, Backend, Change
 from reconciler.spec.models import Gpu, Lxc, Resource, Vm
 from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
@@ -31,13 +32,17 @@ _STOPPING = {Action.STOP, Action.DELETE, Action.REPLACE}  # take down what runs 
 
 def _phase(change: Change) -> int:
     """Default order when no edge decides: take things down, then build up from guests to containers."""
-    container = change.backend == "docker"
+    container = change.backend is Backend.DOCKER
     if change.action in (Action.STOP, Action.DELETE):
         return 0 if container else 1
     return 3 if container else 2
 
 
-def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Change, ...]:
+def order_changes(
+    changes: Iterable[Change], desired: DesiredState, *, nvidia: Mapping[str, Mapping[str, int]] | None = None
+) -> tuple[Change, ...]:
+    """The changes in a safe order, each with what it depends on. `nvidia` is node -> Gpu -> N of its
+    /dev/nvidiaN (`gpudev.nvidia_numbers`), to tell which GPUs a live CT holds."""
     items = list(changes)
     by_address = {c.address: c for c in items}
     edges: dict[str, set[str]] = defaultdict(set)  # before -> afters
@@ -46,9 +51,9 @@ def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Cha
         if first.address != then.address:
             edges[first.address].add(then.address)
 
-    guest_by_name = {_name_of(c.resource): c for c in items if c.backend == "proxmox" and "/" in c.resource}
+    guest_by_name = {c.where.name: c for c in items if c.backend is Backend.PROXMOX}
     for change in items:
-        if change.backend != "docker":
+        if change.backend is not Backend.DOCKER:
             continue
         host = _container_host(change)
         guest = guest_by_name.get(host) if host else None
@@ -65,7 +70,7 @@ def order_changes(changes: Iterable[Change], desired: DesiredState) -> tuple[Cha
             edge(change, guest)
 
     _group_edges(items, desired, edge)
-    _gpu_edges(items, desired, edge)
+    _gpu_edges(items, desired, edge, nvidia or {})
     return _topological(items, edges, by_address)
 
 
@@ -84,7 +89,7 @@ def _group_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
                 edge(old, new)
 
 
-def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
+def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any, nvidia: Mapping[str, Mapping[str, int]]) -> None:
     """A change that lets go of a GPU goes before a change that takes it."""
     names_by_uuid = {g.uuid.lower(): g.name for g in desired.of(Gpu) if g.uuid}
     for change in items:
@@ -94,7 +99,7 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
     releases: dict[str, list[Change]] = defaultdict(list)
     claims: dict[str, list[Change]] = defaultdict(list)
     for change in items:
-        held_before = _held_before(change, desired, names_by_uuid)
+        held_before = _held_before(change, desired, names_by_uuid, nvidia)
         held_after = _held_after(change, desired)
         for gpu in held_before - held_after:
             releases[gpu].append(change)
@@ -107,13 +112,15 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any) -> None:
                     edge(release, claim)
 
 
-def _held_before(change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str]) -> set[str]:
+def _held_before(
+    change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], nvidia: Mapping[str, Mapping[str, int]]
+) -> set[str]:
     before = change.before or {}
     if before.get("status") not in ("running", "restarting"):
         return set()
-    if change.backend == "docker":
+    if change.backend is Backend.DOCKER:
         return {names_by_uuid.get(str(u).lower(), str(u)) for u in before.get("gpus", ())}
-    held = _gpus_in_config(before, desired)
+    held = _gpus_in_config(before, desired, nvidia)
     if change.action is Action.REPLACE:
         held |= _held_after(change, desired)
     return held
@@ -123,7 +130,7 @@ def _held_after(change: Change, desired: DesiredState) -> set[str]:
     after = change.after or {}
     if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
         return set()
-    if change.backend == "docker":
+    if change.backend is Backend.DOCKER:
         return set(after.get("gpu_names", ()))
     resource = _resource(desired, change.resource)
     if isinstance(resource, Vm):
@@ -133,21 +140,24 @@ def _held_after(change: Change, desired: DesiredState) -> set[str]:
     return set()
 
 
-def _gpus_in_config(before: Mapping[str, Any] | None, desired: DesiredState) -> set[str]:
+def _gpus_in_config(
+    before: Mapping[str, Any] | None, desired: DesiredState, nvidia: Mapping[str, Mapping[str, int]] | None = None
+) -> set[str]:
     """The GPUs a guest holds now, read from its live config (hostpciN by address or mapping, devN by number)."""
     if not before:
         return set()
     node = before.get("node")
-    gpus = sorted((g for g in desired.of(Gpu) if g.node == node), key=lambda g: g.pci_function0 or "")
+    gpus = [g for g in desired.of(Gpu) if g.node == node]
+    numbers = (nvidia or {}).get(str(node), {})
     held: set[str] = set()
     for key, value in (before.get("config") or {}).items():
         text = str(value)
         if key.startswith("hostpci"):
             held.update(gpu.name for gpu in gpus if _passes_through(text, gpu))
-        elif key.startswith("dev") and text.startswith("/dev/nvidia"):
-            number = text.removeprefix("/dev/nvidia").split(",")[0]
-            if number.isdigit() and int(number) < len(gpus):
-                held.add(gpus[int(number)].name)
+        elif key.startswith("dev"):
+            gpu = gpu_of_device(text, numbers)
+            if gpu is not None:
+                held.add(gpu)
     return held
 
 
@@ -203,13 +213,9 @@ def _topological(
     )
 
 
-def _name_of(ref: str) -> str:
-    return ref.split("/", 1)[1]
-
-
 def _container_host(change: Change) -> str | None:
-    parts = change.address.split("/")
-    return parts[1] if len(parts) == 3 else None
+    where = change.where
+    return where.host if where.kind is AddressKind.CONTAINER else None
 
 
 def _resource(desired: DesiredState, ref: str) -> Resource | None:

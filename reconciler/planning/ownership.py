@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler.planning import pve
-from reconciler.planning.plan import Action, Change, Problem
+from reconciler.planning.observed import GuestKind
+from reconciler.planning.plan import Action, Backend, Change, Problem
 from reconciler.spec.state import DesiredState
 
 __all__ = ["LEGACY_OWNER", "Claim", "Marks", "Ownership", "guard_rails", "volumes_lost"]
@@ -95,7 +96,7 @@ class Ownership:
         )
 
 
-def volumes_lost(kind: pve.GuestKind, config: Mapping[str, str]) -> tuple[str, ...]:
+def volumes_lost(kind: GuestKind, config: Mapping[str, str]) -> tuple[str, ...]:
     """What destroying a guest loses: each storage volume, as `rootfs local-lvm:vm-955-disk-0 (64G)`."""
     return tuple(
         f"{key} {volume}" + (f" ({size})" if size else "") for key, volume, size in pve.guest_volumes(kind, config)
@@ -109,7 +110,7 @@ def guard_rails(changes: Iterable[Change], desired: DesiredState, *, allow_delet
     destructive = [
         c.address
         for c in changes
-        if c.action is Action.DELETE or (c.action is Action.REPLACE and c.backend == "proxmox")
+        if c.action is Action.DELETE or (c.action is Action.REPLACE and c.backend is Backend.PROXMOX)
     ]
     if len(destructive) > lab.max_deletes and not allow_delete:
         problems.append(
@@ -122,7 +123,7 @@ def guard_rails(changes: Iterable[Change], desired: DesiredState, *, allow_delet
         )
     for change in changes:
         resource = desired.find(change.resource)
-        if resource is None or not resource.protect or change.backend != "proxmox":
+        if resource is None or not resource.protect or change.backend is not Backend.PROXMOX:
             continue
         if change.action in (Action.DELETE, Action.REPLACE):
             problems.append(

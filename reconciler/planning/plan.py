@@ -38,12 +38,17 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
+
+from reconciler.spec.models import Lxc, Resource, Vm, Workload
 
 __all__ = [
     "PLAN_FORMAT",
     "SENSITIVE",
     "Action",
+    "Address",
+    "AddressKind",
+    "Backend",
     "Change",
     "FieldChange",
     "Plan",
@@ -82,6 +87,66 @@ class Action(enum.StrEnum):
     DELETE = "delete"
     START = "start"
     STOP = "stop"
+
+
+class Backend(enum.StrEnum):
+    """Who carries a change out: PVE for guests, a Docker engine for containers."""
+
+    PROXMOX = "proxmox"
+    DOCKER = "docker"
+
+
+class AddressKind(enum.StrEnum):
+    LXC = "lxc"
+    QEMU = "qemu"
+    CONTAINER = "container"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A change's address, parsed: `lxc/llm`, `qemu/win`, `container/llm/qwen-7b` (host, then name).
+
+    A guest deleted without a name in the spec is addressed by vmid (`lxc/955`): `name` is then the vmid.
+    """
+
+    kind: AddressKind
+    name: str
+    host: str | None = None  # the Docker host of a container
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        head, _, rest = text.partition("/")
+        kind = AddressKind(head)
+        match kind:
+            case AddressKind.CONTAINER:
+                host, slash, name = rest.partition("/")
+                if not slash or not host or not name:
+                    raise ValueError(f"not a container address: {text!r}")
+                return cls(kind, name, host)
+            case AddressKind.LXC | AddressKind.QEMU:
+                if not rest:
+                    raise ValueError(f"not a guest address: {text!r}")
+                return cls(kind, rest)
+            case _:
+                assert_never(kind)
+
+    @classmethod
+    def of(cls, resource: Resource) -> Address | None:
+        """Where a spec resource lives once applied; None for what is not a guest or container (a Gpu...)."""
+        if isinstance(resource, Lxc):
+            return cls(AddressKind.LXC, resource.name)
+        if isinstance(resource, Vm):
+            return cls(AddressKind.QEMU, resource.name)
+        if isinstance(resource, Workload):
+            return cls(AddressKind.CONTAINER, resource.name, resource.host)
+        return None
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.DOCKER if self.kind is AddressKind.CONTAINER else Backend.PROXMOX
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.host}/{self.name}" if self.host is not None else f"{self.kind}/{self.name}"
 
 
 class Timing(enum.StrEnum):
@@ -127,7 +192,7 @@ class Change:
     address: str
     action: Action
     resource: str  # the spec resource it comes from: "Lxc/llm"; for deletes of unlisted things, the address
-    backend: str  # proxmox | docker
+    backend: Backend
     before: Mapping[str, Any] | None
     after: Mapping[str, Any] | None
     fields: tuple[FieldChange, ...] = ()
@@ -135,6 +200,11 @@ class Change:
     depends_on: tuple[str, ...] = ()
     drift: bool = False  # the live state moved away from an unchanged spec
     loses: tuple[str, ...] = ()  # what the change destroys for good: a guest's volumes, with their data
+
+    @property
+    def where(self) -> Address:
+        """The address, parsed."""
+        return Address.parse(self.address)
 
     @property
     def needs_restart(self) -> bool:
@@ -145,7 +215,7 @@ class Change:
             "address": self.address,
             "action": str(self.action),
             "resource": self.resource,
-            "backend": self.backend,
+            "backend": str(self.backend),
             "before": _jsonable(self.before),
             "after": _jsonable(self.after),
             "fields": [f.to_json() for f in self.fields],
@@ -161,7 +231,7 @@ class Change:
             address=data["address"],
             action=Action(data["action"]),
             resource=data["resource"],
-            backend=data["backend"],
+            backend=Backend(data["backend"]),
             before=data["before"],
             after=data["after"],
             fields=tuple(

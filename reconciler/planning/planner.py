@@ -24,14 +24,17 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from deepdiff import DeepDiff
 
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
+from reconciler.planning.gpudev import nvidia_numbers
+from reconciler.planning.inventory import OLD_SUFFIX, Inventory, spec_hash
 from reconciler.planning.observed import (
-    GuestType,
+    DockerObservation,
+    GuestKind,
     NvmlObservation,
     Observed,
     ObservedContainer,
@@ -43,6 +46,8 @@ from reconciler.planning.ownership import LEGACY_OWNER, Claim, Ownership, guard_
 from reconciler.planning.plan import (
     SENSITIVE,
     Action,
+    Address,
+    Backend,
     Change,
     FieldChange,
     Plan,
@@ -55,11 +60,9 @@ from reconciler.spec.models import DriftPolicy, ExclusiveGroup, Gpu, GpuRole, Lx
 from reconciler.spec.placement import member_of, place_role
 from reconciler.spec.state import DesiredState
 
-__all__ = ["OLD_SUFFIX", "Inventory", "make_plan", "spec_hash"]
+__all__ = ["make_plan"]
 
-NVIDIA_VENDOR = "0x10de"
 _UNPROTECT = "to delete it, declare it again with 'protect: false' and apply, then remove it"
-OLD_SUFFIX = "-reconciler-old"  # a replaced container kept, stopped, until the new one is healthy
 NVIDIA_SHARED_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 # Spec fields -> the Proxmox config keys they become (for `ignore:`).
@@ -72,31 +75,6 @@ _PVE_KEYS_OF_FIELD: dict[str, tuple[str, ...]] = {
     "hostname": ("hostname",),
     "rootfs": ("rootfs",),
 }
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What the journal knows: the spec each resource was last applied from, and what is protected."""
-
-    spec_hashes: Mapping[str, str] = field(default_factory=dict)  # "Lxc/llm" -> spec_hash at last apply
-    protected: frozenset[str] = frozenset()  # addresses never to delete
-    protected_vmids: frozenset[int] = frozenset()  # guests never to delete, whatever they are called now
-    owned: frozenset[str] = frozenset()  # every address the reconciler made and has not deleted
-    owned_vmids: frozenset[int] = frozenset()  # the guests among them, by vmid
-
-
-def spec_hash(resource: Resource, desired: DesiredState) -> str:
-    """Fingerprint of what the spec asks of a resource, to tell a spec edit from drift.
-
-    It covers the group switch too: making another member active changes what
-    is asked of every member, though their own documents stay the same.
-    """
-    body = resource.model_dump(mode="json", exclude={"description"})
-    membership = getattr(resource, "exclusive", None)
-    if membership is not None:
-        group = next((g for g in desired.of(ExclusiveGroup) if g.name == membership.group), None)
-        body["_active"] = group.active if group else None
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_plan(
@@ -115,7 +93,10 @@ def make_plan(
     planner.plan_guests()
     planner.plan_containers()
     planner.warn_unwatched_hosts()
-    changes = order_changes(planner.changes, desired)
+    pci_devices = observed.proxmox.pci_devices if observed.proxmox else ()
+    gpus = desired.of(Gpu)
+    numbers = {node: nvidia_numbers(node, gpus, pci_devices) for node in {g.node for g in gpus}}
+    changes = order_changes(planner.changes, desired, nvidia=numbers)
     return Plan(
         changes=changes,
         revision=desired.revision,
@@ -187,14 +168,11 @@ class _Planner:
         """Containers the reconciler made on a Docker host the spec no longer names are not observed, so never
         removed: say so, unless the guest they run in is deleted by this plan (they go with it)."""
         hosts = self.desired.docker_hosts()
-        deleted = {
-            c.address.partition("/")[2] for c in self.changes if c.backend == "proxmox" and c.action is Action.DELETE
-        }
+        deleted = {c.where.name for c in self.changes if c.backend is Backend.PROXMOX and c.action is Action.DELETE}
         stranded: dict[str, list[str]] = {}
-        for address in self.inventory.owned:
-            kind, _, rest = address.partition("/")
-            host, _, name = rest.partition("/")
-            if kind == "container" and host not in hosts and host not in deleted and host not in self.observed.docker:
+        for address in map(Address.parse, self.inventory.owned):
+            host, name = address.host, address.name
+            if host is not None and host not in hosts and host not in deleted and host not in self.observed.docker:
                 stranded.setdefault(host, []).append(name)
         for host, names in sorted(stranded.items()):
             self.warnings.append(
@@ -251,13 +229,13 @@ class _Planner:
                 continue
             if claim is Claim.FOREIGN:
                 continue
-            lost = volumes_lost("lxc" if seen.type is GuestType.LXC else "qemu", seen.config)
+            lost = volumes_lost(seen.type, seen.config)
             self.changes.append(
                 Change(
                     address,
                     Action.DELETE,
                     address,
-                    "proxmox",
+                    Backend.PROXMOX,
                     before={
                         "type": str(seen.type),
                         "node": seen.node,
@@ -273,18 +251,17 @@ class _Planner:
             )
 
     def plan_guest(self, guest: Lxc | Vm, seen: ObservedGuest | None, proxmox: ProxmoxObservation) -> None:
-        kind: Literal["lxc", "qemu"] = "lxc" if isinstance(guest, Lxc) else "qemu"
-        address = f"{kind}/{guest.name}"
+        kind = GuestKind.LXC if isinstance(guest, Lxc) else GuestKind.QEMU
         power = self.desired_power(guest)
         config = self.guest_config(guest, proxmox)
         if config is None:
             return
         if seen is None:
             change = Change(
-                address,
+                f"{kind}/{guest.name}",
                 Action.CREATE,
                 guest.ref,
-                "proxmox",
+                Backend.PROXMOX,
                 before=None,
                 after=self.guest_after(guest, kind, config, power, create=True),
                 reason=f"{guest.ref} does not exist",
@@ -292,17 +269,24 @@ class _Planner:
             self.guest_changes[guest.name] = change
             self.changes.append(change)
             return
-        if seen.type is not GuestType(kind):
+        tagged = self.guest_usable(guest, kind, seen)
+        if tagged is not None:
+            self.update_guest(guest, kind, seen, config, power, tagged=tagged)
+
+    def guest_usable(self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest) -> bool | None:
+        """Whether the live guest carries this lab's tag; None when it cannot be planned (a conflict or a
+        blocker is recorded): another kind, not ours and not adopted, its node silent or another node."""
+        if seen.type is not kind:
             self.conflicts.append(
                 Problem(guest.ref, f"vmid {guest.vmid} is a {seen.type} guest ({seen.name}), not {kind}")
             )
-            return
+            return None
         marks = self.ownership.of_tags(seen.tags)
         owned = self.ownership.owns_named(marks, recorded=guest.vmid in self.inventory.owned_vmids)
         if not owned and not guest.adopt:
             if marks.legacy:
                 self.conflicts.append(self.ownership.orphan(guest.ref, marks, named=True))
-                return
+                return None
             self.conflicts.append(
                 Problem(
                     guest.ref,
@@ -310,8 +294,7 @@ class _Planner:
                     "set 'adopt: true' to take it over, or choose another vmid",
                 )
             )
-            return
-        tagged = marks.ours  # an adopted guest, or one with the old default tag, gets this lab's tag
+            return None
         if seen.status == "unknown":
             self.blockers.append(
                 Problem(
@@ -320,7 +303,7 @@ class _Planner:
                     "bring the node back, or wait",
                 )
             )
-            return
+            return None
         if seen.node != guest.node:
             self.blockers.append(
                 Problem(
@@ -329,7 +312,100 @@ class _Planner:
                     "migrate it by hand or change 'node'",
                 )
             )
+            return None
+        return marks.ours  # an adopted guest, or one with the old default tag, gets this lab's tag
+
+    def update_guest(
+        self,
+        guest: Lxc | Vm,
+        kind: GuestKind,
+        seen: ObservedGuest,
+        config: Mapping[str, str],
+        power: PowerState,
+        *,
+        tagged: bool,
+    ) -> None:
+        """The change that brings an existing guest to its spec, if any: config, volumes, power."""
+        running = seen.status == "running"
+        diff = self.guest_diff(guest, kind, seen, config)
+        fields = diff.fields
+        # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
+        adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
+        if not tagged and not any(f.path == "tags" for f in fields):
+            fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
+        power_change = (power is PowerState.RUNNING) != running
+        if not fields and not power_change:
             return
+        drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
+        before = {
+            "type": kind,
+            "node": seen.node,
+            "vmid": seen.vmid,
+            "status": seen.status,
+            "digest": seen.digest,
+            "config": {k: seen.config.get(k) for k in sorted({*diff.desired, *diff.removed}) if k in seen.config},
+        }
+        after = self.guest_update_after(guest, kind, seen, diff, power, adopt_tags=None if tagged else adopt_tags)
+        lost: tuple[str, ...] = ()
+        if fields:
+            action = _guest_action(fields, running)
+            reason = _guest_reason(fields, action, drift=drift, moves=diff.moves)
+            if action is Action.REPLACE:
+                # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
+                after = self.guest_after(guest, kind, config, power, create=True)
+                lost = volumes_lost(kind, seen.config)
+                reason += "; the guest is destroyed and created again: its volumes and their data are lost"
+            if power_change:
+                reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
+        else:
+            action = Action.START if power is PowerState.RUNNING else Action.STOP
+            reason = f"is {seen.status}, should be {power}"
+        change = Change(
+            f"{kind}/{guest.name}",
+            action,
+            guest.ref,
+            Backend.PROXMOX,
+            before=before,
+            after=after,
+            fields=tuple(fields),
+            reason=reason,
+            drift=drift,
+            loses=lost,
+        )
+        self.guest_changes[guest.name] = change
+        self.keep(change, guest)
+
+    def guest_update_after(
+        self,
+        guest: Lxc | Vm,
+        kind: GuestKind,
+        seen: ObservedGuest,
+        diff: _GuestDiff,
+        power: PowerState,
+        *,
+        adopt_tags: str | None,
+    ) -> dict[str, Any]:
+        """An update's `after`: the config to send, what to delete, grow and move."""
+        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
+        # rendered over the current value, so that it equals it and PVE drops the pending one.
+        to_send = {
+            key: pve.update_value(kind, key, value, (seen.config if key in diff.reverting else diff.effective).get(key))
+            for key, value in diff.desired.items()
+        }
+        if adopt_tags is not None:
+            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
+        after = self.guest_after(guest, kind, to_send, power, create=False)
+        after["delete"] = diff.removed
+        if diff.grow:
+            after["resize"] = diff.grow
+        if diff.moves:
+            after["move"] = diff.moves
+        return after
+
+    def guest_diff(
+        self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest, config: Mapping[str, str]
+    ) -> _GuestDiff:
+        """How the live guest (its pending changes included) differs from the config the spec asks for."""
         running = seen.status == "running"
         pending, pending_delete = _real_pending(kind, seen)
         effective = {**seen.config, **pending}
@@ -352,7 +428,7 @@ class _Planner:
         )
         removed = _removed_keys(guest, desired_cfg, effective)
         for key in removed:
-            timing = _timing(pve.classify(kind, key, running, delete=True, hotplug=hotplug))
+            timing = pve.classify(kind, key, running, delete=True, hotplug=hotplug)
             fields.append(FieldChange(key, effective[key], None, timing))
         pending_restart = running and any(key in desired_cfg for key in (*pending, *pending_delete))
         if pending_restart and not fields:
@@ -361,74 +437,12 @@ class _Planner:
                 for key in sorted({*pending, *pending_delete})
                 if key in desired_cfg
             ]
-        # Adopting a guest adds the owner tag; the tags compared above already do when the spec sets tags.
-        adopt_tags = ";".join(pve.normalise_tags([*seen.tags, self.owner]))
-        if not tagged and not any(f.path == "tags" for f in fields):
-            fields.append(FieldChange("tags", ";".join(seen.tags), adopt_tags, Timing.LIVE))
-        power_change = (power is PowerState.RUNNING) != running
-        if not fields and not power_change:
-            return
-        drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
-        before = {
-            "type": kind,
-            "node": seen.node,
-            "vmid": seen.vmid,
-            "status": seen.status,
-            "digest": seen.digest,
-            "config": {k: seen.config.get(k) for k in sorted({*desired_cfg, *removed}) if k in seen.config},
-        }
-        # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
-        # rendered over the current value, so that it equals it and PVE drops the pending one.
-        to_send = {
-            key: pve.update_value(kind, key, value, (seen.config if key in reverting else effective).get(key))
-            for key, value in desired_cfg.items()
-        }
-        if not tagged:
-            to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
-        after = self.guest_after(guest, kind, to_send, power, create=False)
-        after["delete"] = removed
-        if grow:
-            after["resize"] = grow
-        if moves:
-            after["move"] = moves
-        lost: tuple[str, ...] = ()
-        if fields:
-            action = _guest_action(fields, running)
-            why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
-            reason = f"{'drift' if drift else 'spec'}: {why}"
-            if moves:
-                reason += " (" + ", ".join(f"{k} moves to {v} with its data" for k, v in sorted(moves.items())) + ")"
-            if action is Action.UPDATE_RESTART:
-                reason += " (takes effect after a restart)"
-            if action is Action.REPLACE:
-                # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
-                after = self.guest_after(guest, kind, config, power, create=True)
-                lost = volumes_lost(kind, seen.config)
-                reason += "; the guest is destroyed and created again: its volumes and their data are lost"
-            if power_change:
-                reason += f"; then {'start' if power is PowerState.RUNNING else 'stop'}"
-        else:
-            action = Action.START if power is PowerState.RUNNING else Action.STOP
-            reason = f"is {seen.status}, should be {power}"
-        change = Change(
-            address,
-            action,
-            guest.ref,
-            "proxmox",
-            before=before,
-            after=after,
-            fields=tuple(fields),
-            reason=reason,
-            drift=drift,
-            loses=lost,
-        )
-        self.guest_changes[guest.name] = change
-        self.keep(change, guest)
+        return _GuestDiff(fields, desired_cfg, effective, reverting, removed, grow, moves)
 
     def config_fields(
         self,
         guest: Lxc | Vm,
-        kind: pve.GuestKind,
+        kind: GuestKind,
         diffs: list[pve.FieldDiff],
         *,
         reverting: set[str],
@@ -449,12 +463,13 @@ class _Planner:
                 timing = Timing.REPLACE
             elif diff.move:
                 moves[diff.key] = str(pve.volume_storage(kind, diff.key, diff.after))
-                timing = Timing.RESTART if kind == "lxc" and running else Timing.LIVE  # a CT volume moves stopped
+                # a CT volume moves stopped
+                timing = Timing.RESTART if kind is GuestKind.LXC and running else Timing.LIVE
             elif diff.key in reverting or (diff.key in grow and all(sub == "size" for sub, _, _ in diff.fields)):
                 timing = Timing.LIVE  # a disk grows online, on a running guest too
             else:
                 new, gone = diff.before is None, diff.after is None
-                timing = _timing(pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug))
+                timing = pve.classify(kind, diff.key, running, new=new, delete=gone, hotplug=hotplug)
             if diff.fields and diff.before is not None and diff.after is not None:
                 fields.extend(
                     FieldChange(f"{diff.key}.{sub}", before, after, timing) for sub, before, after in diff.fields
@@ -491,29 +506,17 @@ class _Planner:
         """/dev/nvidiaN per GPU (N: its rank by PCI address among the node's NVIDIA GPUs), then the shared nodes."""
         if not lxc.gpus:
             return []
-        seen = sorted(
-            {
-                d.address.rsplit(".", 1)[0]
-                for d in proxmox.pci_devices
-                if d.node == lxc.node and d.vendor == NVIDIA_VENDOR
-            }
-        )
-        declared = sorted(
-            {g.pci_function0.rsplit(".", 1)[0] for g in self.gpus.values() if g.node == lxc.node and g.pci_function0}
-        )
-        order = seen or declared
+        numbers = nvidia_numbers(lxc.node, self.gpus.values(), proxmox.pci_devices)
         devices = []
         for name in lxc.gpus:
-            gpu = self.gpus[name]
-            address = gpu.pci_function0.rsplit(".", 1)[0] if gpu.pci_function0 else None
-            if address is None or address not in order:
+            if name not in numbers:
                 self.blockers.append(
                     Problem(
                         lxc.ref, f"cannot tell the /dev/nvidia number of Gpu {name!r}", "give the Gpu its 'pci' address"
                     )
                 )
                 continue
-            devices.append(f"/dev/nvidia{order.index(address)}")
+            devices.append(f"/dev/nvidia{numbers[name]}")
         return devices + list(NVIDIA_SHARED_DEVICES)
 
     def hostpci(self, vm: Vm) -> list[str]:
@@ -583,7 +586,7 @@ class _Planner:
                         address,
                         Action.DELETE,
                         address,
-                        "docker",
+                        Backend.DOCKER,
                         before=_container_view(live),
                         after=None,
                         reason="owned by this lab and no longer in the spec",
@@ -592,30 +595,8 @@ class _Planner:
 
     def plan_container(self, workload: Workload, container: DesiredContainer) -> None:
         host = self.observed.docker.get(workload.host)
-        after = container.to_json()
-        guest_change = self.guest_changes.get(workload.host)
         if host is None or not host.reachable:
-            if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
-                self.changes.append(
-                    Change(
-                        container.address,
-                        Action.CREATE,
-                        workload.ref,
-                        "docker",
-                        before=None,
-                        after=after,
-                        reason=f"its host {workload.host!r} is being created or started",
-                    )
-                )
-                return
-            why = host.error if host is not None and host.error else "not observed"
-            self.blockers.append(
-                Problem(
-                    workload.ref,
-                    f"Docker host {workload.host!r} is unreachable: {why}",
-                    "check the host's docker endpoint",
-                )
-            )
+            self.plan_container_unseen(workload, container, host)
             return
         host_label = label_keys(self.owner)["host"]
         live = next(
@@ -632,40 +613,77 @@ class _Planner:
                     container.address,
                     Action.CREATE,
                     workload.ref,
-                    "docker",
+                    Backend.DOCKER,
                     before=None,
-                    after=after,
+                    after=container.to_json(),
                     reason=f"{workload.ref} has no container on {workload.host!r}",
                 )
             )
             return
-        keys = label_keys(self.owner)
-        marks = self.ownership.of_labels(live.labels)
-        owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
-        if not owned and not workload.adopt:
-            if marks.legacy:
-                self.conflicts.append(self.ownership.orphan(workload.ref, marks, named=True))
-                return
-            self.conflicts.append(
-                Problem(
+        if self.container_usable(workload, container, live):
+            self.update_container(workload, container, live)
+
+    def plan_container_unseen(
+        self, workload: Workload, container: DesiredContainer, host: DockerObservation | None
+    ) -> None:
+        """A container on a host not observed: created once its guest is, else the plan is blocked."""
+        guest_change = self.guest_changes.get(workload.host)
+        if guest_change is not None and guest_change.action in (Action.CREATE, Action.START):
+            self.changes.append(
+                Change(
+                    container.address,
+                    Action.CREATE,
                     workload.ref,
-                    f"container {live.name!r} on {workload.host!r} exists and is not managed by this lab",
-                    "set 'adopt: true' to replace it, or rename",
+                    Backend.DOCKER,
+                    before=None,
+                    after=container.to_json(),
+                    reason=f"its host {workload.host!r} is being created or started",
                 )
             )
             return
+        why = host.error if host is not None and host.error else "not observed"
+        self.blockers.append(
+            Problem(
+                workload.ref,
+                f"Docker host {workload.host!r} is unreachable: {why}",
+                "check the host's docker endpoint",
+            )
+        )
+
+    def container_usable(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> bool:
+        """Whether the lab may change the live container of that name; a conflict is recorded when not."""
+        marks = self.ownership.of_labels(live.labels)
+        owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
+        if owned or workload.adopt:
+            return True
+        if marks.legacy:
+            self.conflicts.append(self.ownership.orphan(workload.ref, marks, named=True))
+            return False
+        self.conflicts.append(
+            Problem(
+                workload.ref,
+                f"container {live.name!r} on {workload.host!r} exists and is not managed by this lab",
+                "set 'adopt: true' to replace it, or rename",
+            )
+        )
+        return False
+
+    def update_container(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> None:
+        """The change that brings a live container to its spec, if any: recreated when a field differs."""
+        keys = label_keys(self.owner)
         fields = _container_fields(container, live, keys, ignored=set(workload.ignore))
         running = live.status in ("running", "restarting")
         want_running = container.state is PowerState.RUNNING
         drift = self.is_drift(workload)
         before = _container_view(live)
+        after = container.to_json()
         if fields:
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
             change = Change(
                 container.address,
                 Action.REPLACE,
                 workload.ref,
-                "docker",
+                Backend.DOCKER,
                 before=before,
                 after=after,
                 fields=tuple(fields),
@@ -681,7 +699,7 @@ class _Planner:
                 container.address,
                 action,
                 workload.ref,
-                "docker",
+                Backend.DOCKER,
                 before=before,
                 after=after,
                 reason=reason,
@@ -768,7 +786,7 @@ def _nvml_gpu(gpu: Gpu, nvml: NvmlObservation | None) -> Any:
     return None
 
 
-def _real_pending(kind: pve.GuestKind, seen: ObservedGuest) -> tuple[dict[str, str], frozenset[str]]:
+def _real_pending(kind: GuestKind, seen: ObservedGuest) -> tuple[dict[str, str], frozenset[str]]:
     """The pending changes that change something: a pending value equal to the current one, or a pending
     delete of a key the config does not hold, is none.
 
@@ -786,8 +804,27 @@ def _real_pending(kind: pve.GuestKind, seen: ObservedGuest) -> tuple[dict[str, s
     return pending, frozenset(key for key in seen.pending_delete if key in seen.config)
 
 
-def _timing(value: Any) -> Timing:
-    return Timing(str(getattr(value, "value", value)).lower())
+@dataclass(frozen=True, slots=True)
+class _GuestDiff:
+    """A live guest against its spec: the field changes, and what to send, remove, grow and move."""
+
+    fields: list[FieldChange]
+    desired: dict[str, str]  # the spec's config, create-time keys left out
+    effective: dict[str, str]  # the live config with its pending changes
+    reverting: set[str]  # keys whose pending change the spec undoes
+    removed: list[str]
+    grow: dict[str, str]
+    moves: dict[str, str]
+
+
+def _guest_reason(fields: list[FieldChange], action: Action, *, drift: bool, moves: Mapping[str, str]) -> str:
+    why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
+    reason = f"{'drift' if drift else 'spec'}: {why}"
+    if moves:
+        reason += " (" + ", ".join(f"{k} moves to {v} with its data" for k, v in sorted(moves.items())) + ")"
+    if action is Action.UPDATE_RESTART:
+        reason += " (takes effect after a restart)"
+    return reason
 
 
 def _guest_action(fields: list[FieldChange], running: bool) -> Action:

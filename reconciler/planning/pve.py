@@ -34,25 +34,24 @@ called for thousands of guests per pass, so parsing is cached per string.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 from urllib.parse import unquote
 
+from reconciler.planning.observed import GuestKind
+from reconciler.planning.plan import Timing
 from reconciler.spec.models import Lxc, Network, Startup, Vm
 
 __all__ = [
     "CREATE_ONLY",
     "NIC_MODELS",
     "REPLACE_KEYS",
-    "ChangeTiming",
-    "FieldChange",
     "FieldDiff",
-    "GuestKind",
+    "PropertyChange",
     "classify",
     "compare_config",
     "default_key_for",
@@ -71,7 +70,6 @@ __all__ = [
     "volume_storage",
 ]
 
-GuestKind: TypeAlias = Literal["lxc", "qemu"]
 
 NIC_MODELS: Final = frozenset(
     {
@@ -82,16 +80,16 @@ NIC_MODELS: Final = frozenset(
 """QEMU NIC models; in a VM's netN, `virtio=MAC` means model=virtio, macaddr=MAC."""
 
 CREATE_ONLY: Final[Mapping[GuestKind, frozenset[str]]] = {
-    "lxc": frozenset({"ostemplate", "storage", "password", "ssh-public-keys", "pool", "start", "restore",
+    GuestKind.LXC: frozenset({"ostemplate", "storage", "password", "ssh-public-keys", "pool", "start", "restore",
                       "force", "unique", "ignore-unpack-errors", "bwlimit", "ha-managed"}),
-    "qemu": frozenset({"archive", "storage", "pool", "start", "force", "unique", "live-restore", "bwlimit",
+    GuestKind.QEMU: frozenset({"archive", "storage", "pool", "start", "force", "unique", "live-restore", "bwlimit",
                        "ha-managed", "import-working-storage"}),
 }  # fmt: skip
 """Parameters of the create call that PVE does not keep in the config, so they cannot be compared later."""
 
 REPLACE_KEYS: Final[Mapping[GuestKind, frozenset[str]]] = {
-    "lxc": frozenset({"ostemplate", "unprivileged", "arch"}),
-    "qemu": frozenset(),
+    GuestKind.LXC: frozenset({"ostemplate", "unprivileged", "arch"}),
+    GuestKind.QEMU: frozenset(),
 }
 """Keys that cannot change on an existing guest: a different value means recreating it."""
 
@@ -400,7 +398,7 @@ def vm_config(spec: Vm, *, hostpci: Sequence[str]) -> dict[str, str]:
 # ---- comparison ---------------------------------------------------------------------
 
 
-class FieldChange(NamedTuple):
+class PropertyChange(NamedTuple):
     """One sub-field of a property string that differs: `(name, before, after)`, raw strings, None when absent."""
 
     name: str
@@ -424,7 +422,7 @@ class FieldDiff:
     key: str
     before: str | None
     after: str | None
-    fields: tuple[FieldChange, ...] = ()
+    fields: tuple[PropertyChange, ...] = ()
     replace: bool = False
     resize: bool = False
     move: bool = False
@@ -555,8 +553,8 @@ _QEMU_INDEXED: Final[Mapping[str, _KeySpec]] = {
     "ipconfig": _KeySpec(None),
 }
 _SCALAR_DEFAULTS: Final[Mapping[GuestKind, Mapping[str, str]]] = {
-    "lxc": {"onboot": "0", "unprivileged": "0", "protection": "0", "template": "0", "cpulimit": "0"},
-    "qemu": {"onboot": "0", "numa": "0", "protection": "0", "template": "0", "cores": "1", "sockets": "1",
+    GuestKind.LXC: {"onboot": "0", "unprivileged": "0", "protection": "0", "template": "0", "cpulimit": "0"},
+    GuestKind.QEMU: {"onboot": "0", "numa": "0", "protection": "0", "template": "0", "cores": "1", "sockets": "1",
              "agent": "0", "cpulimit": "0"},
 }  # fmt: skip
 """Values PVE assumes for a key missing from a config."""
@@ -564,7 +562,7 @@ _SCALAR_DEFAULTS: Final[Mapping[GuestKind, Mapping[str, str]]] = {
 
 @functools.lru_cache(maxsize=1024)
 def _key_spec(kind: GuestKind, key: str) -> _KeySpec:
-    table, indexed = (_LXC_KEYS, _LXC_INDEXED) if kind == "lxc" else (_QEMU_KEYS, _QEMU_INDEXED)
+    table, indexed = (_LXC_KEYS, _LXC_INDEXED) if kind == GuestKind.LXC else (_QEMU_KEYS, _QEMU_INDEXED)
     found = table.get(key)
     if found is not None:
         return found
@@ -610,20 +608,20 @@ def _compare_volume(
     live_fields: Mapping[str, str],
     *,
     sized: bool = True,
-) -> tuple[list[FieldChange], bool, bool, bool]:
+) -> tuple[list[PropertyChange], bool, bool, bool]:
     """Compare a volume (the default key of rootfs, mpN or a disk): (changes, replace, resize, move).
 
     A volume to allocate (`storage:GiB`) whose live volume sits on another storage is a move: PVE
     moves the volume with its data. Its size is compared as well, so a move and a grow are one plan.
     Volumes PVE sizes itself (`sized=False`: efidisk0, tpmstate0) are never compared by size.
     """
-    changes: list[FieldChange] = []
+    changes: list[PropertyChange] = []
     replace = resize = move = False
     allocate = _ALLOCATE_RE.match(desired)
     if allocate is not None:
         live_storage = _storage(live) if live is not None else None
         if live_storage != allocate.group(1):
-            changes.append(FieldChange(name, live, desired))
+            changes.append(PropertyChange(name, live, desired))
             move = live_storage is not None
         if sized and live_storage is not None and "size" not in desired_fields and "size" in live_fields:
             wanted = int(float(allocate.group(2)) * GIB)
@@ -632,10 +630,10 @@ def _compare_volume(
             except ValueError:
                 same_size = False
             if not same_size:
-                changes.append(FieldChange("size", live_fields["size"], format_pve_size(wanted)))
+                changes.append(PropertyChange("size", live_fields["size"], format_pve_size(wanted)))
                 resize = True
     elif live is None or _path(desired) != _path(live):
-        changes.append(FieldChange(name, live, desired))
+        changes.append(PropertyChange(name, live, desired))
         desired_storage, live_storage = _storage(desired), (_storage(live) if live is not None else None)
         replace = desired_storage is not None and live_storage is not None and desired_storage != live_storage
     return changes, replace, resize, move
@@ -677,7 +675,7 @@ def _superseded(kind: GuestKind, key: str, want: Mapping[str, str], have: Mappin
     """Live sub-fields that the desired value replaces with an alternative: a raw `host` when it asks for a
     `mapping`, and the other way round. Kept, they would make a value PVE refuses."""
     match = _INDEXED_RE.match(key)
-    if kind != "qemu" or match is None:
+    if kind != GuestKind.QEMU or match is None:
         return []
     gone: list[str] = []
     for group in _ALTERNATIVES.get(match.group(1), ()):
@@ -694,14 +692,14 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
         if desired.strip() == live.strip():
             return None
         return FieldDiff(key, live, desired)
-    changes: list[FieldChange] = []
+    changes: list[PropertyChange] = []
     replace = resize = move = False
     volume_key = spec.default_key if spec.volume else None
     if volume_key is not None and volume_key in want:
         changes, replace, resize, move = _compare_volume(
             volume_key, want[volume_key], have.get(volume_key), want, have, sized=spec.sized
         )
-    backup_default = "1" if kind == "qemu" and spec.volume else "0"
+    backup_default = "1" if kind == GuestKind.QEMU and spec.volume else "0"
     for name, wanted in want.items():
         if name == volume_key:
             continue
@@ -709,17 +707,17 @@ def _compare_property(kind: GuestKind, key: str, spec: _KeySpec, desired: str, l
         if current is None:
             current = backup_default if name == "backup" else _SUB_DEFAULTS.get(name)
             if current is None:
-                changes.append(FieldChange(name, None, wanted))
+                changes.append(PropertyChange(name, None, wanted))
                 continue
         norm = _SUB_NORMALISE.get(name)
         if wanted == current or (norm is not None and _same(norm, wanted, current)):
             continue
-        if kind == "qemu" and key == "machine" and name == "type" and _same_machine(wanted, current):
+        if kind == GuestKind.QEMU and key == "machine" and name == "type" and _same_machine(wanted, current):
             continue
-        changes.append(FieldChange(name, have.get(name), wanted))
+        changes.append(PropertyChange(name, have.get(name), wanted))
         if name == "size" and spec.volume:
             resize = True
-    changes.extend(FieldChange(name, have[name], None) for name in _superseded(kind, key, want, have))
+    changes.extend(PropertyChange(name, have[name], None) for name in _superseded(kind, key, want, have))
     if not changes:
         return None
     return FieldDiff(key, live, desired, tuple(changes), replace=replace, resize=resize, move=move)
@@ -755,7 +753,7 @@ def compare_config(kind: GuestKind, desired: Mapping[str, str], live: Mapping[st
         replace = key in replace_keys
         if compared is None:
             try:
-                fields = tuple(FieldChange(n, None, v) for n, v in _parsed(wanted, spec.default_key))
+                fields = tuple(PropertyChange(n, None, v) for n, v in _parsed(wanted, spec.default_key))
             except ValueError:
                 fields = ()
             diffs.append(FieldDiff(key, None, wanted, fields if spec.norm is None else (), replace=replace))
@@ -860,14 +858,6 @@ def _natural(key: str) -> tuple[str, int]:
 # ---- when a change takes effect -----------------------------------------------------
 
 
-class ChangeTiming(enum.StrEnum):
-    """When a config change takes effect on a guest."""
-
-    LIVE = "live"  # at once: PVE applies it to the running guest (or the guest is stopped)
-    RESTART = "restart"  # PVE keeps it pending until the guest restarts
-    REPLACE = "replace"  # cannot change on an existing guest: recreate it
-
-
 _QEMU_FAST: Final = frozenset(
     {"name", "description", "onboot", "protection", "startup", "tags", "hookscript", "lock", "vmstatestorage"}
 )
@@ -887,7 +877,7 @@ def classify(
     new: bool = False,
     delete: bool = False,
     hotplug: str | None = None,
-) -> ChangeTiming:
+) -> Timing:
     """When setting (or, with `delete`, removing) config `key` takes effect, following PVE 8/9.
 
     `new` says the key is not in the config yet (a new mpN, devN or disk);
@@ -918,30 +908,30 @@ def classify(
     a config change at all (see `FieldDiff.resize`).
     """
     if key in REPLACE_KEYS[kind]:
-        return ChangeTiming.REPLACE
+        return Timing.REPLACE
     if not running:
-        return ChangeTiming.LIVE
+        return Timing.LIVE
     match = _INDEXED_RE.match(key)
     prefix = match.group(1) if match else None
-    if kind == "lxc":
+    if kind == GuestKind.LXC:
         if key in _LXC_LIVE or prefix == "net" or (prefix == "unused" and delete):
-            return ChangeTiming.LIVE
+            return Timing.LIVE
         if prefix in ("mp", "dev") and new and not delete:
-            return ChangeTiming.LIVE
-        return ChangeTiming.RESTART
+            return Timing.LIVE
+        return Timing.RESTART
     if key in _QEMU_FAST or key in ("cpulimit", "cpuunits", "balloon"):
-        return ChangeTiming.LIVE
+        return Timing.LIVE
     features = parse_hotplug(hotplug)
     if key == "memory":
-        return ChangeTiming.LIVE if "memory" in features else ChangeTiming.RESTART
+        return Timing.LIVE if "memory" in features else Timing.RESTART
     if key == "vcpus":
-        return ChangeTiming.LIVE if "cpu" in features else ChangeTiming.RESTART
+        return Timing.LIVE if "cpu" in features else Timing.RESTART
     if prefix == "net":
-        return ChangeTiming.LIVE if "network" in features else ChangeTiming.RESTART
+        return Timing.LIVE if "network" in features else Timing.RESTART
     if prefix == "usb":
-        return ChangeTiming.LIVE if "usb" in features else ChangeTiming.RESTART
+        return Timing.LIVE if "usb" in features else Timing.RESTART
     if prefix in ("scsi", "virtio") and "disk" in features and (new or delete):
-        return ChangeTiming.LIVE
+        return Timing.LIVE
     if prefix == "unused" and delete:
-        return ChangeTiming.LIVE
-    return ChangeTiming.RESTART
+        return Timing.LIVE
+    return Timing.RESTART

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote
 
+from reconciler.planning.observed import GuestKind
 from reconciler.planning.pve import (
     default_key_for,
     format_property,
@@ -260,7 +261,7 @@ def clone_resizes(spec: Vm, cloned: Mapping[str, str]) -> list[DiskGrow]:
     grows: list[DiskGrow] = []
     for disk in spec.disks:
         value = cloned.get(disk.slot)
-        default = default_key_for("qemu", disk.slot)
+        default = default_key_for(GuestKind.QEMU, disk.slot)
         if value is None or default is None:
             continue
         try:

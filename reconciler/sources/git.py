@@ -26,7 +26,16 @@ from reconciler.spec.files import MAX_ATTACHED_BYTES, attach_files, blobs_reader
 from reconciler.spec.loader import MAX_FILE_BYTES, SPEC_SUFFIXES, LoadResult, SpecFile, load_files
 from reconciler.spec.validate import validate
 
-__all__ = ["NOTES_REF", "Commit", "GitSource", "commit_all", "init_repository", "load_commit", "read_commit"]
+__all__ = [
+    "NOTES_REF",
+    "Commit",
+    "GitSource",
+    "commit_all",
+    "init_repository",
+    "load_commit",
+    "locate",
+    "read_commit",
+]
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,27 @@ def _shown(repository: str) -> str:
 
 def _mirror_path(repository: str, cache: Path) -> Path:
     return cache / "repos" / hashlib.sha256(repository.encode()).hexdigest()[:16]
+
+
+def locate(path: Path) -> tuple[Path, str] | None:
+    """The top folder of the working copy holding `path`, and `path` inside it (POSIX, "" for the top).
+
+    None when `path` is in no git working copy (or in a bare repository). The CLI asks this to read a
+    spec folder from the commit of the repository it lives in.
+    """
+    folder = path if path.is_dir() else path.parent
+    try:
+        repo = git.Repo(folder, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    try:
+        if repo.working_tree_dir is None:
+            return None
+        top = Path(repo.working_tree_dir).resolve()
+    finally:
+        repo.close()
+    inside = path.resolve().relative_to(top).as_posix()
+    return top, "" if inside == "." else inside
 
 
 def init_repository(folder: Path, *, branch: str = "main") -> None:
