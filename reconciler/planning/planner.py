@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepdiff import DeepDiff
-
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.gpudev import nvidia_numbers
@@ -906,6 +904,9 @@ def _container_fields(
             old, new = live.labels.get(keys["spec_hash"]), desired.labels.get(keys["spec_hash"])
             return [FieldChange("spec", old, new, Timing.REPLACE)]
         return []
+    # Imported only when something differs: deepdiff brings numpy (~35 MB), which a steady daemon never needs.
+    from deepdiff import DeepDiff
+
     changes: dict[str, FieldChange] = {}
     for levels in DeepDiff(before, after, ignore_order=True, view="tree").tree.values():
         for level in levels:
