@@ -353,13 +353,16 @@ def test_an_unsigned_head_is_refused_under_verify_signatures(
 
 
 def test_gpg_signatures_are_checked_against_a_gnupg_home(
-    repo: GitRepo, make_loop: Callable[..., Loop], tmp_path: Path
+    repo: GitRepo, make_loop: Callable[..., Loop], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if shutil.which("gpg") is None:
         missing("gpg", "gnupg is not installed")
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     env = {"GNUPGHOME": str(home)}
+    # gpg starts an agent for the home; it must not outlive the test.
+    if shutil.which("gpgconf") is not None:
+        request.addfinalizer(lambda: subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False))
     subprocess.run(
         [
             "gpg",
