@@ -16,7 +16,7 @@ what to do with it::
     └── StateError                  the state directory or its journal cannot be used (a person must look)
 
 Who retries reads both: the Proxmox backend's own retry of one call
-(`ProxmoxBackend._retried`) and the loop's backoff between passes
+(`ProxmoxTransport._retried` in backends/proxmox_transport.py) and the loop's backoff between passes
 (`loop.backoff.Backoff.delay_after`); `delay` is a lower bound on the wait.
 
 Messages never carry secrets: callers pass resource names, never credentials, and

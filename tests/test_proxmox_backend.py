@@ -448,15 +448,23 @@ def test_an_update_rendered_by_update_value_keeps_the_mac_and_the_volume(
 
 
 @pytest.mark.fakepve
-def test_create_only_keys_are_refused_on_update(pve_server: PveServer, token_backend: ProxmoxBackend) -> None:
-    pve_server.pve.add_ct(955, "llm")
+@pytest.mark.parametrize(
+    ("config", "delete"),
+    [({}, ["cores,memory"]), ({"cores\nmemory": "2"}, []), ({"Cores": "2"}, []), ({"": "2"}, []), ({}, ["mp0 "])],
+)
+def test_a_key_that_is_no_option_name_is_refused_before_sending(
+    pve_server: PveServer, token_backend: ProxmoxBackend, config: dict[str, str], delete: list[str]
+) -> None:
+    """Which keys an update sends is the planner's decision (create-only keys make a replace: test_planner,
+    test_data_loss); the backend only refuses a key that would name more than one option (deletes travel
+    comma-joined)."""
+    pve_server.pve.add_ct(955, "llm", config={"cores": 2, "memory": 2048})
     pve_server.clear_requests()
-    with pytest.raises(PermanentError, match="unprivileged") as caught:
-        token_backend.update_config("lxc", "pve1", 955, config={"unprivileged": "0", "cores": "2"})
-    assert caught.value.hint == "recreate the guest"
-    with pytest.raises(PermanentError, match="ostemplate"):
-        token_backend.update_config("lxc", "pve1", 955, config={"ostemplate": TEMPLATE})
+    with pytest.raises(PermanentError, match="not a Proxmox config option") as caught:
+        token_backend.update_config("lxc", "pve1", 955, config=config, delete=delete)
+    assert caught.value.resource == "lxc/955"
     assert pve_server.requests == []
+    assert (pve_server.pve.ct(955).config["cores"], pve_server.pve.ct(955).config["memory"]) == (2, 2048)  # type: ignore[union-attr]
 
 
 @pytest.mark.fakepve
@@ -644,6 +652,40 @@ def test_reads_give_up_with_a_temporary_error(pve_server: PveServer) -> None:
     pve_server.pve.fail("GET", "/version", 503, "service unavailable")
     with _backend(pve_server, read_attempts=2) as backend, pytest.raises(TemporaryError, match="503"):
         backend.observe()
+
+
+@pytest.mark.fakepve
+@pytest.mark.parametrize(
+    ("status", "header", "delay"),
+    [(429, "7", 7.0), (503, "3", 3.0), (429, None, None), (500, "5", None), (429, "-1", None), (429, "soon", None)],
+)
+def test_a_rate_limit_puts_its_retry_after_on_the_error(
+    pve_server: PveServer, status: int, header: str | None, delay: float | None
+) -> None:
+    """A proxy's (or a busy pveproxy's) `Retry-After` travels as the error's `delay`, which every retry honours;
+    it counts on a 429 or 503 only, and a value that is no number of seconds is ignored."""
+    pve_server.pve.rate_limit("GET", "/version", retry_after=header, status=status)
+    with _backend(pve_server, read_attempts=1) as backend:
+        with pytest.raises(TemporaryError, match=str(status)) as caught:
+            backend.observe()
+        assert caught.value.retryable
+        assert caught.value.delay == delay
+        assert backend.observe().version == "9.0.10"  # the limit is over: nothing of it is kept
+
+
+@pytest.mark.fakepve
+def test_the_backends_own_retry_waits_as_long_as_retry_after_asks(
+    pve_server: PveServer, token_backend: ProxmoxBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    pve_server.pve.rate_limit("PUT", "/nodes/pve1/qemu/200/config", retry_after="1", times=1)
+    pve_server.pve.add_vm(200, "infer", config={"cores": 2})
+    pve_server.clear_requests()
+    with caplog.at_level(logging.INFO, logger="reconciler.backends.proxmox"):
+        token_backend.update_config("qemu", "pve1", 200, config={"cores": "4"})
+    assert pve_server.pve.vm(200).config["cores"] == "4"
+    assert pve_server.writes().count(("PUT", "/nodes/pve1/qemu/200/config")) == 2
+    retried = [r for r in caplog.records if r.getMessage() == "proxmox write retried"]
+    assert [getattr(r, "delay", 0) >= 1.0 for r in retried] == [True]  # backoff=0.01 alone would wait ~0.01 s
 
 
 @pytest.mark.fakepve

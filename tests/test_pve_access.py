@@ -277,7 +277,7 @@ def _template(server: PveServer, backend: ProxmoxBackend) -> None:
     backend.create_vm("pve1", 9000, config={**config, "net0": "virtio,bridge=vmbr0"})
     upid = _api(server, "POST", "/nodes/pve1/qemu/9000/template")
     if isinstance(upid, str) and upid.startswith("UPID:"):
-        backend._wait(upid, resource="qemu/9000")
+        backend.wait_for_task(upid, resource="qemu/9000")
     rows = _api(server, "GET", "/cluster/resources", type="vm")
     assert [r.get("template") for r in rows if r["vmid"] == 9000] == [1]
 

@@ -184,17 +184,30 @@ def _settings_from(connection: ProxmoxConnection | None, env: Mapping[str, str])
     password = env.get(ENV_PASSWORD, "").strip()
     auth = connection.auth if connection else ProxmoxAuth.TOKEN
     if password or auth is ProxmoxAuth.PASSWORD:
-        if not password and connection is not None and connection.secret_env != ENV_TOKEN:
-            password = env.get(connection.secret_env, "").strip()
-        if not password and connection is not None and connection.secret_file:
-            password = _read_secret_file(connection.secret_file)
-        if not password:
-            raise ConfigError(
-                f"no Proxmox password for {user}",
-                hint=f"set {ENV_PASSWORD}, or the variable the Lab's proxmox.secret_env names, or its secret_file",
-            )
-        return ProxmoxSettings(auth=ProxmoxAuth.PASSWORD, user=user, secret=password, **common)
+        return _password_settings(connection, env, password=password, user=user, common=common)
+    return _token_settings(connection, env, user=user, common=common)
 
+
+def _password_settings(
+    connection: ProxmoxConnection | None, env: Mapping[str, str], *, password: str, user: str, common: dict[str, Any]
+) -> ProxmoxSettings:
+    """A password login: the override, else the Lab's `secret_env`, else its `secret_file`."""
+    if not password and connection is not None and connection.secret_env != ENV_TOKEN:
+        password = env.get(connection.secret_env, "").strip()
+    if not password and connection is not None and connection.secret_file:
+        password = _read_secret_file(connection.secret_file)
+    if not password:
+        raise ConfigError(
+            f"no Proxmox password for {user}",
+            hint=f"set {ENV_PASSWORD}, or the variable the Lab's proxmox.secret_env names, or its secret_file",
+        )
+    return ProxmoxSettings(auth=ProxmoxAuth.PASSWORD, user=user, secret=password, **common)
+
+
+def _token_settings(
+    connection: ProxmoxConnection | None, env: Mapping[str, str], *, user: str, common: dict[str, Any]
+) -> ProxmoxSettings:
+    """A token login: the full token, or a bare secret with the Lab's `user` and `token_id`."""
     names = [ENV_TOKEN] + ([connection.secret_env] if connection and connection.secret_env != ENV_TOKEN else [])
     raw = next((env[name].strip() for name in names if env.get(name, "").strip()), "")
     if not raw and connection is not None and connection.secret_file:

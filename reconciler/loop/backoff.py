@@ -2,9 +2,10 @@
 
 The controller asks `delay_after(error)` once a pass fails: an error whose
 `retryable` is false gets None (the loop waits for its next trigger instead);
-a retryable one gets base * factor**attempt, capped, never less than the
-error's own `delay` (a lock's or a rate limit's hint), spread by jitter so
-that several daemons behind one API do not retry in step.
+a retryable one gets base * factor**attempt, capped, spread by jitter so
+that several daemons behind one API do not retry in step, and never less
+than the error's own `delay` (a rate limit's `Retry-After`, capped too): the
+jitter never brings the wait under what the server asked for.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class Backoff:
             return None
         delay = min(self.cap, self.base * self.factor**self.attempts)
         self.attempts += 1
+        delay *= 1.0 + self.rng.uniform(-self.jitter, self.jitter)
         hint = getattr(error, "delay", None)
-        if isinstance(hint, int | float) and hint > 0:
+        if isinstance(hint, int | float) and not isinstance(hint, bool) and hint > 0:
             delay = max(delay, min(float(hint), self.cap))
-        return delay * (1.0 + self.rng.uniform(-self.jitter, self.jitter))
+        return delay
 
     def reset(self) -> None:
         """A pass succeeded: the next failure starts from `base` again."""

@@ -141,6 +141,8 @@ if _fakepve is not None:
             self.pci: dict[str, list[dict[str, Any]]] = {}
             # mapping id -> {"id", "description", "map": [...]} as GET /cluster/mapping/pci lists them
             self.pci_mappings: dict[str, dict[str, Any]] = {}
+            # (method, path suffix) -> {"status", "retry_after", "times"}: see rate_limit
+            self.rate_limits: dict[tuple[str, str], dict[str, Any]] = {}
 
         # ---- seeding ---------------------------------------------------------------
 
@@ -178,6 +180,29 @@ if _fakepve is not None:
                 for node, addresses in sorted(paths.items())
             ]
             self.pci_mappings[name] = {"id": name, "description": description, "map": entries}
+
+        def rate_limit(
+            self, method: str, suffix: str, *, retry_after: str | None, status: int = 429, times: int = 1
+        ) -> None:
+            """Answer the next `times` logged-in requests whose path ends with `suffix` with `status` and a
+            `Retry-After` header (None: without one), as a rate-limiting proxy before PVE does (pveproxy itself
+            answers 503 when it has no worker free). Stock fakepve's `fail` cannot send a header."""
+            self.rate_limits[(method, suffix)] = {"status": status, "retry_after": retry_after, "times": times}
+
+        async def _answer(self, request: Any, handler: Any, generic: Any, path_node: Any) -> Any:
+            for key, rule in list(self.rate_limits.items()):
+                if request.method != key[0] or not request.path.endswith(key[1]):
+                    continue
+                rule["times"] -= 1
+                if rule["times"] <= 0:
+                    del self.rate_limits[key]
+                response = _web.json_response(
+                    {"data": None, "message": "too many requests\n"}, status=rule["status"], reason="Too Many Requests"
+                )
+                if rule["retry_after"] is not None:
+                    response.headers["Retry-After"] = rule["retry_after"]
+                return response
+            return await super()._answer(request, handler, generic, path_node)
 
         # ---- routes ----------------------------------------------------------------
 
