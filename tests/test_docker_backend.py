@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import docker.errors
 import pytest
 
-from reconciler.backends.docker import ContainerHealthcheck, ContainerRun, DockerBackend, DockerHostSettings
+from reconciler.backends.docker import (
+    REGISTRY_RATE_LIMIT_DELAY,
+    ContainerHealthcheck,
+    ContainerRun,
+    DockerBackend,
+    DockerHostSettings,
+)
 from reconciler.errors import BackendError, NotFoundError, PermanentError, TemporaryError
+from reconciler.loop.backoff import Backoff
 from reconciler.planning.observed import ContainerPort, ContainerVolume
 from tests.support.dockerd import DockerEngine, ModelServerImage
 
@@ -243,6 +253,67 @@ def test_ensure_image_present_is_a_no_op_and_missing_image_is_named(
         backend.ensure_image(HOST, image)
     assert image in str(caught.value)
     assert caught.value.resource == image
+    assert image not in {tag for i in docker_client.api.images() for tag in i.get("RepoTags") or ()}
+
+
+class _RateLimitingRegistry(BaseHTTPRequestHandler):
+    """A registry (distribution API v2) that answers every manifest request as Docker Hub over its pull limit."""
+
+    seen: list[str]
+
+    def _answer(self) -> None:
+        self.seen.append(f"{self.command} {self.path}")
+        if self.path.rstrip("/") == "/v2":
+            body, status = b"{}", 200
+        else:
+            error = {"code": "TOOMANYREQUESTS", "message": "You have reached your pull rate limit."}
+            body, status = json.dumps({"errors": [error]}).encode(), 429
+        self.send_response(status)
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 429:
+            self.send_header("Retry-After", "21600")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _rate_limiting_registry() -> Iterator[tuple[str, list[str]]]:
+    """The registry on 127.0.0.1 (which dockerd reaches over plain HTTP) and the requests it saw."""
+    seen: list[str] = []
+    handler = type("Handler", (_RateLimitingRegistry,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="rate-limiting-registry", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_registrys_pull_rate_limit_is_a_temporary_error_with_a_delay_the_loop_honours(
+    backend: DockerBackend, docker_client: Any
+) -> None:
+    with _rate_limiting_registry() as (registry, seen):
+        image = f"{registry}/lab/model:1"
+        with pytest.raises(TemporaryError) as caught:
+            backend.ensure_image(HOST, image)
+    assert any("/manifests/1" in request for request in seen)  # the engine did ask the registry
+    assert caught.value.retryable
+    assert caught.value.resource == image
+    assert "toomanyrequests" in str(caught.value)
+    # The engine keeps the registry's Retry-After to itself (Docker 20.10 answers 500): the backend's floor.
+    assert caught.value.delay is not None and caught.value.delay >= REGISTRY_RATE_LIMIT_DELAY
+    assert Backoff(base=1.0, cap=3600.0).delay_after(caught.value) >= REGISTRY_RATE_LIMIT_DELAY
     assert image not in {tag for i in docker_client.api.images() for tag in i.get("RepoTags") or ()}
 
 

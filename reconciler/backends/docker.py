@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 import docker
 import docker.errors
@@ -39,6 +39,8 @@ import docker.types
 import requests.exceptions
 
 from reconciler import redact
+from reconciler.backends.docker_inspect import names_of, observed_from_inspect
+from reconciler.backends.ratelimit import retry_after
 from reconciler.errors import (
     BackendError,
     ConfigError,
@@ -49,16 +51,11 @@ from reconciler.errors import (
 )
 from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
 from reconciler.planning.gpusight import COMPUTE_APPS_QUERY, GPU_QUERY, SECTION_MARK, parse_nvidia_smi
-from reconciler.planning.observed import (
-    ContainerPort,
-    ContainerVolume,
-    DockerObservation,
-    NvmlObservation,
-    ObservedContainer,
-)
+from reconciler.planning.observed import DockerObservation, NvmlObservation, ObservedContainer
 from reconciler.spec.models import DockerEndpoint, DockerHost
 
 __all__ = [
+    "REGISTRY_RATE_LIMIT_DELAY",
     "ContainerHealthcheck",
     "ContainerRun",
     "DockerBackend",
@@ -173,8 +170,10 @@ def _translate(
             raise NotFoundError(message, resource=resource) from exc
         if status in (401, 403):
             raise PermissionDenied(message, resource=resource) from exc
+        if status == 429 or _rate_limited(_explanation(api_error)):
+            raise TemporaryError(message, resource=resource, delay=_rate_limit_delay(api_error)) from exc
         if status is None or status >= 500:
-            raise TemporaryError(message, resource=resource) from exc
+            raise TemporaryError(message, resource=resource, delay=_retry_after_of(api_error)) from exc
         raise PermanentError(message, resource=resource) from exc
     if isinstance(exc, docker.errors.TLSParameterError):
         raise ConfigError(f"TLS settings for {where} are invalid", resource=resource) from exc
@@ -189,109 +188,40 @@ def _translate(
     raise PermanentError(f"{action} on {where} failed ({type(exc).__name__})", resource=resource) from exc
 
 
+REGISTRY_RATE_LIMIT_DELAY = 300.0
+"""Seconds to wait at least after a registry's pull rate limit when nothing says how long: a registry counts
+pulls over hours (Docker Hub: per 6 h), so retrying sooner only spends more of the allowance."""
+
+_RATE_LIMIT_CODE = "toomanyrequests:"
+
+
+def _rate_limited(text: str) -> bool:
+    """Whether the engine's words carry a registry's TOOMANYREQUESTS.
+
+    That is an error code of the OCI distribution spec, not prose: the engine passes it on only as the
+    lower-case prefix of its text (Docker 20.10 answers such a pull with HTTP 500), so the prefix is read.
+    """
+    return text.lstrip().lower().startswith(_RATE_LIMIT_CODE)
+
+
+def _retry_after_of(api_error: BaseException) -> float | None:
+    response = getattr(api_error, "response", None)
+    headers = getattr(response, "headers", None)
+    status = _status_of(api_error)
+    return retry_after(status, headers) if status is not None and isinstance(headers, Mapping) else None
+
+
+def _rate_limit_delay(api_error: BaseException) -> float:
+    """The engine's `Retry-After` when it sends one, else `REGISTRY_RATE_LIMIT_DELAY`."""
+    delay = _retry_after_of(api_error)
+    return REGISTRY_RATE_LIMIT_DELAY if delay is None else delay
+
+
 _SDK_ERRORS: tuple[type[Exception], ...] = (
     docker.errors.DockerException,
     requests.exceptions.RequestException,
     OSError,
 )
-
-
-# ---- parsing inspect data -------------------------------------------------------------------
-
-
-def _tuple_or_none(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    return tuple(str(item) for item in value)
-
-
-def _parse_env(entries: Any) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for entry in entries or ():
-        key, _, value = str(entry).partition("=")
-        env[key] = value
-    return env
-
-
-def _parse_ports(bindings: Any) -> tuple[ContainerPort, ...]:
-    ports: list[ContainerPort] = []
-    for key, targets in (bindings or {}).items():
-        port_text, _, protocol = str(key).partition("/")
-        for target in targets or ():
-            host_port = str(target.get("HostPort") or "")
-            ports.append(
-                ContainerPort(
-                    host=int(host_port) if host_port.isdigit() else 0,  # 0: the engine picks a port
-                    container=int(port_text),
-                    bind=str(target.get("HostIp") or "0.0.0.0"),
-                    protocol=protocol or "tcp",
-                )
-            )
-    return tuple(sorted(ports, key=lambda p: (p.container, p.protocol, p.host, p.bind)))
-
-
-def _parse_binds(mounts: Any) -> tuple[ContainerVolume, ...]:
-    volumes = [
-        ContainerVolume(
-            host=str(m.get("Source", "")), path=str(m.get("Destination", "")), readonly=not m.get("RW", True)
-        )
-        for m in mounts or ()
-        if m.get("Type") == "bind"
-    ]
-    return tuple(sorted(volumes, key=lambda v: (v.path, v.host)))
-
-
-def _parse_gpus(requests_: Any) -> tuple[str, ...]:
-    gpus: list[str] = []
-    for request in requests_ or ():
-        capabilities = request.get("Capabilities") or []
-        is_gpu = request.get("Driver") == "nvidia" or any("gpu" in (group or []) for group in capabilities)
-        if not is_gpu:
-            continue
-        if request.get("Count") == -1:
-            return ("all",)
-        gpus.extend(str(device) for device in request.get("DeviceIDs") or ())
-    return tuple(gpus)
-
-
-def _parse_devices(devices: Any) -> tuple[str, ...]:
-    return tuple(f"{d.get('PathOnHost', '')}:{d.get('PathInContainer', '')}" for d in devices or ())
-
-
-def _observed_from_inspect(host: str, data: Mapping[str, Any]) -> ObservedContainer:
-    config = data.get("Config") or {}
-    host_config = data.get("HostConfig") or {}
-    state = data.get("State") or {}
-    health = state.get("Health") or {}
-    shm_size = host_config.get("ShmSize")
-    return ObservedContainer(
-        host=host,
-        id=str(data.get("Id", "")),
-        name=str(data.get("Name", "")).lstrip("/"),
-        image=str(config.get("Image", "")),
-        image_id=str(data.get("Image", "")),
-        command=_tuple_or_none(config.get("Cmd")),
-        entrypoint=_tuple_or_none(config.get("Entrypoint")),
-        env=_parse_env(config.get("Env")),
-        labels=dict(config.get("Labels") or {}),
-        ports=_parse_ports(host_config.get("PortBindings")),
-        volumes=_parse_binds(data.get("Mounts")),
-        gpus=_parse_gpus(host_config.get("DeviceRequests")),
-        devices=_parse_devices(host_config.get("Devices")),
-        restart=str((host_config.get("RestartPolicy") or {}).get("Name") or "no"),
-        status=str(state.get("Status", "unknown")),
-        health=str(health["Status"]) if health.get("Status") else None,
-        restart_count=int(data.get("RestartCount") or 0),
-        shm_size=int(shm_size) if shm_size is not None else None,
-        ipc=host_config.get("IpcMode") or None,
-        network_mode=host_config.get("NetworkMode") or None,
-    )
-
-
-def _names_of(summary: Mapping[str, Any]) -> set[str]:
-    return {str(name).lstrip("/") for name in summary.get("Names") or ()}
 
 
 def _probe_unix_socket(path: str, timeout: float) -> None:
@@ -308,8 +238,8 @@ def _probe_unix_socket(path: str, timeout: float) -> None:
 # ---- the backend ------------------------------------------------------------------------------
 
 
-class DockerBackend:
-    """Reads and changes containers on several Docker engines; one SDK client per host, made on first use."""
+class _DockerEngines:
+    """The engines of several Docker hosts: one SDK client per host, made on first use; one call, errors translated."""
 
     def __init__(
         self,
@@ -409,11 +339,15 @@ class DockerBackend:
             except _SDK_ERRORS:  # closing must not fail a shutdown
                 log.debug("closing a docker client failed", exc_info=True)
 
-    def __enter__(self) -> DockerBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _DockerReads(_DockerEngines):
+    """What the hosts run (containers, images) and which GPUs they have; nothing here changes a host."""
 
     # -- reading
 
@@ -481,7 +415,7 @@ class DockerBackend:
         return [
             summary
             for summary in result or ()
-            if any((summary.get("Labels") or {}).get(label) == "true" for label in labels) or _names_of(summary) & names
+            if any((summary.get("Labels") or {}).get(label) == "true" for label in labels) or names_of(summary) & names
         ]
 
     def container_state(self, host: str, name: str) -> ObservedContainer | None:
@@ -492,7 +426,36 @@ class DockerBackend:
             )
         except NotFoundError:
             return None
-        return _observed_from_inspect(host, data)
+        return observed_from_inspect(host, data)
+
+    def _image_present(self, host: str, image: str) -> bool:
+        try:
+            self._call(host, lambda api: api.inspect_image(image), action="inspecting image", resource=image)
+        except NotFoundError:
+            return False
+        return True
+
+    # -- GPUs, seen through the engine
+
+    def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation:
+        """The GPUs of `host`, read by `nvidia-smi` in a short-lived container holding every GPU.
+
+        For a GPU the reconciler's own NVML cannot see (it runs outside the VM or LXC that holds it).
+        The NVIDIA container toolkit puts `nvidia-smi` into any image (`utility` capability); `image`
+        needs a POSIX `sh`. Reported, not raised: no GPU, no driver or no toolkit on the host, and
+        output that is not a GPU list (`available=False` with the reason). Raised: the engine's
+        errors (a missing image is `NotFoundError`), translated as for every other call.
+        """
+        return self._call(
+            host,
+            lambda api: _query_gpus(api, host, image=image, timeout=timeout, label=f"{self._owner_label}.probe"),
+            action="reading GPUs with nvidia-smi",
+            resource=f"{host}/gpus",
+        )
+
+
+class DockerBackend(_DockerReads):
+    """Reads and changes containers on several Docker engines (reads: `_DockerReads`; engines: `_DockerEngines`)."""
 
     # -- images
 
@@ -511,16 +474,15 @@ class DockerBackend:
         self._call(host, pull, action=f"image {image} is not on the host; pulling it", resource=image)
         if not self._image_present(host, image):
             detail = "; ".join(errors) if errors else "the engine reported no error"
+            if any(_rate_limited(error) for error in errors):
+                raise TemporaryError(
+                    f"pulling image {image} on docker host {host!r} was refused for now: {detail}",
+                    resource=image,
+                    delay=REGISTRY_RATE_LIMIT_DELAY,
+                )
             raise NotFoundError(
                 f"image {image} is not on docker host {host!r} and cannot be pulled: {detail}", resource=image
             )
-
-    def _image_present(self, host: str, image: str) -> bool:
-        try:
-            self._call(host, lambda api: api.inspect_image(image), action="inspecting image", resource=image)
-        except NotFoundError:
-            return False
-        return True
 
     # -- containers
 
@@ -669,24 +631,6 @@ class DockerBackend:
                 return  # done by an earlier try
             raise
         log.info("renamed container %s to %s on docker host %s", name, new_name, host)
-
-    # -- GPUs, seen through the engine
-
-    def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation:
-        """The GPUs of `host`, read by `nvidia-smi` in a short-lived container holding every GPU.
-
-        For a GPU the reconciler's own NVML cannot see (it runs outside the VM or LXC that holds it).
-        The NVIDIA container toolkit puts `nvidia-smi` into any image (`utility` capability); `image`
-        needs a POSIX `sh`. Reported, not raised: no GPU, no driver or no toolkit on the host, and
-        output that is not a GPU list (`available=False` with the reason). Raised: the engine's
-        errors (a missing image is `NotFoundError`), translated as for every other call.
-        """
-        return self._call(
-            host,
-            lambda api: _query_gpus(api, host, image=image, timeout=timeout, label=f"{self._owner_label}.probe"),
-            action="reading GPUs with nvidia-smi",
-            resource=f"{host}/gpus",
-        )
 
 
 # ---- reading GPUs through an engine ---------------------------------------------------------------------
