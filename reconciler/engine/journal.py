@@ -141,8 +141,9 @@ class StepRecord:
     health: list[dict[str, Any]] | None
 
 
-class Journal:
-    """One SQLite database; safe to use from several threads of one process."""
+class _JournalFile:
+    """The journal's SQLite file: opened (WAL, synchronous), checked to be a journal, its errors translated,
+    one lock and one transaction at a time. `Journal` adds what is recorded in it."""
 
     def __init__(self, path: Path) -> None:
         """Open (or make) the journal at `path`. StateError, naming the file and what to do, when it cannot be
@@ -228,6 +229,10 @@ class Journal:
     def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock, self._sqlite_errors():
             return self._db.execute(query, params).fetchall()
+
+
+class Journal(_JournalFile):
+    """One SQLite database; safe to use from several threads of one process."""
 
     # ---- runs ---------------------------------------------------------------------------
 
