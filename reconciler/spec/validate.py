@@ -69,11 +69,13 @@ def _sort_key(d: Diagnostic) -> tuple[str, int, int, str]:
 
 
 @dataclass
-class _Checker:
+class _Diagnose:
+    """The spec indexed by name, and how a check reports: every problem is added, nothing raises."""
+
     state: DesiredState
     found: list[Diagnostic] = field(default_factory=list)
 
-    def run(self) -> None:
+    def __post_init__(self) -> None:
         self.lab = self.state.lab
         self.gpus = {g.name: g for g in self.state.of(Gpu)}
         self.roles = {r.name: r for r in self.state.of(GpuRole)}
@@ -81,16 +83,6 @@ class _Checker:
         self.hosts = self.state.docker_hosts()
         self.guests: list[Lxc | Vm] = list(self.state.guests())
         self.workloads: list[Workload] = list(self.state.workloads())
-        self._ignore_fields()
-        self._vmids()
-        self._nodes()
-        self._gpu_references()
-        self._host_references()
-        self._groups()
-        self._root_pam()
-        self._within_resources()
-        for scenario in self._scenarios():
-            self._concurrent(scenario)
 
     def error(self, resource: Resource, message: str, *path: str | int, hint: str | None = None) -> None:
         self._add(Severity.ERROR, resource, message, path, hint)
@@ -112,6 +104,159 @@ class _Checker:
             else (f"known: {', '.join(sorted(known))}" if known else f"no {what} is declared")
         )
         self.error(resource, f"{what} {name!r} is not declared", *path, hint=hint)
+
+    def _gpus_of(self, workload: Workload) -> tuple[str, ...]:
+        if workload.gpus:
+            return workload.gpus
+        if workload.role is not None and workload.role in self.roles:
+            return place_role(self.roles[workload.role], self.gpus.values())
+        return ()
+
+
+class _ConcurrentChecks(_Diagnose):
+    """What runs at the same time: ports, guests under workloads, GPU passthrough, sharing and VRAM."""
+
+    def _scenarios(self) -> Iterator[dict[str, str]]:
+        """Active members of every group, then each other member of each group in turn."""
+        base = {name: group.active for name, group in self.groups.items()}
+        yield base
+        members: dict[str, set[str]] = defaultdict(set)
+        for resource in (*self.guests, *self.workloads):
+            if resource.exclusive is not None and resource.exclusive.group in self.groups:
+                members[resource.exclusive.group].add(member_of(resource))
+        for group, names in sorted(members.items()):
+            for member in sorted(names - {base[group]}):
+                yield {**base, group: member}
+
+    def _runs(self, resource: Lxc | Vm | Workload, scenario: Mapping[str, str]) -> bool:
+        if resource.state is not PowerState.RUNNING:
+            return False
+        group = resource.exclusive
+        return group is None or group.group not in scenario or scenario[group.group] == member_of(resource)
+
+    def _concurrent(self, scenario: Mapping[str, str]) -> None:
+        running_guests = [g for g in self.guests if self._runs(g, scenario)]
+        running = [w for w in self.workloads if self._runs(w, scenario)]
+        self._ports(running)
+        self._hosts_run(running_guests, running, scenario)
+        self._passthrough(running_guests, running)
+        self._gpu_sharing(running)
+
+    def _ports(self, running: list[Workload]) -> None:
+        """Two running workloads may not publish one port on one host (0.0.0.0 overlaps every address)."""
+        published: dict[tuple[str, str, int], list[tuple[str, Workload]]] = defaultdict(list)
+        for workload in running:
+            for bind, port, protocol, path in _published(workload):
+                taken = published[(workload.host, protocol, port)]
+                for other_bind, other in taken:
+                    if other is not workload and _overlap(bind, other_bind):
+                        self.error(
+                            workload,
+                            f"port {port}/{protocol} on host {workload.host!r} is also published by {other.ref}",
+                            *path,
+                            hint="give one of them another port, or put them in an exclusive group",
+                        )
+                        break
+                taken.append((bind, workload))
+
+    def _hosts_run(self, guests: list[Lxc | Vm], running: list[Workload], scenario: Mapping[str, str]) -> None:
+        """A running workload needs its guest running in the same configuration."""
+        up = {g.name for g in guests}
+        for workload in running:
+            host = self.hosts.get(workload.host)
+            if not isinstance(host, Lxc | Vm) or host.name in up:
+                continue
+            if host.state is PowerState.STOPPED:
+                why = "which is declared stopped"
+            else:
+                group = host.exclusive.group if host.exclusive else ""
+                why = f"which is stopped while {group!r} has {scenario.get(group)!r} active"
+            self.error(
+                workload,
+                f"runs on {host.ref}, {why}",
+                "host",
+                hint="stop the workload too (put it in the same exclusive group), or move it",
+            )
+
+    def _passthrough(self, guests: list[Lxc | Vm], running: list[Workload]) -> None:
+        owner: dict[str, Vm] = {}
+        for vm in (g for g in guests if isinstance(g, Vm)):
+            for index, passthrough in enumerate(vm.gpus):
+                first = owner.setdefault(passthrough.gpu, vm)
+                if first is not vm:
+                    self.error(
+                        vm,
+                        f"Gpu {passthrough.gpu!r} is passed through to {first.ref}, which runs at the same time",
+                        "gpus",
+                        index,
+                        hint="stop one, or put both in an exclusive group",
+                    )
+        for lxc in (g for g in guests if isinstance(g, Lxc)):
+            for index, name in enumerate(lxc.gpus):
+                if name in owner:
+                    self.error(
+                        lxc,
+                        f"Gpu {name!r} is passed through to {owner[name].ref}, which runs at the same time",
+                        "gpus",
+                        index,
+                        hint="a GPU passed through to a VM is gone from the host",
+                    )
+        for workload in running:
+            for index, name in enumerate(self._gpus_of(workload)):
+                holder = owner.get(name)
+                if holder is not None and workload.host != holder.name:
+                    self.error(
+                        workload,
+                        f"Gpu {name!r} is passed through to {holder.ref}, which runs at the same time",
+                        *(("gpus", index) if workload.gpus else ("role",)),
+                    )
+
+    def _gpu_sharing(self, running: list[Workload]) -> None:
+        users: dict[str, list[Workload]] = defaultdict(list)
+        for workload in running:
+            for name in self._gpus_of(workload):
+                users[name].append(workload)
+        for name, on_gpu in users.items():
+            gpu = self.gpus.get(name)
+            if gpu is None:
+                continue
+            role = self.roles.get(gpu.role) if gpu.role else None
+            if role is not None and role.sharing is Sharing.EXCLUSIVE and len(on_gpu) > 1:
+                names = ", ".join(w.ref for w in on_gpu)
+                self.error(
+                    on_gpu[1],
+                    f"Gpu {name!r} has exclusive role {role.name!r} but is used by {names} at the same time",
+                    "gpus",
+                    hint="make the role 'sharing: shared', or put them in an exclusive group",
+                )
+            footprint = 0
+            for workload in on_gpu:
+                footprint += _vram_of(workload, gpu)
+            if footprint > gpu.vram:
+                names = ", ".join(w.ref for w in on_gpu)
+                self.error(
+                    on_gpu[-1],
+                    f"VRAM on Gpu {name!r} is over-committed: {_gib(footprint)} declared by {names}, "
+                    f"the GPU has {_gib(gpu.vram)}",
+                    "vram" if on_gpu[-1].vram else "gpus",
+                    hint="lower 'vram' or gpu_memory_utilization, or move a workload",
+                )
+
+
+class _Checker(_ConcurrentChecks):
+    """Every check across documents, in the order `run` makes them."""
+
+    def run(self) -> None:
+        self._ignore_fields()
+        self._vmids()
+        self._nodes()
+        self._gpu_references()
+        self._host_references()
+        self._groups()
+        self._root_pam()
+        self._within_resources()
+        for scenario in self._scenarios():
+            self._concurrent(scenario)
 
     # ---- identity and references ------------------------------------------------------
 
@@ -326,141 +471,6 @@ class _Checker:
             _unique(self, container, "volumes", [v.path for v in container.volumes], "volume path")
             _own_ports(self, container)
         _ownership_marks(self)
-
-    # ---- what runs at the same time ----------------------------------------------------------
-
-    def _scenarios(self) -> Iterator[dict[str, str]]:
-        """Active members of every group, then each other member of each group in turn."""
-        base = {name: group.active for name, group in self.groups.items()}
-        yield base
-        members: dict[str, set[str]] = defaultdict(set)
-        for resource in (*self.guests, *self.workloads):
-            if resource.exclusive is not None and resource.exclusive.group in self.groups:
-                members[resource.exclusive.group].add(member_of(resource))
-        for group, names in sorted(members.items()):
-            for member in sorted(names - {base[group]}):
-                yield {**base, group: member}
-
-    def _runs(self, resource: Lxc | Vm | Workload, scenario: Mapping[str, str]) -> bool:
-        if resource.state is not PowerState.RUNNING:
-            return False
-        group = resource.exclusive
-        return group is None or group.group not in scenario or scenario[group.group] == member_of(resource)
-
-    def _concurrent(self, scenario: Mapping[str, str]) -> None:
-        running_guests = [g for g in self.guests if self._runs(g, scenario)]
-        running = [w for w in self.workloads if self._runs(w, scenario)]
-        self._ports(running)
-        self._hosts_run(running_guests, running, scenario)
-        self._passthrough(running_guests, running)
-        self._gpu_sharing(running)
-
-    def _ports(self, running: list[Workload]) -> None:
-        """Two running workloads may not publish one port on one host (0.0.0.0 overlaps every address)."""
-        published: dict[tuple[str, str, int], list[tuple[str, Workload]]] = defaultdict(list)
-        for workload in running:
-            for bind, port, protocol, path in _published(workload):
-                taken = published[(workload.host, protocol, port)]
-                for other_bind, other in taken:
-                    if other is not workload and _overlap(bind, other_bind):
-                        self.error(
-                            workload,
-                            f"port {port}/{protocol} on host {workload.host!r} is also published by {other.ref}",
-                            *path,
-                            hint="give one of them another port, or put them in an exclusive group",
-                        )
-                        break
-                taken.append((bind, workload))
-
-    def _hosts_run(self, guests: list[Lxc | Vm], running: list[Workload], scenario: Mapping[str, str]) -> None:
-        """A running workload needs its guest running in the same configuration."""
-        up = {g.name for g in guests}
-        for workload in running:
-            host = self.hosts.get(workload.host)
-            if not isinstance(host, Lxc | Vm) or host.name in up:
-                continue
-            if host.state is PowerState.STOPPED:
-                why = "which is declared stopped"
-            else:
-                group = host.exclusive.group if host.exclusive else ""
-                why = f"which is stopped while {group!r} has {scenario.get(group)!r} active"
-            self.error(
-                workload,
-                f"runs on {host.ref}, {why}",
-                "host",
-                hint="stop the workload too (put it in the same exclusive group), or move it",
-            )
-
-    def _passthrough(self, guests: list[Lxc | Vm], running: list[Workload]) -> None:
-        owner: dict[str, Vm] = {}
-        for vm in (g for g in guests if isinstance(g, Vm)):
-            for index, passthrough in enumerate(vm.gpus):
-                first = owner.setdefault(passthrough.gpu, vm)
-                if first is not vm:
-                    self.error(
-                        vm,
-                        f"Gpu {passthrough.gpu!r} is passed through to {first.ref}, which runs at the same time",
-                        "gpus",
-                        index,
-                        hint="stop one, or put both in an exclusive group",
-                    )
-        for lxc in (g for g in guests if isinstance(g, Lxc)):
-            for index, name in enumerate(lxc.gpus):
-                if name in owner:
-                    self.error(
-                        lxc,
-                        f"Gpu {name!r} is passed through to {owner[name].ref}, which runs at the same time",
-                        "gpus",
-                        index,
-                        hint="a GPU passed through to a VM is gone from the host",
-                    )
-        for workload in running:
-            for index, name in enumerate(self._gpus_of(workload)):
-                holder = owner.get(name)
-                if holder is not None and workload.host != holder.name:
-                    self.error(
-                        workload,
-                        f"Gpu {name!r} is passed through to {holder.ref}, which runs at the same time",
-                        *(("gpus", index) if workload.gpus else ("role",)),
-                    )
-
-    def _gpu_sharing(self, running: list[Workload]) -> None:
-        users: dict[str, list[Workload]] = defaultdict(list)
-        for workload in running:
-            for name in self._gpus_of(workload):
-                users[name].append(workload)
-        for name, on_gpu in users.items():
-            gpu = self.gpus.get(name)
-            if gpu is None:
-                continue
-            role = self.roles.get(gpu.role) if gpu.role else None
-            if role is not None and role.sharing is Sharing.EXCLUSIVE and len(on_gpu) > 1:
-                names = ", ".join(w.ref for w in on_gpu)
-                self.error(
-                    on_gpu[1],
-                    f"Gpu {name!r} has exclusive role {role.name!r} but is used by {names} at the same time",
-                    "gpus",
-                    hint="make the role 'sharing: shared', or put them in an exclusive group",
-                )
-            footprint = 0
-            for workload in on_gpu:
-                footprint += _vram_of(workload, gpu)
-            if footprint > gpu.vram:
-                names = ", ".join(w.ref for w in on_gpu)
-                self.error(
-                    on_gpu[-1],
-                    f"VRAM on Gpu {name!r} is over-committed: {_gib(footprint)} declared by {names}, "
-                    f"the GPU has {_gib(gpu.vram)}",
-                    "vram" if on_gpu[-1].vram else "gpus",
-                    hint="lower 'vram' or gpu_memory_utilization, or move a workload",
-                )
-
-    def _gpus_of(self, workload: Workload) -> tuple[str, ...]:
-        if workload.gpus:
-            return workload.gpus
-        if workload.role is not None and workload.role in self.roles:
-            return place_role(self.roles[workload.role], self.gpus.values())
-        return ()
 
 
 def _secrets(checker: _Checker, workload: Workload) -> None:
