@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,6 +27,11 @@ from reconciler.spec.diagnostics import Severity
 from reconciler.spec.loader import LoadResult
 from reconciler.spec.schema import write_schemas
 from reconciler.spec.validate import load_and_validate
+
+if TYPE_CHECKING:  # the engine is imported by the commands that use it, so `--help` and `validate` stay quick
+    from reconciler.engine.apply import ApplyReport
+    from reconciler.engine.run import ApplyOptions
+    from reconciler.spec.state import DesiredState
 
 __all__ = ["app", "main"]
 
@@ -190,6 +195,7 @@ def plan(
     raise typer.Exit(EXIT_OK if planned.empty else EXIT_CHANGES)
 
 
+HealthTimeout = Annotated[float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")]
 StateDir = Annotated[
     Path | None,
     typer.Option("--state-dir", envvar="RECONCILER_STATE_DIR", help="journal and lock (default: the user's state dir)"),
@@ -220,9 +226,7 @@ def apply(
     adopt_orphans: AdoptOrphans = False,
     retry: Annotated[bool, typer.Option("--retry", help="try a revision that failed before")] = False,
     wait: Annotated[float, typer.Option("--wait", help="seconds to wait for another apply to finish")] = 0.0,
-    health_timeout: Annotated[
-        float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
-    ] = None,
+    health_timeout: HealthTimeout = None,
     state_dir: StateDir = None,
     ref: RefOption = None,
     repo: RepoOption = None,
@@ -233,10 +237,7 @@ def apply(
     3: failed and the rollback did not complete.
     """
     from reconciler.engine.apply import HealthPolicy
-    from reconciler.engine.connect import connect, docker_settings
-    from reconciler.engine.journal import Journal
-    from reconciler.engine.lock import state_lock
-    from reconciler.engine.run import ApplyOptions, apply_pass
+    from reconciler.engine.run import ApplyOptions
 
     with _errors_exit():
         result = _load(path, as_json=False, ref=ref, repo=repo)
@@ -252,12 +253,31 @@ def apply(
         retry=retry,
         health=HealthPolicy(max_timeout=health_timeout),
     )
-    with _errors_exit(), state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
+    with _errors_exit():
+        planned, report = _apply_pass(
+            result.state, folder, wait=wait, options=options, saved=saved, ask=not auto_approve and saved is None
+        )
+    if report is None:
+        _not_applied(planned)
+    print_report(console, report)
+    raise typer.Exit(report.exit_code)
+
+
+def _apply_pass(
+    state: DesiredState, folder: Path, *, wait: float, options: ApplyOptions, saved: Plan | None, ask: bool
+) -> tuple[Plan, ApplyReport | None]:
+    """One apply under the state lock, with the lab's backends and the journal open, printing each step."""
+    from reconciler.engine.connect import connect, docker_settings
+    from reconciler.engine.journal import Journal
+    from reconciler.engine.lock import state_lock
+    from reconciler.engine.run import apply_pass
+
+    with state_lock(folder, wait=wait), connect(state, os.environ) as backends:
         journal = Journal(folder / "journal.sqlite")
-        endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
+        endpoints = {name: s.endpoint for name, s in docker_settings(state, os.environ).items()}
         try:
-            planned, report = apply_pass(
-                result.state,
+            return apply_pass(
+                state,
                 backends,
                 proxmox=backends.proxmox,
                 docker=backends.docker,
@@ -266,15 +286,11 @@ def apply(
                 docker_endpoints=endpoints,
                 options=options,
                 saved_plan=saved,
-                confirm=_confirmer(ask=not auto_approve and saved is None),
+                confirm=_confirmer(ask=ask),
                 on_step=lambda step: print_step(console, step),
             )
         finally:
             journal.close()
-    if report is None:
-        _not_applied(planned)
-    print_report(console, report)
-    raise typer.Exit(report.exit_code)
 
 
 MAX_PLAN_BYTES = 32 * 1024 * 1024  # far more than any plan of a lab; the bound on reading a hostile file
@@ -428,9 +444,7 @@ def run(
         str, typer.Option("--listen", help="HOST:PORT of the HTTP API, status, metrics and webhooks; none: no server")
     ] = "127.0.0.1:9450",
     log_format: Annotated[str, typer.Option("--log-format", help="text or json (JSON lines on stderr)")] = "text",
-    health_timeout: Annotated[
-        float | None, typer.Option("--health-timeout", help="cap every health check (seconds)")
-    ] = None,
+    health_timeout: HealthTimeout = None,
     allow_delete: AllowDelete = False,
     adopt_orphans: AdoptOrphans = False,
     state_dir: StateDir = None,
@@ -440,26 +454,19 @@ def run(
     One daemon per state directory. SIGTERM/SIGINT finish the current step and exit 0. With --once: exit 0
     applied (or nothing to do), 1 failed or refused, 3 rollback incomplete.
     """
-    from reconciler.cli.daemon import (
-        DaemonSettings,
-        checked_keyring,
-        listen_address,
-        parse_interval,
-        run_daemon,
-        setup_logging,
-    )
+    from reconciler.cli import daemon
     from reconciler.engine.apply import HealthPolicy
     from reconciler.engine.run import ApplyOptions
     from reconciler.sources.git import GitSource
 
     with _errors_exit():
-        chosen_format = setup_logging(log_format)
-        address = listen_address(listen)
-        seconds = parse_interval(interval, minimum=MIN_INTERVAL)
-        trusted = checked_keyring(keyring) if verify_signatures else None
+        chosen_format = daemon.setup_logging(log_format)
+        address = daemon.listen_address(listen)
+        seconds = daemon.parse_interval(interval, minimum=MIN_INTERVAL)
+        trusted = daemon.checked_keyring(keyring) if verify_signatures else None
         repository, inside = (repo, path.strip("/")) if repo else (_repo_top(Path(path)), _path_in_repo(Path(path)))
         folder = _state_dir(state_dir)
-        settings = DaemonSettings(
+        settings = daemon.DaemonSettings(
             source=GitSource(repository, branch=branch, path=inside, cache=folder),
             state_dir=folder,
             interval=seconds,
@@ -471,7 +478,7 @@ def run(
                 allow_delete=allow_delete, adopt_orphans=adopt_orphans, health=HealthPolicy(max_timeout=health_timeout)
             ),
         )
-        code = run_daemon(settings, console)
+        code = daemon.run_daemon(settings, console)
     raise typer.Exit(code)
 
 
