@@ -22,7 +22,7 @@ from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.observed import ContainerPort
 from tests.support.dockerd import DockerEngine
 from tests.support.nvml import FakeNvml
-from tests.support.standin_servers import StandinImage, standin_server_image  # noqa: F401
+from tests.support.standin_servers import StandinImage, standin_image, standin_server_image  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
@@ -207,3 +207,40 @@ def test_vram_is_read_through_the_hosts_engine(servers: Servers, needs: int, out
         assert report.failure is not None and "24.0 GiB free" in report.failure and "30.0 GiB needed" in report.failure
     expected = ("exited", "running") if outcome is SwitchOutcome.SWITCHED else ("running", "created")
     assert (servers.status("fast"), servers.status("deep")) == expected
+
+
+# ---- two Docker hosts, two engines ---------------------------------------------------------------------
+
+
+def test_a_switch_between_two_hosts_touches_each_hosts_own_engine(
+    docker_engine: DockerEngine, second_docker_engine: DockerEngine, docker_client: Any
+) -> None:
+    """fast runs on host `small` (one engine), deep on host `big` (another): as in a lab, not one shared engine."""
+    import docker
+
+    other = docker.DockerClient(base_url=second_docker_engine.endpoint, timeout=60)
+    settings = {
+        "small": DockerHostSettings(name="small", endpoint=docker_engine.endpoint, timeout=30),
+        "big": DockerHostSettings(name="big", endpoint=second_docker_engine.endpoint, timeout=30),
+    }
+    try:
+        images = {"small": standin_image(docker_client), "big": standin_image(other)}
+        with DockerBackend(settings) as backend:
+            small, big = Servers(backend, images["small"], "small"), Servers(backend, images["big"], "big")
+            try:
+                old = small.make("fast", start=True)
+                new = big.make("deep")
+                report = ExclusiveSwitch(backend, None, policy=FAST).run([old], [new])
+                assert report.outcome is SwitchOutcome.SWITCHED, report.failure
+                # What each engine holds, read without the backend: each has its own member and only that.
+                assert _names(docker_client, ("fast", "deep")) == {"fast": "exited"}
+                assert _names(other, ("fast", "deep")) == {"deep": "running"}
+            finally:
+                small.remove()
+                big.remove()
+    finally:
+        other.close()
+
+
+def _names(client: Any, names: tuple[str, ...]) -> dict[str, str]:
+    return {c.name: c.status for c in client.containers.list(all=True) if c.name in names}
