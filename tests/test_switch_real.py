@@ -8,21 +8,18 @@ read through the real nvidia-ml-py bindings over the fake libnvidia-ml, or throu
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from reconciler.backends.docker import DockerBackend, DockerHostSettings
-from reconciler.engine.health import ModelServer, Progress, ollama_load, phased_health, poll, probe_http
+from reconciler.engine.health import Progress, ollama_load, phased_health, poll, probe_http
 from reconciler.engine.switch import EngineGpus, ExclusiveSwitch, Member, SwitchOutcome, SwitchPolicy
 from reconciler.fakes.nvml import FakeGpu, FakeProcess
-from reconciler.planning.container_run import ContainerRun
-from reconciler.planning.observed import ContainerPort
 from tests.support.dockerd import DockerEngine
 from tests.support.nvml import FakeNvml
-from tests.support.standin_servers import StandinImage, standin_image, standin_server_image  # noqa: F401
+from tests.support.standin_servers import Servers, StandinImage, standin_image, standin_server_image  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
@@ -31,56 +28,6 @@ GIB = 2**30
 UUID_A = "GPU-3090a000-0000-0000-0000-000000000000"
 UUID_B = "GPU-3090b000-0000-0000-0000-000000000000"
 FAST = SwitchPolicy(stop_timeout=5, free_timeout=3, health_timeout=10, interval=0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Servers:
-    """Stand-in model-server containers on one engine, made through the real backend; removed afterwards."""
-
-    def __init__(self, backend: DockerBackend, image: StandinImage, host: str = HOST) -> None:
-        self.backend, self.image, self.host = backend, image, host
-        self.made: list[str] = []
-
-    def make(self, name: str, engine: str = "vllm", *, start: bool = False, **env: str) -> Member:
-        port = _free_port()
-        command: tuple[str, ...] | None = ("--port", "8000")
-        environment = {f"STANDIN_{key.upper()}": value for key, value in env.items()}
-        served = f"{name}-model"
-        if engine == "vllm":
-            command = ("--served-model-name", served, "--port", "8000")
-        elif engine == "llamacpp":
-            command = ("--alias", served, "--port", "8000")
-        else:
-            command, served = None, "llama3.1:8b"
-            environment["OLLAMA_HOST"] = "0.0.0.0:8000"
-        run = ContainerRun(
-            name=name,
-            image=self.image.server,
-            command=command,
-            env=environment,
-            ports=(ContainerPort(bind="127.0.0.1", host=port, container=8000, protocol="tcp"),),
-            restart="no",
-        )
-        self.backend.create_container(self.host, run)
-        self.made.append(name)
-        health = "/" if engine == "ollama" else "/health"
-        member = Member(self.host, name, ModelServer(f"http://127.0.0.1:{port}", served, health_path=health))
-        if start:
-            self.backend.start_container(self.host, name)
-        return member
-
-    def status(self, name: str) -> str:
-        state = self.backend.container_state(self.host, name)
-        return state.status if state else "gone"
-
-    def remove(self) -> None:
-        for name in self.made:
-            self.backend.remove_container(self.host, name, force=True)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -31,11 +32,16 @@ from typing import Any
 
 import pytest
 
+from reconciler.backends.docker import DockerBackend
+from reconciler.engine.health import ModelServer
+from reconciler.engine.switch import Member
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.gpusight import COMPUTE_APPS_QUERY, GPU_QUERY
+from reconciler.planning.observed import ContainerPort
 from tests.support.components import missing
 from tests.support.dockerd import BUSYBOX
 
-__all__ = ["MODES", "STANDIN_GPUS", "StandinImage", "standin_image", "standin_server_image"]
+__all__ = ["MODES", "STANDIN_GPUS", "Servers", "StandinImage", "standin_image", "standin_server_image"]
 
 _REPOSITORY = "reconciler-test/standin-server"
 
@@ -189,3 +195,53 @@ def standin_image(docker_client: Any, *, gpus: str = STANDIN_GPUS, apps: str = "
 def standin_server_image(docker_client: Any) -> StandinImage:
     """The stand-in model-server image in the session's engine, with STANDIN_GPUS behind its nvidia-smi."""
     return standin_image(docker_client)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Servers:
+    """Stand-in model-server containers on one engine, made through the real backend; removed afterwards."""
+
+    def __init__(self, backend: DockerBackend, image: StandinImage, host: str = "infer") -> None:
+        self.backend, self.image, self.host = backend, image, host
+        self.made: list[str] = []
+
+    def make(self, name: str, engine: str = "vllm", *, start: bool = False, **env: str) -> Member:
+        port = _free_port()
+        command: tuple[str, ...] | None = ("--port", "8000")
+        environment = {f"STANDIN_{key.upper()}": value for key, value in env.items()}
+        served = f"{name}-model"
+        if engine == "vllm":
+            command = ("--served-model-name", served, "--port", "8000")
+        elif engine == "llamacpp":
+            command = ("--alias", served, "--port", "8000")
+        else:
+            command, served = None, "llama3.1:8b"
+            environment["OLLAMA_HOST"] = "0.0.0.0:8000"
+        run = ContainerRun(
+            name=name,
+            image=self.image.server,
+            command=command,
+            env=environment,
+            ports=(ContainerPort(bind="127.0.0.1", host=port, container=8000, protocol="tcp"),),
+            restart="no",
+        )
+        self.backend.create_container(self.host, run)
+        self.made.append(name)
+        health = "/" if engine == "ollama" else "/health"
+        member = Member(self.host, name, ModelServer(f"http://127.0.0.1:{port}", served, health_path=health))
+        if start:
+            self.backend.start_container(self.host, name)
+        return member
+
+    def status(self, name: str) -> str:
+        state = self.backend.container_state(self.host, name)
+        return state.status if state else "gone"
+
+    def remove(self) -> None:
+        for name in self.made:
+            self.backend.remove_container(self.host, name, force=True)
