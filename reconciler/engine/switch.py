@@ -37,8 +37,10 @@ __all__ = [
     "SwitchOutcome",
     "SwitchPolicy",
     "SwitchReport",
+    "before_start",
     "member_health",
     "model_server_for",
+    "vram_needs",
     "wait_for_vram",
 ]
 
@@ -52,7 +54,9 @@ class Containers(Protocol):
 
 
 class GpuMemory(Protocol):
-    """What NvmlBackend.wait_for_free offers: raise TemporaryError on timeout, PermanentError when lost."""
+    """What NvmlBackend offers: wait_for_free raises TemporaryError on timeout, PermanentError when lost."""
+
+    def observe(self) -> NvmlObservation: ...
 
     def wait_for_free(
         self,
@@ -80,6 +84,9 @@ class EngineGpus:
     docker: _GpuQuery
     host: str
     image: str
+
+    def observe(self) -> NvmlObservation:
+        return self.docker.query_gpus(self.host, image=self.image)
 
     def wait_for_free(
         self,
@@ -173,6 +180,7 @@ def wait_for_vram(
 ) -> ProbeResult:
     """Wait until each GPU (UUID) has the bytes `needs` names free. Unhealthy on timeout or a lost GPU."""
     start = clock()
+    unseen: list[str] = []
     for uuid, needed in sorted(needs.items()):
 
         def pause(seconds: float, uuid: str = uuid, needed: int = needed) -> None:
@@ -183,10 +191,51 @@ def wait_for_vram(
         remaining = max(timeout - (clock() - start), 0.0)
         try:
             gpus.wait_for_free(uuid, needed, timeout=remaining, interval=interval, clock=clock, sleep=pause)
+        except NotFoundError:
+            unseen.append(uuid)  # a GPU this reader does not see (passed through to a VM): nothing to wait on
         except ReconcilerError as exc:
             return ProbeResult(False, f"GPU memory not freed: {exc}", clock() - start)
-    detail = ", ".join(f"{u}: {n / GIB:.1f} GiB free" for u, n in sorted(needs.items())) or "nothing to wait for"
+    seen = [f"{u}: {n / GIB:.1f} GiB free" for u, n in sorted(needs.items()) if u not in unseen]
+    detail = ", ".join([*seen, *(f"{u}: not seen here, not waited for" for u in unseen)]) or "nothing to wait for"
     return ProbeResult(True, detail, clock() - start)
+
+
+def vram_needs(after: Mapping[str, Any], *, declared: int | None, totals: Mapping[str, int]) -> dict[str, int]:
+    """Bytes that must be free on each GPU (UUID) of a planned container before it starts.
+
+    The declared `vram` when there is one; for vLLM, `gpu_memory_utilization x total`, which vLLM itself
+    demands free at start; otherwise nothing (not waited for: the footprint is unknown here).
+    """
+    uuids = [str(u) for u in after.get("gpus", ()) if u != "all"]
+    if declared:
+        return dict.fromkeys(uuids, declared)
+    command = [str(part) for part in after.get("command") or ()]
+    if "--served-model-name" not in command:
+        return {}
+    fraction = 0.9  # vLLM's default
+    if "--gpu-memory-utilization" in command[:-1]:
+        try:
+            fraction = float(command[command.index("--gpu-memory-utilization") + 1])
+        except ValueError:
+            return {}
+    return {u: int(min(max(fraction, 0.0), 1.0) * totals[u]) for u in uuids if u in totals}
+
+
+def before_start(
+    gpus: GpuMemory,
+    after: Mapping[str, Any],
+    *,
+    declared: int | None,
+    timeout: float,
+    interval: float,
+    progress: ProgressSink | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ProbeResult:
+    """The applier's hook before it starts a member of an exclusive group: wait for its VRAM to be free."""
+    observed = gpus.observe()
+    totals = {g.uuid: g.memory_total for g in observed.gpus if not g.lost}
+    needs = vram_needs(after, declared=declared, totals=totals)
+    return wait_for_vram(gpus, needs, timeout=timeout, interval=interval, progress=progress, sleep=sleep)
 
 
 def member_health(
