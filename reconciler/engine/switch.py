@@ -23,17 +23,20 @@ import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from reconciler.engine.health import ModelServer, ProbeResult, Progress, ProgressSink, phased_health
 from reconciler.errors import NotFoundError, PermanentError, ReconcilerError, TemporaryError
 from reconciler.planning.observed import NvmlObservation, ObservedContainer, ObservedGpu
+from reconciler.planning.plan import Address
+from reconciler.spec.state import DesiredState
 
 __all__ = [
     "EngineGpus",
     "ExclusiveSwitch",
     "GpuMemory",
     "Member",
+    "SwitchHooks",
     "SwitchOutcome",
     "SwitchPolicy",
     "SwitchReport",
@@ -53,6 +56,7 @@ class Containers(Protocol):
     def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None: ...
 
 
+@runtime_checkable
 class GpuMemory(Protocol):
     """What NvmlBackend offers: wait_for_free raises TemporaryError on timeout, PermanentError when lost."""
 
@@ -422,3 +426,64 @@ class _Timer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.seconds[self.step] = self.seconds.get(self.step, 0.0) + self.clock() - self.start
+
+
+# ---- the applier's hooks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwitchHooks:
+    """What the Docker steps call for the members of exclusive groups (container address -> declared VRAM)."""
+
+    members: Mapping[str, int | None]
+    gpus: GpuMemory | None = None
+    progress: ProgressSink | None = None
+
+    @classmethod
+    def of(cls, desired: DesiredState, *, gpus: GpuMemory | None, progress: ProgressSink | None) -> SwitchHooks:
+        members: dict[str, int | None] = {}
+        for workload in desired.workloads():
+            address = Address.of(workload)
+            if workload.exclusive is not None and address is not None:
+                members[str(address)] = int(workload.vram) if workload.vram is not None else None
+        return cls(members, gpus, progress)
+
+    def wait_before_start(
+        self, address: str, after: Mapping[str, Any], *, timeout: float, interval: float, sleep: Callable[[float], None]
+    ) -> None:
+        """Raise TemporaryError when the GPUs of a member about to start do not have its memory free in time."""
+        if address not in self.members or self.gpus is None or not after.get("gpus"):
+            return
+        freed = before_start(
+            self.gpus,
+            after,
+            declared=self.members[address],
+            timeout=timeout,
+            interval=interval,
+            progress=self.progress,
+            sleep=sleep,
+        )
+        if not freed.healthy:
+            raise TemporaryError(freed.detail, resource=address, hint="stop what holds the GPU, or wait longer")
+
+    def phased(
+        self,
+        containers: Containers,
+        change_address: str,
+        after: Mapping[str, Any],
+        *,
+        host: str,
+        name: str,
+        host_address: str,
+        timeout: float,
+        interval: float,
+        sleep: Callable[[float], None],
+    ) -> ProbeResult | None:
+        """Phased health of a member that is a model server; None for anything else."""
+        server = model_server_for(after, host_address) if change_address in self.members else None
+        if server is None:
+            return None
+        member = Member(host, name, server)
+        return member_health(
+            containers, member, timeout=timeout, interval=interval, progress=self.progress, sleep=sleep
+        )

@@ -41,7 +41,7 @@ from reconciler.planning.observed import ContainerPort
 from tests.support.components import missing
 from tests.support.dockerd import BUSYBOX
 
-__all__ = ["MODES", "STANDIN_GPUS", "Servers", "StandinImage", "standin_image", "standin_server_image"]
+__all__ = ["ANSWER", "MODES", "STANDIN_GPUS", "Servers", "StandinImage", "standin_image", "standin_server_image"]
 
 _REPOSITORY = "reconciler-test/standin-server"
 
@@ -86,7 +86,7 @@ else
 fi
 """
 
-_ANSWER = r"""#!/bin/sh
+ANSWER = r"""#!/bin/sh
 read -r method path version
 length=0
 while read -r line; do
@@ -162,7 +162,7 @@ def _rootfs(gpus: str, apps: str) -> bytes:
             if applet != "busybox" and "/" not in applet:
                 _add(tar, f"bin/{applet}", link="busybox")
         _add(tar, "serve", _SERVE.encode(), mode=0o755)
-        _add(tar, "answer", _ANSWER.encode(), mode=0o755)
+        _add(tar, "answer", ANSWER.encode(), mode=0o755)
         _add(tar, "usr/bin/nvidia-smi", _NVIDIA_SMI.encode(), mode=0o755)
         _add(tar, "fake-smi/gpus", gpus.encode())
         _add(tar, "fake-smi/apps", apps.encode())
