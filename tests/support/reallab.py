@@ -203,7 +203,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-mkdir -p /tmp/s; echo "$engine" > /tmp/s/engine; echo ok > /tmp/s/mode; printf %s "$name" > /tmp/s/served
+mkdir -p /tmp/s; echo "$engine" > /tmp/s/engine; echo "${STANDIN_MODE:-ok}" > /tmp/s/mode; printf %s "$name" > /tmp/s/served
 : > /tmp/s/pulled; : > /tmp/s/loaded
 listening=" "
 for p in $port $STAND_IN_PORTS; do
