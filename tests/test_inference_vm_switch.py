@@ -16,13 +16,22 @@ from typing import Any
 
 import pytest
 
-from reconciler.engine.journal import RunResult
+from reconciler.engine.apply import HealthPolicy
+from reconciler.engine.health import Progress
+from reconciler.engine.journal import Journal, RunResult
+from reconciler.engine.run import ApplyOptions
 from reconciler.fakes.lab import fake_gpus
 from reconciler.fakes.nvml import FakeProcess, write_state
+from reconciler.loop.controller import Controller
+from reconciler.loop.events import Outcome, SourceInfo, Trigger
+from reconciler.loop.passes import LoopOptions, PassRunner
+from reconciler.loop.wiring import LabConnector
 from reconciler.planning.plan import Action
+from reconciler.sources.git import GitSource
+from tests.support.gitrepo import make_repo
 from tests.support.reallab import MakeRealLab, RealLab
 
-pytestmark = [pytest.mark.docker, pytest.mark.fakepve, pytest.mark.nvml]
+pytestmark = [pytest.mark.docker, pytest.mark.fakepve, pytest.mark.nvml, pytest.mark.git]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inference-vm"
 GIB = 2**30
@@ -119,3 +128,39 @@ def test_deep_mode_does_not_start_while_the_fast_models_memory_is_held(
     assert _running(docker_client) == FAST
     qwen_32b = docker_client.containers.get("qwen-32b")
     assert qwen_32b.attrs["State"]["StartedAt"].startswith("0001-"), "the deep model never started"
+
+
+def test_the_loops_status_shows_the_phase_of_a_switch_while_it_waits(
+    real_lab: MakeRealLab, tmp_path: Path, docker_client: Any
+) -> None:
+    """The deep model's phases stream into the loop's status (what `/status` serves) while the pass runs."""
+    repo = make_repo(tmp_path / "lab", EXAMPLE)
+    lab = real_lab(repo.path / "specs", stand_in=True)
+    lab.env["THOR_ROUTER_API_KEY"] = "router-secret-5e1f"
+    seen: list[dict[str, Any]] = []
+    controller: Controller | None = None
+
+    def heard(note: Progress) -> None:  # called on the loop's thread, inside the pass: read the status as /status does
+        assert controller is not None
+        seen.append(controller.status().extra["progress"])
+
+    source = GitSource(str(repo.path), branch="main", path="specs", cache=lab.state_dir)
+    apply = ApplyOptions(health=HealthPolicy(max_timeout=20.0, interval=0.2, progress=heard))
+    journal = Journal(lab.state_dir / "journal.sqlite")
+    runner = PassRunner(source, LabConnector(lab.env), journal, LoopOptions(interval=3600.0, apply=apply))
+    controller = Controller(runner, source=SourceInfo(str(repo.path), "main", "specs"), interval=3600.0)
+    try:
+        first = controller.run_once(Trigger.MANUAL)
+        assert first is not None and first.outcome is Outcome.APPLIED, first
+        seen.clear()
+        repo.write("mode.yaml", (repo.path / "specs" / "mode.yaml").read_text().replace("active: fast", "active: deep"))
+        repo.commit("deep mode")
+        switched = controller.run_once(Trigger.MANUAL)
+        assert switched is not None and switched.outcome is Outcome.APPLIED, switched
+    finally:
+        controller.stop()
+        journal.close()
+    deep = [note for note in seen if note and note["subject"] == "infer/qwen-32b"]
+    assert [note["phase"] for note in deep][-2:] == ["ready", "working"], seen
+    assert all(isinstance(note["elapsed"], float) for note in deep)
+    assert controller.status().extra["progress"] is None, "no wait is shown once the pass has ended"

@@ -232,6 +232,9 @@ def apply(
     Exit 0: applied and healthy (or nothing to do); 1: failed and rolled back (or an error before any change);
     3: failed and the rollback did not complete.
     """
+    from dataclasses import replace
+
+    from reconciler.cli.progress import live_progress
     from reconciler.engine.apply import HealthPolicy
     from reconciler.engine.connect import connect, docker_settings
     from reconciler.engine.journal import Journal
@@ -256,19 +259,21 @@ def apply(
         journal = Journal(folder / "journal.sqlite")
         endpoints = {name: s.endpoint for name, s in docker_settings(result.state, os.environ).items()}
         try:
-            planned, report = apply_pass(
-                result.state,
-                backends,
-                proxmox=backends.proxmox,
-                docker=backends.docker,
-                journal=journal,
-                env=os.environ,
-                docker_endpoints=endpoints,
-                options=options,
-                saved_plan=saved,
-                confirm=_confirmer(ask=not auto_approve and saved is None),
-                on_step=lambda step: print_step(console, step),
-            )
+            with live_progress(console) as progress:  # a model loading for minutes shows its phase and time
+                options = replace(options, health=replace(options.health, progress=progress))
+                planned, report = apply_pass(
+                    result.state,
+                    backends,
+                    proxmox=backends.proxmox,
+                    docker=backends.docker,
+                    journal=journal,
+                    env=os.environ,
+                    docker_endpoints=endpoints,
+                    options=options,
+                    saved_plan=saved,
+                    confirm=_confirmer(ask=not auto_approve and saved is None),
+                    on_step=lambda step: print_step(console, step),
+                )
         finally:
             journal.close()
     if report is None:
