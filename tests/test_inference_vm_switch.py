@@ -92,6 +92,12 @@ def test_normal_to_deep_and_back_by_one_edit(real_lab: MakeRealLab, tmp_path: Pa
         ("container/infer/qwen-14b", Action.STOP),
         ("container/infer/qwen-32b", Action.START),
     }
+    (start,) = [c for c in plan.changes if c.action is Action.START]
+    assert start.reason.endswith(  # the plan states the cost: what stops, what starts, the VRAM, the waits
+        "switch of group mode to deep: stops qwen-14b (21.6 GiB on gpu1); qwen-7b (21.1 GiB on gpu0);"
+        " starts qwen-32b (21.6 GiB on gpu0, 21.6 GiB on gpu1) once NVML shows that memory free,"
+        " then waits for starting, ready (/v1/models lists it), working (one token)"
+    ), start.reason
     assert _running(docker_client) == {"qwen-32b"}
     assert _health(lab, report.run_id, "container/infer/qwen-32b") == ["working: qwen2.5-32b-instruct answers"]
     assert lab.plan().empty
