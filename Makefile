@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.loop
 	$(BIN)/python -m benchmarks.server
+	$(BIN)/python -m benchmarks.switch
 
 schemas: $(STAMP)
 	$(BIN)/reconciler schema --out schemas

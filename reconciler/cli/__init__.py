@@ -267,6 +267,9 @@ def _apply_pass(
     state: DesiredState, folder: Path, *, wait: float, options: ApplyOptions, saved: Plan | None, ask: bool
 ) -> tuple[Plan, ApplyReport | None]:
     """One apply under the state lock, with the lab's backends and the journal open, printing each step."""
+    from dataclasses import replace
+
+    from reconciler.cli.progress import live_progress
     from reconciler.engine.connect import connect, docker_settings
     from reconciler.engine.journal import Journal
     from reconciler.engine.lock import state_lock
@@ -276,19 +279,21 @@ def _apply_pass(
         journal = Journal(folder / "journal.sqlite")
         endpoints = {name: s.endpoint for name, s in docker_settings(state, os.environ).items()}
         try:
-            return apply_pass(
-                state,
-                backends,
-                proxmox=backends.proxmox,
-                docker=backends.docker,
-                journal=journal,
-                env=os.environ,
-                docker_endpoints=endpoints,
-                options=options,
-                saved_plan=saved,
-                confirm=_confirmer(ask=ask),
-                on_step=lambda step: print_step(console, step),
-            )
+            with live_progress(console) as progress:  # a model loading for minutes shows its phase and time
+                options = replace(options, health=replace(options.health, progress=progress))
+                return apply_pass(
+                    state,
+                    backends,
+                    proxmox=backends.proxmox,
+                    docker=backends.docker,
+                    journal=journal,
+                    env=os.environ,
+                    docker_endpoints=endpoints,
+                    options=options,
+                    saved_plan=saved,
+                    confirm=_confirmer(ask=ask),
+                    on_step=lambda step: print_step(console, step),
+                )
         finally:
             journal.close()
 

@@ -39,6 +39,7 @@ from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecor
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, container_run_from
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
+from reconciler.engine.switch import GpuMemory, SwitchHooks
 from reconciler.errors import ConfigError, PlanError, ReconcilerError
 from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
@@ -112,7 +113,9 @@ class Applier:
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
+        gpus: GpuMemory | None = None,
     ) -> None:
+        self.gpus = gpus  # NVML, read between stopping and starting members of an exclusive group
         self.proxmox = proxmox
         self.docker = docker
         self.journal = journal
@@ -130,6 +133,7 @@ class Applier:
         if not plan.applicable:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
+        self.containers.switch = SwitchHooks.of(desired, gpus=self.gpus, progress=self.health.progress)
         inherited, resumed_from = self._take_over_interrupted()
         run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)
         report = ApplyReport(run_id, RunResult.RUNNING)

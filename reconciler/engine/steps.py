@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.engine.health import ProgressSink
 from reconciler.planning.plan import Change
 
 __all__ = ["Done", "HealthPolicy", "host_and_name"]
@@ -23,6 +24,8 @@ class HealthPolicy:
     shutdown_timeout: float = 120.0
     max_timeout: float | None = None
     interval: float | None = None
+    vram_timeout: float = 120.0  # how long a stopped model's GPU memory may take to be freed (engine/switch.py)
+    progress: ProgressSink | None = None  # hears the phase and elapsed time of long waits (terminal, loop status)
 
     def cap(self, timeout: float) -> float:
         return min(timeout, self.max_timeout) if self.max_timeout is not None else timeout

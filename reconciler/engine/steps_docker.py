@@ -16,6 +16,7 @@ from typing import Any, Protocol, assert_never
 from reconciler import redact
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
+from reconciler.engine.switch import SwitchHooks
 from reconciler.errors import PlanError
 from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
 from reconciler.planning.inventory import OLD_SUFFIX
@@ -46,6 +47,7 @@ class DockerSteps:
     container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun]
     sleep: Callable[[float], None] = time.sleep
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo's in-memory probes
+    switch: SwitchHooks | None = None  # exclusive-group members: wait for VRAM, phased health (engine/switch.py)
 
     def do(self, change: Change, before: Mapping[str, Any] | None) -> None:
         assert self.docker is not None
@@ -56,6 +58,7 @@ class DockerSteps:
                 self.docker.ensure_image(host, after["image"])
                 self.docker.create_container(host, self.container_run(after, self.env))
                 if after.get("state") == "running":
+                    self._before_start(change)
                     self.docker.start_container(host, name)
             case Action.REPLACE:
                 self.docker.ensure_image(host, after["image"])  # fail before the old container is touched
@@ -66,10 +69,12 @@ class DockerSteps:
                     self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
                 self.docker.create_container(host, self.container_run(after, self.env))
                 if after.get("state") == "running":
+                    self._before_start(change)
                     self.docker.start_container(host, name)
                 if old is not None and old.status in ("running", "restarting"):
                     self.docker.stop_container(host, name + OLD_SUFFIX, timeout=self.health.shutdown_timeout)
             case Action.START:
+                self._before_start(change)
                 self.docker.start_container(host, name)
             case Action.STOP:
                 self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
@@ -153,11 +158,38 @@ class DockerSteps:
         timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
         interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
         result = poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
-        if not result.healthy or not load:
+        if result.healthy and load:
+            # The server answers; the model it is there for must be pulled and sit on its GPUs too.
+            port = (probe or {}).get("port")
+            result = self._probe(host, {"ollama_load": load, "port": port, "timeout": timeout})
+        return self._phased(change, result, timeout=timeout, interval=interval)
+
+    def _before_start(self, change: Change) -> None:
+        """A member of an exclusive group starts once its GPUs have the memory it needs free (engine/switch.py)."""
+        if self.switch is not None:
+            timeout, interval = self.health.cap(self.health.vram_timeout), self.health.interval or 1.0
+            self.switch.wait_before_start(
+                change.address, change.after or {}, timeout=timeout, interval=interval, sleep=self.sleep
+            )
+
+    def _phased(self, change: Change, result: ProbeResult, *, timeout: float, interval: float) -> ProbeResult:
+        """A member that is a model server must also list its model and complete a token (engine/switch.py)."""
+        if not result.healthy or self.switch is None or self.prober is not None or self.docker is None:
             return result
-        # The server answers; the model it is there for must be pulled and sit on its GPUs too.
-        port = (probe or {}).get("port")
-        return self._probe(host, {"ollama_load": load, "port": port, "timeout": timeout})
+        host, name = host_and_name(change)
+        address = endpoint_address(self.endpoints.get(host, "unix:///"))
+        phased = self.switch.phased(
+            self.docker,
+            change.address,
+            change.after or {},
+            host=host,
+            name=name,
+            host_address=address,
+            timeout=self.health.cap(timeout),
+            interval=interval,
+            sleep=self.sleep,
+        )
+        return result if phased is None else phased
 
     def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
         if self.prober is not None:

@@ -83,7 +83,11 @@ class Controller:
                 resources=resource_statuses(target, runner.last_plan, last),
                 gpus=runner.gpus,
                 passes=self._passes,
-                extra={"interval": self.interval, "next_pass_in": max(0.0, round(self._due - self.clock(), 3))},
+                extra={
+                    "interval": self.interval,
+                    "next_pass_in": max(0.0, round(self._due - self.clock(), 3)),
+                    "progress": runner.progress.to_json() if self._busy and runner.progress else None,
+                },
             )
 
     def request_pass(self, trigger: Trigger, *, fetch: bool = False) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol, assert_never
 
 from reconciler.engine.apply import ApplyReport, StepReport
+from reconciler.engine.health import Progress
 from reconciler.engine.journal import Journal, RunResult
 from reconciler.engine.run import ApplyOptions, apply_pass, plan_pass
 from reconciler.errors import PlanError, ReconcilerError
@@ -105,6 +106,7 @@ class PassRunner:
         self.last_plan: Plan | None = None
         self.gpus: tuple[GpuStatus, ...] = ()
         self.last_error: ReconcilerError | None = None  # of the last pass: the controller's backoff reads it
+        self.progress: Progress | None = None  # the long wait in progress (a model loading), for the status
         self._verdicts: dict[str, _Verdict] = {}
         self._noted: dict[str, str] = {}  # sha -> the last note body written on it by this process
         self._restored = False
@@ -225,8 +227,16 @@ class PassRunner:
             return (good if good is not None and good.revision != head else None), why
         return verdict.desired, ""
 
+    def _progress(self, note: Progress) -> None:
+        self.progress = note  # one reference swapped: the status thread reads the latest whole note
+        if self.options.apply.health.progress is not None:  # and whoever else listens (a terminal)
+            self.options.apply.health.progress(note)
+
     def _reconcile(self, target: DesiredState, *, suspended: bool, stopping: Callable[[], bool]) -> _Result:
+        health = self.options.apply.health
+
         def on_step(step: StepReport) -> None:
+            self.progress = None
             if stopping() and step.ok and step.phase in ("apply", "verify"):
                 raise PassInterrupted(f"stopped after {step.phase} {step.address}")
 
@@ -244,7 +254,7 @@ class PassRunner:
                     journal=self.journal,
                     env=wiring.env,
                     docker_endpoints=wiring.docker_endpoints,
-                    options=self.options.apply,
+                    options=replace(self.options.apply, health=replace(health, progress=self._progress)),
                     on_step=on_step,
                 )
             self.gpus = gpu_statuses(wiring.readers)

@@ -33,6 +33,7 @@ from reconciler.planning.ownership import Ownership, guard_rails
 from reconciler.planning.plan import Change, Plan
 from reconciler.planning.plan_guests import GuestPlanning
 from reconciler.planning.plan_workloads import WorkloadPlanning
+from reconciler.planning.switch_cost import describe_switches
 from reconciler.spec.models import Gpu
 from reconciler.spec.state import DesiredState
 
@@ -58,7 +59,7 @@ def make_plan(
     pci_devices = observed.proxmox.pci_devices if observed.proxmox else ()
     gpus = desired.of(Gpu)
     numbers = {node: nvidia_numbers(node, gpus, pci_devices) for node in {g.node for g in gpus}}
-    changes = order_changes(planner.changes, desired, nvidia=numbers)
+    changes = describe_switches(order_changes(planner.changes, desired, nvidia=numbers), desired)
     return Plan(
         changes=changes,
         revision=desired.revision,

@@ -7,6 +7,8 @@ Fixtures (session scope):
   at the end (SIGTERM, then SIGKILL). With RECONCILER_TEST_DOCKER_HOST set, that engine is used instead
   and nothing is started or stopped. Where no engine can be had, `components.missing()` skips the test
   (fails it under CI).
+- `second_docker_engine`: another private dockerd (always started here), for tests where two Docker hosts
+  must be two engines.
 - `docker_client`: a raw docker SDK client on that engine, for tests to check what the engine holds
   independently of the backend under test.
 - `model_server_image`: images imported from a tar of a folder holding the static busybox; no registry.
@@ -50,6 +52,7 @@ __all__ = [
     "docker_client",
     "docker_engine",
     "model_server_image",
+    "second_docker_engine",
 ]
 
 ENV_DOCKER_HOST = "RECONCILER_TEST_DOCKER_HOST"
@@ -365,3 +368,10 @@ def model_server_image(docker_client: Any) -> ModelServerImage:
         )
         docker_client.api.inspect_image(tag)  # raises when the import did not produce the tag
     return image
+
+
+@pytest.fixture(scope="session")
+def second_docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """Another private dockerd for the session, so that two Docker hosts of a spec are two engines, as in a lab."""
+    with _private_engine(tmp_path_factory.mktemp("dockerd-2")) as engine:
+        yield engine

@@ -51,6 +51,7 @@ from reconciler.spec.validate import load_and_validate
 from tests.support.dockerd import DockerEngine, EngineImage
 from tests.support.fakepve import PveServer
 from tests.support.nvml import FakeNvml
+from tests.support.standin_servers import ANSWER
 
 __all__ = ["LOCK_FILE", "MakeRealLab", "RealLab", "real_lab", "stand_in_image"]
 
@@ -186,50 +187,35 @@ def _seed_storages(pve: Any, desired: DesiredState) -> None:
         pve.storages[name] = store
 
 
-# The stand-in server: the engine image's /serve (vLLM/llama-server/Ollama, on the port their arguments or
-# OLLAMA_HOST name), plus every container port the spec publishes, since plex, postgres or redis are all
-# played by it; it exits on SIGTERM (busybox httpd as PID 1 ignores it, so `docker stop` would wait out
-# its timeout).
+# The stand-in server: a model server on the port the engine's arguments (--port) or OLLAMA_HOST name, answering
+# like vLLM, llama-server or Ollama through every health phase (tests/support/standin_servers.py's `/answer`),
+# plus every other container port the spec publishes, since plex, postgres or redis are all played by it; it
+# exits on SIGTERM (busybox httpd as PID 1 ignores it, so `docker stop` would wait out its timeout).
 _STAND_IN = """#!/bin/sh
 trap 'exit 0' TERM INT
-port=8000
-ollama=""
-case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}"; ollama="$port";; esac
+port=8000; name=""; engine=vllm
+case "$OLLAMA_HOST" in *:*) port="${OLLAMA_HOST##*:}"; engine=ollama;; esac
 while [ $# -gt 0 ]; do
-  case "$1" in --port) port="$2"; shift;; esac
+  case "$1" in
+    --port) port="$2"; shift;;
+    --served-model-name) name="$2"; shift;;
+    --alias) name="$2"; engine=llamacpp; shift;;
+  esac
   shift
 done
+mkdir -p /tmp/s; echo "$engine" > /tmp/s/engine; echo "${STANDIN_MODE:-ok}" > /tmp/s/mode; printf %s "$name" > /tmp/s/served
+: > /tmp/s/pulled; : > /tmp/s/loaded
 listening=" "
 for p in $port $STAND_IN_PORTS; do
   case "$listening" in *" $p "*) continue;; esac
   listening="$listening$p "
-  if [ "$p" = "$ollama" ]; then
-    /bin/busybox nc -ll -p "$p" -e /ollama &
+  if [ "$p" = "$port" ] && { [ -n "$name" ] || [ "$engine" = ollama ]; }; then
+    /bin/busybox nc -ll -p "$p" -e /answer &
   else
     /bin/busybox httpd -f -p "$p" -h "${WWW:-/www}" &
   fi
 done
 wait
-"""
-
-# Ollama's API, one connection at a time (busybox httpd serves no POST to a file): it lists no model,
-# and pulls and loads any, as the applier asks once the server answers.
-_OLLAMA = """#!/bin/sh
-read -r method path version
-length=0
-while read -r line; do
-  line=$(printf %s "$line" | tr -d '\\r')
-  [ -z "$line" ] && break
-  case "$line" in [Cc]ontent-[Ll]ength:*) length="${line#*: }";; esac
-done
-[ "$length" -gt 0 ] && head -c "$length" >/dev/null
-case "$path" in
-  /api/tags) body='{"models":[]}';;
-  /api/pull) body='{"status":"success"}';;
-  /api/generate) body='{"done":true,"done_reason":"load"}';;
-  *) body='ok Healthy';;
-esac
-printf 'HTTP/1.0 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %s\\r\\nConnection: close\\r\\n\\r\\n%s' "${#body}" "$body"
 """
 
 
@@ -255,7 +241,7 @@ def stand_in_image(docker_client: Any, engine_image: EngineImage, desired: Desir
             commands.add(test[1])
     files: dict[str, tuple[bytes, int]] = {
         "root/stand-in": (_STAND_IN.encode(), 0o755),
-        "root/ollama": (_OLLAMA.encode(), 0o755),
+        "root/answer": (ANSWER.encode(), 0o755),
     }
     for path in paths:
         name = "root/www" + path + ("index.html" if path.endswith("/") else "")
