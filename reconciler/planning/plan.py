@@ -43,7 +43,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import assert_never, cast
 
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.intents import GuestIntent, GuestSeen
@@ -239,25 +239,23 @@ class Change:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Change:
+    def from_json(cls, data: Mapping[str, object]) -> Change:
         """Read back from a plan file or a journal; a malformed one raises ValueError, KeyError or TypeError."""
-        backend = Backend(data["backend"])
-        fields = tuple(
-            FieldChange(f["path"], f["before"], f["after"], Timing(f["timing"]), f["sensitive"]) for f in data["fields"]
-        )
+        backend = Backend(_text(data["backend"]))
+        fields = tuple(_field_from_json(_object(f)) for f in _array(data["fields"]))
         before, after = data["before"], data["after"]
         return cls(
-            address=data["address"],
-            action=Action(data["action"]),
-            resource=data["resource"],
+            address=_text(data["address"]),
+            action=Action(_text(data["action"])),
+            resource=_text(data["resource"]),
             backend=backend,
-            before=None if before is None else _seen_from_json(backend, before),
-            after=None if after is None else _intent_from_json(backend, after, [f.path for f in fields]),
+            before=None if before is None else _seen_from_json(backend, _object(before)),
+            after=None if after is None else _intent_from_json(backend, _object(after), [f.path for f in fields]),
             fields=fields,
-            reason=data["reason"],
-            depends_on=tuple(data["depends_on"]),
-            drift=data["drift"],
-            loses=tuple(str(item) for item in data.get("loses", ())),
+            reason=_text(data["reason"]),
+            depends_on=tuple(_text(item) for item in _array(data["depends_on"])),
+            drift=_flag(data["drift"]),
+            loses=tuple(_text(item) for item in _array(data.get("loses", []))),
         )
 
 
@@ -336,23 +334,26 @@ class Plan:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+    def from_json(cls, data: Mapping[str, object]) -> Plan:
         """A saved plan read back. One of another format (an older reconciler's, or not a plan) is refused."""
         if data.get("format") != PLAN_FORMAT:
             raise PlanFormatError(data.get("format"))
 
         def problems(key: str) -> tuple[Problem, ...]:
-            return tuple(Problem(p["resource"], p["message"], p.get("hint")) for p in data.get(key, ()))
+            found = (_object(p) for p in _array(data.get(key, [])))
+            return tuple(
+                Problem(_text(p["resource"]), _text(p["message"]), _optional_text(p.get("hint"))) for p in found
+            )
 
         return cls(
-            changes=tuple(Change.from_json(c) for c in data["changes"]),
-            revision=data.get("revision"),
+            changes=tuple(Change.from_json(_object(c)) for c in _array(data["changes"])),
+            revision=_optional_text(data.get("revision")),
             conflicts=problems("conflicts"),
             blockers=problems("blockers"),
             warnings=problems("warnings"),
-            observed_digest=data.get("observed_digest"),
+            observed_digest=_optional_text(data.get("observed_digest")),
             format=PLAN_FORMAT,
-            lab=data.get("lab"),
+            lab=_optional_text(data.get("lab")),
         )
 
 
@@ -385,3 +386,37 @@ def _intent_from_json(backend: Backend, data: Mapping[str, object], paths: list[
             return ContainerRun.from_json(data)
         case _:
             assert_never(backend)
+
+
+def _field_from_json(data: Mapping[str, object]) -> FieldChange:
+    # Values are whatever JSON holds: shown and compared, never acted on.
+    before, after = cast(JsonValue, data["before"]), cast(JsonValue, data["after"])
+    return FieldChange(_text(data["path"]), before, after, Timing(_text(data["timing"])), _flag(data["sensitive"]))
+
+
+def _object(value: object) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _array(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
