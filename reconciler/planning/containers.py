@@ -77,12 +77,7 @@ def desired_container(
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(workload.env)
     keys = label_keys(lab.owner)
-    labels = {**workload.labels, **run.pop("labels", {})}
-    labels[keys["managed"]] = "true"
-    labels[keys["resource"]] = workload.ref
-    labels[keys["host"]] = workload.host
-    labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
-    labels[keys["secret_env_keys"]] = ",".join(sorted(workload.secret_env))
+    labels = _labels(workload, keys, run.pop("labels", {}), env)
     health, probe = run.pop("healthcheck"), _probe(workload, run.pop("probe", None), run["ports"])
     container = ContainerRun(
         host=workload.host,
@@ -117,6 +112,19 @@ def desired_container(
     if revision:
         stamps[keys["revision"]] = revision
     return replace(container, labels={**labels, **stamps})
+
+
+def _labels(
+    workload: Workload, keys: Mapping[str, str], preset: Mapping[str, str], env: Mapping[str, str]
+) -> dict[str, str]:
+    """The spec's labels, the preset's, and the ownership marks (which env keys were set, which are secret)."""
+    labels = {**workload.labels, **preset}
+    labels[keys["managed"]] = "true"
+    labels[keys["resource"]] = workload.ref
+    labels[keys["host"]] = workload.host
+    labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
+    labels[keys["secret_env_keys"]] = ",".join(sorted(workload.secret_env))
+    return labels
 
 
 def _plain(spec: Container) -> dict[str, Any]:
