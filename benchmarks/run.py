@@ -25,6 +25,8 @@ from benchmarks.spec_limits import bench_spec_limits
 from reconciler.backends.memory import MemoryDocker, MemoryProxmox
 from reconciler.backends.proxmox import ProxmoxBackend, settings_from
 from reconciler.engine.observe import Readers, observe
+from reconciler.planning.container_run import ContainerRun
+from reconciler.planning.intents import GuestIntent
 from reconciler.planning.observed import DockerObservation, Observed
 from reconciler.planning.planner import make_plan
 from reconciler.spec.models import Container, DockerHost, Lab, Lxc, ProxmoxConnection
@@ -75,16 +77,17 @@ def applied_memory_lab(desired: DesiredState) -> tuple[MemoryProxmox, MemoryDock
     proxmox = MemoryProxmox(desired.lab.nodes)
     docker = MemoryDocker(("ws",), owner_label=desired.lab.owner)
     plan = make_plan(desired, Observed(proxmox=proxmox.observe(), docker=docker.observe()))
-    from reconciler.engine.apply import container_run_from
-
     for change in plan.changes:
-        after = change.after or {}
-        if change.backend == "proxmox":
-            proxmox.create_lxc(after["node"], after["vmid"], config=after["config"])
-            proxmox.start("lxc", after["node"], after["vmid"])
-        else:
-            docker.create_container("ws", container_run_from(after, {}))
-            docker.start_container("ws", after["name"])
+        after = change.after
+        match after:
+            case GuestIntent():
+                proxmox.create_lxc(after.node, after.vmid, config=after.config)
+                proxmox.start(after.kind, after.node, after.vmid)
+            case ContainerRun():
+                docker.create_container("ws", after)
+                docker.start_container("ws", after.name)
+            case None:
+                pass
     return proxmox, docker
 
 

@@ -309,7 +309,7 @@ def test_single_active_llamacpp_runs_exactly_one_model(tmp_path: Path) -> None:
         command = container.command or ()
         assert command[command.index("--ctx-size") + 1] == str(model.context)
         assert command[command.index("--host") + 1] == "0.0.0.0"
-        assert container.volumes and all(readonly for _, _, readonly in container.volumes)
+        assert container.volumes and all(volume.readonly for volume in container.volumes)
     assert "F16" in models["gpt-oss-120b"].source
     for member in models:
         picked = _clean(_switched(tree, "picker", member, tmp_path)).state

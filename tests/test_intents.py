@@ -1,27 +1,42 @@
-"""What a planned guest change sends to PVE, decided in one place (planning/intents.py)."""
+"""A change's typed content: what a guest PUT sends (decided once, in planning/intents.py), one container
+shape from planner to backend, and JSON only at the plan-file boundary (an older or foreign plan is refused)."""
 
 from __future__ import annotations
 
-from reconciler.planning.intents import GuestIntent
-from reconciler.planning.observed import GuestKind
-from reconciler.planning.plan import Action, Backend, Change, FieldChange, Plan, Timing
+import json
+
+import pytest
+
+from reconciler.planning.container_run import ContainerProbe, ContainerRun, ContainerSeen
+from reconciler.planning.intents import GuestIntent, GuestSeen, send_keys
+from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind
+from reconciler.planning.plan import PLAN_FORMAT, Action, Backend, Change, FieldChange, Plan, PlanFormatError, Timing
+from reconciler.spec.models import PowerState
+
+CONFIG = {
+    "cores": "8",
+    "scsi0": "local-lvm:vm-200-disk-0,size=64G",
+    "scsi1": "tank:vm-200-disk-1,size=32G",
+    "tags": "llm;reconciler",
+}
 
 
-def _update(fields: tuple[FieldChange, ...], **after: object) -> Change:
-    config = {
-        "cores": "8",
-        "scsi0": "local-lvm:vm-200-disk-0,size=64G",
-        "scsi1": "tank:vm-200-disk-1,size=32G",
-        "tags": "llm;reconciler",
-    }
+def _update(fields: tuple[FieldChange, ...], *, grow: dict[str, str], moves: dict[str, str]) -> Change:
+    send = send_keys((f.path for f in fields), CONFIG, grow=grow, moves=moves)
+    intent = GuestIntent(
+        GuestKind.QEMU,
+        "pve1",
+        200,
+        PowerState.RUNNING,
+        config=CONFIG,
+        send=send,
+        delete=("agent",),
+        grow=grow,
+        moves=moves,
+    )
+    seen = GuestSeen(GuestKind.QEMU, "pve1", 200, "running", digest="abc", config={"cores": "4"})
     return Change(
-        "qemu/llm",
-        Action.UPDATE_RESTART,
-        "Vm/llm",
-        Backend.PROXMOX,
-        before={"type": "qemu", "node": "pve1", "vmid": 200, "status": "running", "digest": "abc"},
-        after={"type": "qemu", "node": "pve1", "vmid": 200, "state": "running", "config": config, **after},
-        fields=fields,
+        "qemu/llm", Action.UPDATE_RESTART, "Vm/llm", Backend.PROXMOX, before=seen, after=intent, fields=fields
     )
 
 
@@ -33,9 +48,8 @@ def test_a_put_sends_the_changed_keys_only_and_leaves_sizes_and_moves_to_their_o
             FieldChange("scsi1.storage", "local-lvm", "tank", Timing.LIVE),
             FieldChange("tags", "llm", "llm;reconciler", Timing.LIVE),
         ),
-        resize={"scsi0": "64G"},
-        move={"scsi1": "tank"},
-        delete=["agent"],
+        grow={"scsi0": "64G"},
+        moves={"scsi1": "tank"},
     )
     intent = GuestIntent.of(change)
     assert (intent.kind, intent.node, intent.vmid, intent.running) == (GuestKind.QEMU, "pve1", 200, True)
@@ -44,23 +58,64 @@ def test_a_put_sends_the_changed_keys_only_and_leaves_sizes_and_moves_to_their_o
     assert dict(intent.grow) == {"scsi0": "64G"} and dict(intent.moves) == {"scsi1": "tank"}
 
 
-def test_the_intent_survives_a_saved_plan() -> None:
+def test_the_intent_survives_a_saved_plan_with_the_same_json_shape() -> None:
     change = _update(
-        (FieldChange("scsi0.size", "32G", "64G"), FieldChange("scsi0.cache", None, "none")), resize={"scsi0": "64G"}
+        (FieldChange("scsi0.size", "32G", "64G"), FieldChange("scsi0.cache", None, "none")),
+        grow={"scsi0": "64G"},
+        moves={},
     )
-    saved = Plan.from_json(Plan((change,)).to_json()).changes[0]
-    assert GuestIntent.of(saved) == GuestIntent.of(change)
+    data = Plan((change,)).to_json()
+    assert data["format"] == PLAN_FORMAT == 3
+    after = json.loads(json.dumps(data))["changes"][0]["after"]
+    assert list(after) == ["type", "node", "vmid", "state", "config", "delete", "resize"]
+    saved = Plan.from_json(json.loads(json.dumps(data))).changes[0]
+    assert saved == change
     assert dict(GuestIntent.of(saved).send) == {"scsi0": "local-lvm:vm-200-disk-0,size=64G"}  # its cache changes
 
 
 def test_a_delete_reads_where_from_before() -> None:
-    change = Change(
-        "lxc/old",
-        Action.DELETE,
-        "lxc/old",
-        Backend.PROXMOX,
-        before={"type": "lxc", "node": "pve1", "vmid": 955, "status": "running"},
-        after=None,
-    )
+    seen = GuestSeen(GuestKind.LXC, "pve1", 955, "running", name="old")
+    change = Change("lxc/old", Action.DELETE, "lxc/old", Backend.PROXMOX, before=seen, after=None)
     intent = GuestIntent.of(change)
     assert (intent.kind, intent.vmid, intent.running, dict(intent.send)) == (GuestKind.LXC, 955, False, {})
+    assert seen.to_json() == {"type": "lxc", "node": "pve1", "vmid": 955, "name": "old", "status": "running"}
+
+
+def test_a_container_is_one_value_and_its_secrets_never_reach_json() -> None:
+    run = ContainerRun(
+        name="api",
+        image="ghcr.io/x/api:1",
+        host="ws",
+        resource="Container/api",
+        env={"LOG": "info"},
+        secret_env={"TOKEN": "API_TOKEN"},
+        ports=(ContainerPort(host=8080, container=80),),
+        volumes=(ContainerVolume("/srv/api", "/data", True),),
+        probe=ContainerProbe(http="/health", port=8080),
+    )
+    change = Change(run.address, Action.CREATE, run.resource, Backend.DOCKER, before=None, after=run)
+    assert Plan.from_json(json.loads(json.dumps(Plan((change,)).to_json()))).changes[0] == change
+    resolved = run.with_secrets({"API_TOKEN": "s3cret-value"})
+    assert resolved.env == {"LOG": "info", "TOKEN": "s3cret-value"}
+    assert "s3cret-value" not in json.dumps(resolved.to_json()) and "s3cret-value" not in repr(resolved)
+    assert resolved.to_json() == run.to_json()
+    with pytest.raises(KeyError):
+        run.with_secrets({})  # an unset secret is never sent as nothing
+    seen = ContainerSeen("ws", "api", "0123456789ab", "ghcr.io/x/api:0", "running", None, ())
+    assert ContainerSeen.from_json(seen.to_json()) == seen
+
+
+@pytest.mark.parametrize(
+    ("plan_file", "found"),
+    [
+        ({"format": 2, "changes": []}, "2"),  # an older reconciler's plan, same shape otherwise
+        ({"changes": []}, "None"),  # no format at all: not a plan of ours
+        ({"format": "3", "changes": []}, "'3'"),  # a string is not the format number
+        ({"format": 99, "changes": []}, "99"),  # from the future
+    ],
+)
+def test_a_plan_of_another_format_is_refused_with_a_clear_message(plan_file: dict[str, object], found: str) -> None:
+    with pytest.raises(PlanFormatError) as refused:
+        Plan.from_json(plan_file)
+    assert f"plan format {found} is not this reconciler's format 3" in str(refused.value)
+    assert "reconciler plan --out" in str(refused.value)

@@ -196,14 +196,14 @@ HOSTILE_PLAN_FILES: list[tuple[str, Callable[[Path], Path]]] = [
     ("deeply nested JSON", lambda path: _written(path, "[" * 200_000 + "]" * 200_000)),
     (
         "a deeply nested value in a plan",
-        lambda path: _written(path, '{"format": 2, "changes": [], "x": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+        lambda path: _written(path, '{"format": 3, "changes": [], "x": ' + "[" * 50_000 + "]" * 50_000 + "}"),
     ),
     (
         "a value nested just below the JSON decoder's limit",  # it would recurse while the plans are compared
-        lambda path: _written(path, '{"format": 2, "changes": [{"after": ' + "[" * 900 + "]" * 900 + "}]}"),
+        lambda path: _written(path, '{"format": 3, "changes": [{"after": ' + "[" * 900 + "]" * 900 + "}]}"),
     ),
-    ("a plan larger than any plan", lambda path: _written(path, '{"format": 2, "x": "' + "a" * (70 << 20) + '"}')),
-    ("not UTF-8", lambda path: path.write_bytes(b'{"format": 2, "\xff": 1}') and path),
+    ("a plan larger than any plan", lambda path: _written(path, '{"format": 3, "x": "' + "a" * (70 << 20) + '"}')),
+    ("not UTF-8", lambda path: path.write_bytes(b'{"format": 3, "\xff": 1}') and path),
 ]
 
 
@@ -242,6 +242,11 @@ def test_a_saved_plan_is_executed_exactly_or_refused_before_anything_is_written(
         ("another lab", lambda d: d.update(lab="other"), "for lab 'other'"),
         ("another revision", lambda d: d.update(revision="0123abcd"), "for revision 0123abcd"),
         ("another format", lambda d: d.update(format=1), "plan format 1"),
+        (
+            "an older reconciler's plan, same shape",
+            lambda d: d.update(format=2),
+            "plan format 2; this reconciler reads format 3",
+        ),
         ("not a plan", lambda d: d.update(changes=[{"address": 1}]), "not a saved plan"),
         ("an added dependency", lambda d: change_of(d, "lxc/two").update(depends_on=["lxc/keep"]), "differs"),
         ("what a delete loses hidden", lambda d: change_of(d, "lxc/two").update(loses=[]), "differs"),

@@ -12,8 +12,10 @@ import pytest
 
 from reconciler.engine.journal import Journal
 from reconciler.engine.run import plan_pass
+from reconciler.planning.container_run import ContainerRun
+from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.inventory import Inventory
-from reconciler.planning.observed import NvmlObservation, Observed, ObservedGpu, ProxmoxObservation
+from reconciler.planning.observed import GuestKind, NvmlObservation, Observed, ObservedGpu, ProxmoxObservation
 from reconciler.planning.ownership import Claim, Ownership
 from reconciler.planning.plan import Action, Plan, Timing
 from reconciler.planning.planner import make_plan
@@ -81,7 +83,9 @@ def test_empty_lab_plans_guest_before_its_containers(lab: tuple[Harness, Path]) 
     container = plan.changes[-1]
     assert container.depends_on == ("lxc/llm",)
     assert plan.summary() == "Plan: 3 to create, 0 to change, 0 to delete."
-    config = plan.changes[0].after["config"]  # type: ignore[index]
+    guest = plan.changes[0].after
+    assert isinstance(guest, GuestIntent) and guest.create
+    config = guest.config
     assert config["tags"] == "llm;prod;reconciler-test"  # the owner tag names the lab (Lab `test`)
     assert config["dev0"] == "/dev/nvidia0" and config["dev1"] == "/dev/nvidiactl"
 
@@ -255,7 +259,9 @@ def test_exclusive_group_stops_the_old_member_before_starting_the_new(tmp_path: 
     plan = harness.plan(load(folder))
     assert actions(plan) == [("container/ws/gpt-oss", "stop"), ("container/ws/qwen-coder", "start")]
     assert plan.changes[1].depends_on == ("container/ws/gpt-oss",)
-    command = plan.changes[1].after["command"]  # type: ignore[index]
+    started = plan.changes[1].after
+    assert isinstance(started, ContainerRun) and started.command is not None
+    command = started.command
     for flag in ("--ctx-size", "--n-gpu-layers", "--host", "--port", "--flash-attn", "--parallel", "--fit"):
         assert flag in command
     assert command[command.index("--port") + 1] == "8002" and command[command.index("--fit") + 1] == "off"
@@ -268,8 +274,9 @@ def test_gpu_resolution_by_pci_and_the_blocker_when_nvml_cannot(tmp_path: Path) 
     seen = NvmlObservation(True, gpus=(ObservedGpu(0, "GPU-1234", "0000:01:00.0", "RTX", 1, 0, 1),))
     plan = make_plan(desired, Observed(proxmox=proxmox, nvml=seen))
     container = next(c for c in plan.changes if c.backend == "docker")
-    assert container.after["gpus"] == ["GPU-1234"]  # type: ignore[index]
-    assert container.after["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # type: ignore[index]
+    assert isinstance(container.after, ContainerRun)
+    assert container.after.gpus == ("GPU-1234",)
+    assert container.after.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     lost = NvmlObservation(True, gpus=(ObservedGpu(0, "GPU-1234", "0000:01:00.0", "RTX", 1, 0, 1, lost=True),))
     blocked = make_plan(desired, Observed(proxmox=proxmox, nvml=lost))
     assert any("'big'" in b.message and "lost" in b.message for b in blocked.blockers)
@@ -305,11 +312,11 @@ def test_vllm_tensor_parallel_follows_the_number_of_gpus(tmp_path: Path) -> None
     harness = Harness(tmp_path, load(folder))
     plan = harness.plan(load(folder))
     after = plan.changes[-1].after
-    assert after is not None
-    command = after["command"]
+    assert isinstance(after, ContainerRun) and after.command is not None
+    command = after.command
     assert command[command.index("--tensor-parallel-size") + 1] == "2"
-    assert after["ipc"] == "host"
-    assert len(after["gpus"]) == 2
+    assert after.ipc == "host"
+    assert len(after.gpus) == 2
 
 
 def test_plan_json_round_trips(lab: tuple[Harness, Path]) -> None:
@@ -349,7 +356,7 @@ def test_the_gpus_a_vm_holds_are_read_from_its_parsed_hostpci(tmp_path: Path, ho
         "vram: 4GiB\n", "vram: 4GiB\nmapping: bigger\n"
     )
     (tmp_path / "lab.yaml").write_text(header)
-    before = {"node": "pve1", "config": {"hostpci0": hostpci}}
+    before = GuestSeen(GuestKind.QEMU, "pve1", 200, "running", config={"hostpci0": hostpci})
     assert _gpus_in_config(before, load(tmp_path)) == held
 
 

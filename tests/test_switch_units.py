@@ -7,15 +7,25 @@ import pytest
 
 from reconciler.engine.switch import model_server_for, vram_needs, wait_for_vram
 from reconciler.fakes.nvml import FakeGpu
+from reconciler.planning.container_run import ContainerProbe, ContainerRun
 from tests.support.nvml import FakeNvml
 
 GIB = 2**30
 UUID = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
 
 
-def _vllm(*extra: str) -> dict[str, object]:
+def _run(
+    command: list[str] | None, *, gpus: tuple[str, ...] = (), port: int | None = None, load: str | None = None
+) -> ContainerRun:
+    probe = ContainerProbe(http="/health", port=port) if port is not None else None
+    return ContainerRun(
+        "m", "img", command=None if command is None else tuple(command), gpus=gpus, probe=probe, load=load
+    )
+
+
+def _vllm(*extra: str) -> ContainerRun:
     command = ["--model", "/m", "--served-model-name", "qwen", "--port", "8000", *extra]
-    return {"command": command, "gpus": [UUID], "probe": {"http": "/health", "port": 8000}}
+    return _run(command, gpus=(UUID,), port=8000)
 
 
 @pytest.mark.parametrize(
@@ -28,24 +38,24 @@ def _vllm(*extra: str) -> dict[str, object]:
         (_vllm("--gpu-memory-utilization", "lots"), None, {}),  # not a number: not waited for, no crash
         (_vllm("--gpu-memory-utilization"), None, {UUID: int(0.9 * 24 * GIB)}),  # a flag with no value
         (_vllm(), 6 * GIB, {UUID: 6 * GIB}),  # a declared footprint wins
-        ({"command": ["--alias", "x"], "gpus": [UUID]}, None, {}),  # llama-server without vram: unknown
-        ({"command": None, "gpus": ["all"]}, 4 * GIB, {}),
+        (_run(["--alias", "x"], gpus=(UUID,)), None, {}),  # llama-server without vram: unknown
+        (_run(None, gpus=("all",)), 4 * GIB, {}),
     ],
 )
-def test_vram_needs(after: dict[str, object], declared: int | None, needs: dict[str, int]) -> None:
+def test_vram_needs(after: ContainerRun, declared: int | None, needs: dict[str, int]) -> None:
     assert vram_needs(after, declared=declared, totals={UUID: 24 * GIB}) == needs
 
 
 def test_the_model_server_a_planned_container_is() -> None:
     vllm = model_server_for(_vllm(), "10.0.0.5")
     assert vllm is not None and (vllm.base_url, vllm.served_name) == ("http://10.0.0.5:8000", "qwen")
-    llama = model_server_for({"command": ["--alias", "coder"], "probe": {"port": 8080}}, "h")
+    llama = model_server_for(_run(["--alias", "coder"], port=8080), "h")
     assert llama is not None and llama.served_name == "coder"
-    ollama = model_server_for({"command": None, "load": "llama3.1:8b", "probe": {"port": 11434}}, "h")
+    ollama = model_server_for(_run(None, load="llama3.1:8b", port=11434), "h")
     assert ollama is not None and (ollama.served_name, ollama.health_path) == ("llama3.1:8b", "/")
-    assert model_server_for({"command": ["--served-model-name"], "probe": {"port": 1}}, "h") is None
-    assert model_server_for({"command": ["nginx"], "probe": {"port": 80}}, "h") is None
-    assert model_server_for({"command": ["--alias", "x"]}, "h") is None  # no port to ask
+    assert model_server_for(_run(["--served-model-name"], port=1), "h") is None
+    assert model_server_for(_run(["nginx"], port=80), "h") is None
+    assert model_server_for(_run(["--alias", "x"]), "h") is None  # no port to ask
 
 
 def test_a_gpu_this_reader_does_not_see_is_not_waited_on(fake_nvml: FakeNvml) -> None:

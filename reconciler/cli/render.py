@@ -12,7 +12,7 @@ secret the process holds before it is printed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -21,7 +21,7 @@ from rich.markup import escape
 from reconciler import redact
 from reconciler.engine.apply import ApplyReport, StepReport
 from reconciler.engine.journal import RunRecord, RunResult
-from reconciler.planning.plan import SENSITIVE, Action, Backend, Change, Plan, Timing
+from reconciler.planning.plan import SENSITIVE, Action, Backend, Change, JsonValue, Plan, Timing
 from reconciler.spec.diagnostics import Diagnostic, Severity, one_line
 
 __all__ = ["print_diagnostics", "print_history", "print_plan", "print_report", "print_status", "print_step"]
@@ -82,8 +82,9 @@ def _print_change(console: Console, change: Change) -> None:
         console.print(f"    [dim]# {escape(change.reason)}[/]", highlight=False)
     for volume in change.loses:
         console.print(f"    [bold red]! destroys {escape(volume)}: its data is lost[/]", highlight=False)
-    if change.action is Action.CREATE and change.after:
-        for key, value in _flatten(change.after):
+    if change.action is Action.CREATE and change.after is not None:
+        # The created guest or container's settings, as its typed intent writes them (secrets by reference).
+        for key, value in _flatten(change.after.to_json()):
             console.print(f"    [green]+ {escape(key)}[/] = {escape(_show(value))}", highlight=False)
     for field in change.fields:
         before, after = field.shown()
@@ -99,17 +100,17 @@ def _print_change(console: Console, change: Change) -> None:
     console.print()
 
 
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(data: JsonValue, prefix: str = "") -> list[tuple[str, JsonValue]]:
     """Show a created object's settings one per line; secret_env shows names, never values."""
-    rows: list[tuple[str, Any]] = []
-    if isinstance(data, dict):
+    rows: list[tuple[str, JsonValue]] = []
+    if isinstance(data, Mapping):
         for key, value in data.items():
             path = f"{prefix}.{key}" if prefix else str(key)
             if value in (None, [], {}, ()):
                 continue
-            if isinstance(value, dict) and key not in ("secret_env",):
+            if isinstance(value, Mapping) and key not in ("secret_env",):
                 rows.extend(_flatten(value, path))
-            elif key == "secret_env":
+            elif key == "secret_env" and isinstance(value, Mapping):
                 rows.extend((f"{path}.{k}", f"{SENSITIVE} from ${v}") for k, v in value.items())
             else:
                 rows.append((path, value))

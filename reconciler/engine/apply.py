@@ -37,13 +37,15 @@ from typing import Any, assert_never
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
-from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, container_run_from
+from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, resolve_secrets
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
 from reconciler.engine.switch import GpuMemory, SwitchHooks
 from reconciler.errors import ConfigError, PlanError, ReconcilerError
-from reconciler.planning.container_run import ContainerRun
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
+from reconciler.spec.models import PowerState
 from reconciler.spec.state import DesiredState
 
 __all__ = [
@@ -57,7 +59,7 @@ __all__ = [
     "HealthPolicy",
     "StepRecord",
     "StepReport",
-    "container_run_from",
+    "resolve_secrets",
 ]
 
 EXIT_APPLIED = 0
@@ -109,7 +111,6 @@ class Applier:
         env: Mapping[str, str],
         docker_endpoints: Mapping[str, str],
         health: HealthPolicy | None = None,
-        container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
@@ -124,8 +125,7 @@ class Applier:
         self.on_step = on_step
         self.guests = ProxmoxSteps(proxmox, self.health, sleep)
         # `prober` replaces network probes (the demo's in-memory containers answer them).
-        run = container_run or container_run_from
-        self.containers = DockerSteps(docker, self.health, env, docker_endpoints, run, sleep=sleep, prober=prober)
+        self.containers = DockerSteps(docker, self.health, env, docker_endpoints, sleep=sleep, prober=prober)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -175,7 +175,8 @@ class Applier:
                 )
             if change.backend is Backend.PROXMOX and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
-            for variable in (change.after or {}).get("secret_env", {}).values():
+            secrets = change.after.secret_env if isinstance(change.after, ContainerRun) else {}
+            for variable in secrets.values():
                 if variable not in self.env:
                     raise ConfigError(
                         f"the secret variable {variable} is not set",
@@ -269,16 +270,17 @@ class Applier:
 
     def _check(self, change: Change) -> ProbeResult | None:
         """Health after a step that starts something; None when the step needs no check."""
-        after = change.after or {}
-        if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
+        after = change.after
+        if change.action in (Action.STOP, Action.DELETE) or after is None or after.state is not PowerState.RUNNING:
             return None
-        match change.backend:
-            case Backend.PROXMOX:
+        match after:
+            case GuestIntent():
                 return self.guests.check_running(after)
-            case Backend.DOCKER:
-                return self.containers.check_healthy(change, after.get("probe"), load=after.get("load"))
+            case ContainerRun():
+                probe = after.probe.to_json() if after.probe else None
+                return self.containers.check_healthy(change, probe, load=after.load)
             case _:
-                assert_never(change.backend)
+                assert_never(after)
 
     # ---- rollback and finishing -----------------------------------------------------------------
 
@@ -326,13 +328,14 @@ class Applier:
         before = item.before or {}
         if before.get("status") not in ("running", "restarting"):
             return None
-        match item.change.backend:
-            case Backend.PROXMOX:
-                return self.guests.check_running(item.change.before or {})
-            case Backend.DOCKER:
+        seen = item.change.before
+        match seen:
+            case GuestSeen():
+                return self.guests.check_running(seen)
+            case ContainerSeen() | None:
                 return self.containers.check_healthy(item.change, None)
             case _:
-                assert_never(item.change.backend)
+                assert_never(seen)
 
     def _finalize(self, run_id: int, done: list[Done], report: ApplyReport) -> None:
         """Everything is healthy: remove what was kept for a rollback."""
@@ -361,7 +364,7 @@ class Applier:
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
         if change.backend is Backend.PROXMOX:
-            return dict(change.before) if change.before else None
+            return change.before.to_json() if change.before else None
         return self.containers.capture(change)
 
 

@@ -149,12 +149,12 @@ def _first_difference(saved: Plan, fresh: Plan) -> str:
     for key in ours:
         if key != "changes" and theirs.get(key) != ours[key]:
             return f"its {key} differ"
-    saved_changes, fresh_changes = theirs["changes"], ours["changes"]
-    for index, (one, other) in enumerate(zip(saved_changes, fresh_changes, strict=False)):
-        if one != other:
-            fields = sorted(k for k in other if one.get(k) != other.get(k))
-            return f"change {index + 1} ({other['address']}) differs in {', '.join(fields)}"
-    return f"it has {len(saved_changes)} changes, planning now gives {len(fresh_changes)}"
+    for index, (one, other) in enumerate(zip(saved.changes, fresh.changes, strict=False)):
+        mine, its = one.to_json(), other.to_json()
+        if mine != its:
+            fields = sorted(k for k in its if mine.get(k) != its.get(k))
+            return f"change {index + 1} ({other.address}) differs in {', '.join(fields)}"
+    return f"it has {len(saved.changes)} changes, planning now gives {len(fresh.changes)}"
 
 
 def record_protection(journal: Journal, desired: DesiredState, plan: Plan) -> None:

@@ -18,12 +18,13 @@ from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load,
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.switch import SwitchHooks
 from reconciler.errors import PlanError
-from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.inventory import OLD_SUFFIX
-from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer
+from reconciler.planning.observed import ObservedContainer
 from reconciler.planning.plan import Action, Change
+from reconciler.spec.models import PowerState
 
-__all__ = ["ContainerBackend", "DockerSteps", "container_run_from"]
+__all__ = ["ContainerBackend", "DockerSteps", "resolve_secrets"]
 
 
 class ContainerBackend(Protocol):
@@ -44,31 +45,32 @@ class DockerSteps:
     health: HealthPolicy
     env: Mapping[str, str]
     endpoints: Mapping[str, str]
-    container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun]
     sleep: Callable[[float], None] = time.sleep
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo's in-memory probes
     switch: SwitchHooks | None = None  # exclusive-group members: wait for VRAM, phased health (engine/switch.py)
 
     def do(self, change: Change, before: Mapping[str, Any] | None) -> None:
         assert self.docker is not None
-        after = change.after or {}
+        after = change.after
         host, name = host_and_name(change)
         match change.action:
             case Action.CREATE:
-                self.docker.ensure_image(host, after["image"])
-                self.docker.create_container(host, self.container_run(after, self.env))
-                if after.get("state") == "running":
+                assert isinstance(after, ContainerRun), "a container create has a ContainerRun after"
+                self.docker.ensure_image(host, after.image)
+                self.docker.create_container(host, resolve_secrets(after, self.env))
+                if after.state is PowerState.RUNNING:
                     self._before_start(change)
                     self.docker.start_container(host, name)
             case Action.REPLACE:
-                self.docker.ensure_image(host, after["image"])  # fail before the old container is touched
+                assert isinstance(after, ContainerRun), "a container replace has a ContainerRun after"
+                self.docker.ensure_image(host, after.image)  # fail before the old container is touched
                 old = self.docker.container_state(host, name)
                 if old is not None:
                     if old.status in ("running", "restarting") and _holds_exclusive(old):
                         self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
                     self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
-                self.docker.create_container(host, self.container_run(after, self.env))
-                if after.get("state") == "running":
+                self.docker.create_container(host, resolve_secrets(after, self.env))
+                if after.state is PowerState.RUNNING:
                     self._before_start(change)
                     self.docker.start_container(host, name)
                 if old is not None and old.status in ("running", "restarting"):
@@ -166,22 +168,24 @@ class DockerSteps:
 
     def _before_start(self, change: Change) -> None:
         """A member of an exclusive group starts once its GPUs have the memory it needs free (engine/switch.py)."""
-        if self.switch is not None:
+        if self.switch is not None and isinstance(change.after, ContainerRun):
             timeout, interval = self.health.cap(self.health.vram_timeout), self.health.interval or 1.0
             self.switch.wait_before_start(
-                change.address, change.after or {}, timeout=timeout, interval=interval, sleep=self.sleep
+                change.address, change.after, timeout=timeout, interval=interval, sleep=self.sleep
             )
 
     def _phased(self, change: Change, result: ProbeResult, *, timeout: float, interval: float) -> ProbeResult:
         """A member that is a model server must also list its model and complete a token (engine/switch.py)."""
         if not result.healthy or self.switch is None or self.prober is not None or self.docker is None:
             return result
+        if not isinstance(change.after, ContainerRun):
+            return result
         host, name = host_and_name(change)
         address = endpoint_address(self.endpoints.get(host, "unix:///"))
         phased = self.switch.phased(
             self.docker,
             change.address,
-            change.after or {},
+            change.after,
             host=host,
             name=name,
             host_address=address,
@@ -212,35 +216,9 @@ def _holds_exclusive(container: ObservedContainer) -> bool:
     return bool(container.ports or container.gpus)
 
 
-def container_run_from(after: Mapping[str, Any], env: Mapping[str, str]) -> ContainerRun:
-    """The container a planned `Change.after` describes, with its secret references resolved from `env` now."""
-    variables = dict(after.get("env", {}))
-    for key, variable in after.get("secret_env", {}).items():
-        variables[key] = env[variable]
-        redact.register(variables[key])  # read now, hidden from every message from now on
-    health = after.get("healthcheck")
-    return ContainerRun(
-        name=after["name"],
-        image=after["image"],
-        command=tuple(after["command"]) if after.get("command") is not None else None,
-        entrypoint=tuple(after["entrypoint"]) if after.get("entrypoint") is not None else None,
-        env=variables,
-        labels=dict(after.get("labels", {})),
-        ports=tuple(ContainerPort(bind=p[0], host=p[1], container=p[2], protocol=p[3]) for p in after.get("ports", ())),
-        volumes=tuple(ContainerVolume(host=v[0], path=v[1], readonly=v[2]) for v in after.get("volumes", ())),
-        gpus=tuple(after.get("gpus", ())),
-        devices=tuple(after.get("devices", ())),
-        restart=after.get("restart", "unless-stopped"),
-        shm_size=after.get("shm_size"),
-        ipc=after.get("ipc"),
-        network_mode=after.get("network_mode"),
-        healthcheck=ContainerHealthcheck(
-            test=tuple(health["test"]),
-            interval=health["interval"],
-            timeout=health["timeout"],
-            retries=health["retries"],
-            start_period=health["start_period"],
-        )
-        if health
-        else None,
-    )
+def resolve_secrets(run: ContainerRun, environ: Mapping[str, str]) -> ContainerRun:
+    """The container to create, its secret references resolved from `environ` now (and hidden from every message)."""
+    resolved = run.with_secrets(environ)
+    for key in run.secret_env:
+        redact.register(resolved.env[key])
+    return resolved

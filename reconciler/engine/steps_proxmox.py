@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, assert_never
+from typing import Protocol, assert_never
 
 from reconciler.engine.health import ProbeResult, poll
 from reconciler.engine.steps import Done, HealthPolicy
 from reconciler.errors import NotFoundError, PermanentError
 from reconciler.planning import pve
-from reconciler.planning.intents import GuestIntent
+from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.observed import GuestKind, ObservedGuest
 from reconciler.planning.plan import Action, Change
 
@@ -59,7 +59,8 @@ class ProxmoxSteps:
     def do(self, change: Change) -> None:
         assert self.proxmox is not None
         intent = GuestIntent.of(change)
-        before = change.before or {}
+        seen = _seen(change)
+        status, digest = (seen.status, seen.digest) if seen else (None, None)
         kind, node, vmid, running = intent.kind, intent.node, intent.vmid, intent.running
         match change.action:
             case Action.CREATE:
@@ -68,7 +69,7 @@ class ProxmoxSteps:
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
-                restart = change.action is Action.UPDATE_RESTART and before.get("status") == "running"
+                restart = change.action is Action.UPDATE_RESTART and status == "running"
                 if restart:  # stop, set, start: a GPU is released before anything else claims it
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
                 self.proxmox.update_config(
@@ -77,14 +78,14 @@ class ProxmoxSteps:
                     vmid,
                     config=intent.send,
                     delete=list(intent.delete),
-                    digest=None if restart else before.get("digest"),
+                    digest=None if restart else digest,
                 )
                 self._move_volumes(kind, node, vmid, intent.moves, intent.config)
                 for disk, size in intent.grow.items():
                     self.proxmox.resize(kind, node, vmid, disk=disk, size=size)
-                if running and (restart or before.get("status") != "running"):
+                if running and (restart or status != "running"):
                     self.proxmox.start(kind, node, vmid)
-                elif not running and before.get("status") == "running":
+                elif not running and status == "running":
                     self.proxmox.shutdown(kind, node, vmid, timeout=self.health.shutdown_timeout)
             case Action.START:
                 self.proxmox.start(kind, node, vmid)
@@ -125,8 +126,9 @@ class ProxmoxSteps:
     def _move_back(self, kind: GuestKind, node: str, vmid: int, done: Done) -> list[str]:
         """Undo the moves of an update: each volume not on its old storage goes back there. Returns their keys."""
         assert self.proxmox is not None
-        old = (done.change.before or {}).get("config", {})
-        moves = (done.change.after or {}).get("move", {})
+        seen = _seen(done.change)
+        old = (seen.config if seen else None) or {}
+        moves = GuestIntent.of(done.change).moves
         live = self.proxmox.observe_guest(kind, node, vmid)
         back = {
             disk: storage
@@ -143,10 +145,9 @@ class ProxmoxSteps:
     def undo(self, done: Done) -> None:
         assert self.proxmox is not None
         change = done.change
-        after, before = change.after or {}, change.before or {}
-        kind = GuestKind((after or before)["type"])
-        node, vmid = (after or before)["node"], (after or before)["vmid"]
-        was_running = before.get("status") == "running"
+        intent, seen = GuestIntent.of(change), _seen(change)
+        kind, node, vmid = intent.kind, intent.node, intent.vmid
+        was_running = seen is not None and seen.running
         match change.action:
             case Action.CREATE:
                 try:
@@ -158,13 +159,13 @@ class ProxmoxSteps:
                 # Restore only what differs now: the step may have failed before changing anything (a lock,
                 # a 500), and the same fault must not fail its undo too.
                 moved = self._move_back(kind, node, vmid, done)
-                old = before.get("config", {})
+                old = dict((seen.config if seen else None) or {})
                 keys = sorted({f.path.split(".")[0] for f in change.fields} - set(moved))
                 live = self.proxmox.observe_guest(kind, node, vmid)
                 now = {**live.config, **live.pending}
                 for key in live.pending_delete:
                     now.pop(key, None)
-                for key in set(after.get("resize", {})) & set(old):
+                for key in set(intent.grow) & set(old):
                     # A grown disk keeps its new size (PVE cannot shrink one); its other fields go back.
                     old = {**old, key: pve.with_size_of(kind, key, old[key], now.get(key))}
                 restore = {k: old[k] for k in keys if k in old and now.get(k) != old[k]}
@@ -212,9 +213,10 @@ class ProxmoxSteps:
             hint="restore it from a backup (vzdump) if there is one",
         )
 
-    def check_running(self, after: Mapping[str, Any]) -> ProbeResult:
+    def check_running(self, where: GuestIntent | GuestSeen) -> ProbeResult:
+        """Poll until the guest runs."""
         assert self.proxmox is not None
-        kind, node, vmid = after["type"], after["node"], after["vmid"]
+        kind, node, vmid = where.kind, where.node, where.vmid
 
         def check() -> ProbeResult:
             status = self.proxmox.observe_guest(kind, node, vmid).status  # type: ignore[union-attr]
@@ -226,3 +228,10 @@ class ProxmoxSteps:
             interval=self.health.interval or 2.0,
             sleep=self.sleep,
         )
+
+
+def _seen(change: Change) -> GuestSeen | None:
+    """The guest as the planner saw it; None for a create."""
+    before = change.before
+    assert before is None or isinstance(before, GuestSeen), "a guest change's before is a GuestSeen"
+    return before

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from reconciler.engine.health import ModelServer, ProbeResult, Progress, ProgressSink, phased_health
 from reconciler.errors import NotFoundError, PermanentError, ReconcilerError, TemporaryError
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.observed import NvmlObservation, ObservedContainer, ObservedGpu
 from reconciler.planning.plan import Address
 from reconciler.spec.state import DesiredState
@@ -204,16 +205,16 @@ def wait_for_vram(
     return ProbeResult(True, detail, clock() - start)
 
 
-def vram_needs(after: Mapping[str, Any], *, declared: int | None, totals: Mapping[str, int]) -> dict[str, int]:
+def vram_needs(after: ContainerRun, *, declared: int | None, totals: Mapping[str, int]) -> dict[str, int]:
     """Bytes that must be free on each GPU (UUID) of a planned container before it starts.
 
     The declared `vram` when there is one; for vLLM, `gpu_memory_utilization x total`, which vLLM itself
     demands free at start; otherwise nothing (not waited for: the footprint is unknown here).
     """
-    uuids = [str(u) for u in after.get("gpus", ()) if u != "all"]
+    uuids = [u for u in after.gpus if u != "all"]
     if declared:
         return dict.fromkeys(uuids, declared)
-    command = [str(part) for part in after.get("command") or ()]
+    command = list(after.command or ())
     if "--served-model-name" not in command:
         return {}
     fraction = 0.9  # vLLM's default
@@ -227,7 +228,7 @@ def vram_needs(after: Mapping[str, Any], *, declared: int | None, totals: Mappin
 
 def before_start(
     gpus: GpuMemory,
-    after: Mapping[str, Any],
+    after: ContainerRun,
     *,
     declared: int | None,
     timeout: float,
@@ -281,21 +282,21 @@ def member_health(
     )
 
 
-def model_server_for(after: Mapping[str, Any], address: str) -> ModelServer | None:
+def model_server_for(after: ContainerRun, address: str) -> ModelServer | None:
     """The model server a planned container is, read from its engine's command line; None for any other.
 
     vLLM names its model `--served-model-name`, llama-server `--alias`; Ollama serves what it loads.
     """
-    port = (after.get("probe") or {}).get("port")
+    port = after.probe.port if after.probe is not None else None
     if port is None:
         return None
     base = f"http://{address}:{port}"
-    command = list(after.get("command") or ())
+    command = list(after.command or ())
     for flag in ("--served-model-name", "--alias"):
         if flag in command[:-1]:
             return ModelServer(base, str(command[command.index(flag) + 1]))
-    if after.get("load"):
-        return ModelServer(base, str(after["load"]), health_path="/")
+    if after.load:
+        return ModelServer(base, after.load, health_path="/")
     return None
 
 
@@ -449,10 +450,10 @@ class SwitchHooks:
         return cls(members, gpus, progress)
 
     def wait_before_start(
-        self, address: str, after: Mapping[str, Any], *, timeout: float, interval: float, sleep: Callable[[float], None]
+        self, address: str, after: ContainerRun, *, timeout: float, interval: float, sleep: Callable[[float], None]
     ) -> None:
         """Raise TemporaryError when the GPUs of a member about to start do not have its memory free in time."""
-        if address not in self.members or self.gpus is None or not after.get("gpus"):
+        if address not in self.members or self.gpus is None or not after.gpus:
             return
         freed = before_start(
             self.gpus,
@@ -470,7 +471,7 @@ class SwitchHooks:
         self,
         containers: Containers,
         change_address: str,
-        after: Mapping[str, Any],
+        after: ContainerRun,
         *,
         host: str,
         name: str,

@@ -21,18 +21,17 @@ knows, from the container alone, which live values it must never show.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import posixpath
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from typing import Any, assert_never
 
-from reconciler.spec.models import Container, Engine, Lab, Model, PowerState, Workload
+from reconciler.planning.container_run import ContainerHealthcheck, ContainerProbe, ContainerRun
+from reconciler.planning.observed import ContainerPort, ContainerVolume
+from reconciler.spec.models import Container, Engine, Lab, Model, Workload
 
 __all__ = [
     "MANAGED_LABEL",
-    "DesiredContainer",
     "desired_container",
     "label_keys",
 ]
@@ -56,58 +55,6 @@ def label_keys(owner: str) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class DesiredContainer:
-    """Everything needed to create one container; what apply sends to Docker."""
-
-    host: str
-    name: str
-    resource: str  # "Model/qwen-7b"
-    image: str
-    command: tuple[str, ...] | None
-    entrypoint: tuple[str, ...] | None
-    env: Mapping[str, str]
-    secret_env: Mapping[str, str]  # container variable -> environment variable of the reconciler
-    labels: Mapping[str, str]
-    ports: tuple[tuple[str, int, int, str], ...]  # (bind, host port, container port, protocol)
-    volumes: tuple[tuple[str, str, bool], ...]  # (host path, container path, readonly)
-    gpus: tuple[str, ...]  # NVML UUIDs
-    gpu_names: tuple[str, ...]  # the spec's names, for people and ordering
-    devices: tuple[str, ...]
-    restart: str
-    state: PowerState
-    shm_size: int | None = None
-    ipc: str | None = None
-    network_mode: str | None = None
-    healthcheck: Mapping[str, Any] | None = None
-    probe: Mapping[str, Any] | None = None
-    load: str | None = None  # the model an Ollama server pulls and loads once it answers
-    unresolved_gpus: tuple[str, ...] = field(default=())
-
-    @property
-    def address(self) -> str:
-        return f"container/{self.host}/{self.name}"
-
-    def spec_hash(self) -> str:
-        """Hash of everything declared, so a removed setting is noticed too."""
-        body = self.to_json()
-        for volatile in ("labels", "probe", "state", "load"):  # the load label tells a new model
-            body.pop(volatile, None)
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["state"] = str(self.state)
-        data["env"] = dict(self.env)
-        data["secret_env"] = dict(self.secret_env)
-        data["labels"] = dict(self.labels)
-        data["ports"] = [list(p) for p in self.ports]
-        data["volumes"] = [list(v) for v in self.volumes]
-        for key in ("command", "entrypoint", "gpus", "gpu_names", "devices", "unresolved_gpus"):
-            data[key] = list(data[key]) if data[key] is not None else None
-        return data
-
-
 def desired_container(
     workload: Workload,
     *,
@@ -115,7 +62,7 @@ def desired_container(
     gpu_names: tuple[str, ...],
     gpu_uuids: Mapping[str, str],
     revision: str | None,
-) -> DesiredContainer:
+) -> ContainerRun:
     """The container for a Container or Model spec. GPUs missing from `gpu_uuids` are left unresolved."""
     if isinstance(workload, Model):
         run = _preset(workload, lab=lab, gpu_count=len(gpu_names))
@@ -130,13 +77,9 @@ def desired_container(
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(workload.env)
     keys = label_keys(lab.owner)
-    labels = {**workload.labels, **run.pop("labels", {})}
-    labels[keys["managed"]] = "true"
-    labels[keys["resource"]] = workload.ref
-    labels[keys["host"]] = workload.host
-    labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
-    labels[keys["secret_env_keys"]] = ",".join(sorted(workload.secret_env))
-    container = DesiredContainer(
+    labels = _labels(workload, keys, run.pop("labels", {}), env)
+    health, probe = run.pop("healthcheck"), _probe(workload, run.pop("probe", None), run["ports"])
+    container = ContainerRun(
         host=workload.host,
         name=workload.name,
         resource=workload.ref,
@@ -144,7 +87,8 @@ def desired_container(
         secret_env=dict(workload.secret_env),
         labels=labels,
         volumes=tuple(
-            sorted(
+            ContainerVolume(host=host, path=path, readonly=readonly)
+            for host, path, readonly in sorted(
                 {
                     (_clean(host), _clean(path), readonly)
                     for host, path, readonly in (
@@ -158,14 +102,29 @@ def desired_container(
         gpu_names=gpu_names,
         restart=str(workload.restart),
         state=workload.state,
-        probe=_probe(workload, run.pop("probe", None), run["ports"]),
+        ports=tuple(ContainerPort(bind=b, host=h, container=c, protocol=p) for b, h, c, p in run.pop("ports")),
+        healthcheck=ContainerHealthcheck(**health) if health else None,
+        probe=ContainerProbe(**probe) if probe else None,
         unresolved_gpus=unresolved,
         **run,
     )
-    labels[keys["spec_hash"]] = container.spec_hash()
+    stamps = {keys["spec_hash"]: container.spec_hash()}
     if revision:
-        labels[keys["revision"]] = revision
-    return container
+        stamps[keys["revision"]] = revision
+    return replace(container, labels={**labels, **stamps})
+
+
+def _labels(
+    workload: Workload, keys: Mapping[str, str], preset: Mapping[str, str], env: Mapping[str, str]
+) -> dict[str, str]:
+    """The spec's labels, the preset's, and the ownership marks (which env keys were set, which are secret)."""
+    labels = {**workload.labels, **preset}
+    labels[keys["managed"]] = "true"
+    labels[keys["resource"]] = workload.ref
+    labels[keys["host"]] = workload.host
+    labels[keys["env_keys"]] = ",".join(sorted({*env, *workload.secret_env}))
+    labels[keys["secret_env_keys"]] = ",".join(sorted(workload.secret_env))
+    return labels
 
 
 def _plain(spec: Container) -> dict[str, Any]:

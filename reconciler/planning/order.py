@@ -18,9 +18,11 @@ from dataclasses import replace
 from typing import Any
 
 from reconciler.planning import pve
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.gpudev import gpu_of_device
+from reconciler.planning.intents import GuestSeen
 from reconciler.planning.plan import Action, AddressKind, Backend, Change
-from reconciler.spec.models import Gpu, Lxc, Resource, Vm
+from reconciler.spec.models import Gpu, Lxc, PowerState, Resource, Vm
 from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
 
@@ -93,9 +95,10 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any, nvidia: Ma
     """A change that lets go of a GPU goes before a change that takes it."""
     names_by_uuid = {g.uuid.lower(): g.name for g in desired.of(Gpu) if g.uuid}
     for change in items:
-        planned = change.after or {}
-        for name, uuid in zip(planned.get("gpu_names", ()), planned.get("gpus", ()), strict=False):
-            names_by_uuid.setdefault(str(uuid).lower(), name)
+        planned = change.after
+        if isinstance(planned, ContainerRun):
+            for name, uuid in zip(planned.gpu_names, planned.gpus, strict=False):
+                names_by_uuid.setdefault(uuid.lower(), name)
     releases: dict[str, list[Change]] = defaultdict(list)
     claims: dict[str, list[Change]] = defaultdict(list)
     for change in items:
@@ -115,11 +118,11 @@ def _gpu_edges(items: list[Change], desired: DesiredState, edge: Any, nvidia: Ma
 def _held_before(
     change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], nvidia: Mapping[str, Mapping[str, int]]
 ) -> set[str]:
-    before = change.before or {}
-    if before.get("status") not in ("running", "restarting"):
+    before = change.before
+    if before is None or before.status not in ("running", "restarting"):
         return set()
-    if change.backend is Backend.DOCKER:
-        return {names_by_uuid.get(str(u).lower(), str(u)) for u in before.get("gpus", ())}
+    if isinstance(before, ContainerSeen):
+        return {names_by_uuid.get(u.lower(), u) for u in before.gpus}
     held = _gpus_in_config(before, desired, nvidia)
     if change.action is Action.REPLACE:
         held |= _held_after(change, desired)
@@ -127,11 +130,11 @@ def _held_before(
 
 
 def _held_after(change: Change, desired: DesiredState) -> set[str]:
-    after = change.after or {}
-    if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
+    after = change.after
+    if change.action in (Action.STOP, Action.DELETE) or after is None or after.state is not PowerState.RUNNING:
         return set()
-    if change.backend is Backend.DOCKER:
-        return set(after.get("gpu_names", ()))
+    if isinstance(after, ContainerRun):
+        return set(after.gpu_names)
     resource = _resource(desired, change.resource)
     if isinstance(resource, Vm):
         return {p.gpu for p in resource.gpus}
@@ -141,16 +144,16 @@ def _held_after(change: Change, desired: DesiredState) -> set[str]:
 
 
 def _gpus_in_config(
-    before: Mapping[str, Any] | None, desired: DesiredState, nvidia: Mapping[str, Mapping[str, int]] | None = None
+    before: GuestSeen | None, desired: DesiredState, nvidia: Mapping[str, Mapping[str, int]] | None = None
 ) -> set[str]:
     """The GPUs a guest holds now, read from its live config (hostpciN by address or mapping, devN by number)."""
-    if not before:
+    if before is None:
         return set()
-    node = before.get("node")
+    node = before.node
     gpus = [g for g in desired.of(Gpu) if g.node == node]
     numbers = (nvidia or {}).get(str(node), {})
     held: set[str] = set()
-    for key, value in (before.get("config") or {}).items():
+    for key, value in (before.config or {}).items():
         text = str(value)
         if key.startswith("hostpci"):
             held.update(gpu.name for gpu in gpus if _passes_through(text, gpu))

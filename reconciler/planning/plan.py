@@ -23,11 +23,16 @@ Actions:
 A guest's replace or delete destroys its volumes: `Change.loses` names each
 (key, volume, size), the plan says their data is lost, and both count against
 the Lab's `max_deletes`. A volume asked for on another storage is not a
-replace: it is moved with its data, in place (`after["move"]`).
+replace: it is moved with its data, in place (`GuestIntent.moves`).
 
-A saved plan (`plan --out`) carries its format, lab and revision; `apply
---plan` plans again and executes only if the fresh plan equals the saved one
-in every field.
+A change's `before` and `after` are typed, frozen values: a guest's are
+`planning.intents.GuestSeen` and `GuestIntent`, a container's
+`planning.container_run.ContainerSeen` and `ContainerRun`. They become JSON only
+in `to_json` / `from_json`, at the plan-file and journal boundary.
+
+A saved plan (`plan --out`) carries its format, lab and revision; a plan of
+another format is refused (`PlanFormatError`); `apply --plan` plans again and
+executes only if the fresh plan equals the saved one in every field.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ import enum
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import assert_never, cast
 
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.spec.models import Lxc, Resource, Vm, Workload
 
 __all__ = [
@@ -51,14 +58,20 @@ __all__ = [
     "Backend",
     "Change",
     "FieldChange",
+    "JsonObject",
+    "JsonValue",
     "Plan",
+    "PlanFormatError",
     "Problem",
     "Timing",
     "fingerprint",
     "is_hidden",
 ]
 
-PLAN_FORMAT = 2  # 2: `lab`, and `loses` on changes
+PLAN_FORMAT = 3  # 2: `lab`, and `loses` on changes; 3: typed before/after (the JSON shape is unchanged)
+
+JsonValue = str | int | float | bool | None | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+JsonObject = dict[str, JsonValue]
 SENSITIVE = "(sensitive)"
 _FINGERPRINT_ROUNDS = 20_000  # slow enough that a short secret cannot be guessed from its fingerprint cheaply
 
@@ -74,7 +87,7 @@ def fingerprint(value: str, *, salt: str) -> str:
     return f"{SENSITIVE[:-1]}, fingerprint {digest[:4].hex()})"
 
 
-def is_hidden(value: Any) -> bool:
+def is_hidden(value: object) -> bool:
     """Whether a value is already a stand-in for a secret (SENSITIVE or a fingerprint)."""
     return isinstance(value, str) and value.startswith(SENSITIVE[:-1]) and value.endswith(")")
 
@@ -160,21 +173,21 @@ class Timing(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class FieldChange:
     path: str  # "memory", "net0.bridge", "env.HF_TOKEN"
-    before: Any
-    after: Any
+    before: JsonValue
+    after: JsonValue
     timing: Timing = Timing.LIVE
     sensitive: bool = False
 
-    def shown(self) -> tuple[Any, Any]:
+    def shown(self) -> tuple[JsonValue, JsonValue]:
         """(before, after) as they may be shown and saved: a sensitive field's values are stand-ins."""
         return self._shown(self.before), self._shown(self.after)
 
-    def _shown(self, value: Any) -> Any:
+    def _shown(self, value: JsonValue) -> JsonValue:
         if not self.sensitive or value is None or is_hidden(value):
             return value
         return SENSITIVE
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         before, after = self.shown()
         return {
             "path": self.path,
@@ -193,8 +206,8 @@ class Change:
     action: Action
     resource: str  # the spec resource it comes from: "Lxc/llm"; for deletes of unlisted things, the address
     backend: Backend
-    before: Mapping[str, Any] | None
-    after: Mapping[str, Any] | None
+    before: GuestSeen | ContainerSeen | None
+    after: GuestIntent | ContainerRun | None
     fields: tuple[FieldChange, ...] = ()
     reason: str = ""
     depends_on: tuple[str, ...] = ()
@@ -210,14 +223,14 @@ class Change:
     def needs_restart(self) -> bool:
         return self.action is Action.UPDATE_RESTART
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {
             "address": self.address,
             "action": str(self.action),
             "resource": self.resource,
             "backend": str(self.backend),
-            "before": _jsonable(self.before),
-            "after": _jsonable(self.after),
+            "before": self.before.to_json() if self.before is not None else None,
+            "after": self.after.to_json() if self.after is not None else None,
             "fields": [f.to_json() for f in self.fields],
             "reason": self.reason,
             "depends_on": list(self.depends_on),
@@ -226,22 +239,23 @@ class Change:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Change:
+    def from_json(cls, data: Mapping[str, object]) -> Change:
+        """Read back from a plan file or a journal; a malformed one raises ValueError, KeyError or TypeError."""
+        backend = Backend(_text(data["backend"]))
+        fields = tuple(_field_from_json(_object(f)) for f in _array(data["fields"]))
+        before, after = data["before"], data["after"]
         return cls(
-            address=data["address"],
-            action=Action(data["action"]),
-            resource=data["resource"],
-            backend=Backend(data["backend"]),
-            before=data["before"],
-            after=data["after"],
-            fields=tuple(
-                FieldChange(f["path"], f["before"], f["after"], Timing(f["timing"]), f["sensitive"])
-                for f in data["fields"]
-            ),
-            reason=data["reason"],
-            depends_on=tuple(data["depends_on"]),
-            drift=data["drift"],
-            loses=tuple(str(item) for item in data.get("loses", ())),
+            address=_text(data["address"]),
+            action=Action(_text(data["action"])),
+            resource=_text(data["resource"]),
+            backend=backend,
+            before=None if before is None else _seen_from_json(backend, _object(before)),
+            after=None if after is None else _intent_from_json(backend, _object(after), [f.path for f in fields]),
+            fields=fields,
+            reason=_text(data["reason"]),
+            depends_on=tuple(_text(item) for item in _array(data["depends_on"])),
+            drift=_flag(data["drift"]),
+            loses=tuple(_text(item) for item in _array(data.get("loses", []))),
         )
 
 
@@ -256,7 +270,7 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.resource}: {self.message}" + (f" ({self.hint})" if self.hint else "")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"resource": self.resource, "message": self.message, "hint": self.hint}
 
 
@@ -303,7 +317,7 @@ class Plan:
         power = [f"{counts[a]} to {a}" for a in (Action.START, Action.STOP) if counts[a]]
         return "Plan: " + ", ".join(parts + power) + "."
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {
             "format": self.format,
             "lab": self.lab,
@@ -320,28 +334,89 @@ class Plan:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+    def from_json(cls, data: Mapping[str, object]) -> Plan:
+        """A saved plan read back. One of another format (an older reconciler's, or not a plan) is refused."""
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanFormatError(data.get("format"))
+
         def problems(key: str) -> tuple[Problem, ...]:
-            return tuple(Problem(p["resource"], p["message"], p.get("hint")) for p in data.get(key, ()))
+            found = (_object(p) for p in _array(data.get(key, [])))
+            return tuple(
+                Problem(_text(p["resource"]), _text(p["message"]), _optional_text(p.get("hint"))) for p in found
+            )
 
         return cls(
-            changes=tuple(Change.from_json(c) for c in data["changes"]),
-            revision=data.get("revision"),
+            changes=tuple(Change.from_json(_object(c)) for c in _array(data["changes"])),
+            revision=_optional_text(data.get("revision")),
             conflicts=problems("conflicts"),
             blockers=problems("blockers"),
             warnings=problems("warnings"),
-            observed_digest=data.get("observed_digest"),
-            format=data.get("format", PLAN_FORMAT),
-            lab=data.get("lab"),
+            observed_digest=_optional_text(data.get("observed_digest")),
+            format=PLAN_FORMAT,
+            lab=_optional_text(data.get("lab")),
         )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_jsonable(v) for v in value]
-        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
-    if isinstance(value, enum.Enum):
-        return value.value
+class PlanFormatError(ValueError):
+    """A plan file of another format: an older reconciler's, or something else. Plans are not carried across."""
+
+    def __init__(self, found: object) -> None:
+        super().__init__(
+            f"plan format {found!r} is not this reconciler's format {PLAN_FORMAT}: "
+            "plans are not carried across versions; make one again with `reconciler plan --out`"
+        )
+        self.found = found
+
+
+def _seen_from_json(backend: Backend, data: Mapping[str, object]) -> GuestSeen | ContainerSeen:
+    match backend:
+        case Backend.PROXMOX:
+            return GuestSeen.from_json(data)
+        case Backend.DOCKER:
+            return ContainerSeen.from_json(data)
+        case _:
+            assert_never(backend)
+
+
+def _intent_from_json(backend: Backend, data: Mapping[str, object], paths: list[str]) -> GuestIntent | ContainerRun:
+    match backend:
+        case Backend.PROXMOX:
+            return GuestIntent.from_json(data, paths=paths)
+        case Backend.DOCKER:
+            return ContainerRun.from_json(data)
+        case _:
+            assert_never(backend)
+
+
+def _field_from_json(data: Mapping[str, object]) -> FieldChange:
+    # Values are whatever JSON holds: shown and compared, never acted on.
+    before, after = cast(JsonValue, data["before"]), cast(JsonValue, data["after"])
+    return FieldChange(_text(data["path"]), before, after, Timing(_text(data["timing"])), _flag(data["sensitive"]))
+
+
+def _object(value: object) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _array(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
     return value

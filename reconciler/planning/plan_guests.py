@@ -3,16 +3,17 @@
 Part of the planner composed by `planning.planner.make_plan`. A guest that is missing is created;
 one that differs is updated (live, or after a restart), or replaced when PVE cannot change it in
 place (its create then carries every create-time key, and `Change.loses` names the volumes it
-destroys); a volume asked for on another storage is moved in place (`after["move"]`). A guest the
+destroys); a volume asked for on another storage is moved in place (`GuestIntent.moves`). A guest the
 lab owns and the spec no longer names is deleted. Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from reconciler.planning import pve
+from reconciler.planning.intents import GuestIntent, GuestSeen, send_keys
 from reconciler.planning.observed import GuestKind, ObservedGuest, ProxmoxObservation
 from reconciler.planning.ownership import Claim, volumes_lost
 from reconciler.planning.plan import Action, Backend, Change, FieldChange, Problem, Timing
@@ -72,13 +73,7 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
                     Action.DELETE,
                     address,
                     Backend.PROXMOX,
-                    before={
-                        "type": str(seen.type),
-                        "node": seen.node,
-                        "vmid": vmid,
-                        "name": seen.name,
-                        "status": seen.status,
-                    },
+                    before=GuestSeen(seen.type, seen.node, vmid, seen.status, name=seen.name),
                     after=None,
                     reason="owned by this lab and no longer in the spec"
                     + ("; its volumes and their data are lost" if lost else ""),
@@ -173,15 +168,10 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
         if not fields and not power_change:
             return
         drift = self.is_drift(guest)  # after the common no-change return: it hashes the spec
-        before = {
-            "type": kind,
-            "node": seen.node,
-            "vmid": seen.vmid,
-            "status": seen.status,
-            "digest": seen.digest,
-            "config": {k: seen.config.get(k) for k in sorted({*diff.desired, *diff.removed}) if k in seen.config},
-        }
-        after = self.guest_update_after(guest, kind, seen, diff, power, adopt_tags=None if tagged else adopt_tags)
+        kept = {k: seen.config[k] for k in sorted({*diff.desired, *diff.removed}) if k in seen.config}
+        before = GuestSeen(kind, seen.node, seen.vmid, seen.status, digest=seen.digest, config=kept)
+        adopting = None if tagged else adopt_tags
+        after = self.guest_update_after(guest, kind, seen, diff, power, adopt_tags=adopting, fields=fields)
         lost: tuple[str, ...] = ()
         if fields:
             action = _guest_action(fields, running)
@@ -220,8 +210,9 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
         power: PowerState,
         *,
         adopt_tags: str | None,
-    ) -> dict[str, Any]:
-        """An update's `after`: the config to send, what to delete, grow and move."""
+        fields: Iterable[FieldChange],
+    ) -> GuestIntent:
+        """An update's `after`: the config to send (only the keys `fields` change), what to delete, grow and move."""
         # What to send keeps what PVE added to the live value (a NIC's MAC, a volume's id); a revert is
         # rendered over the current value, so that it equals it and PVE drops the pending one.
         to_send = {
@@ -230,27 +221,19 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
         }
         if adopt_tags is not None:
             to_send.setdefault("tags", adopt_tags)  # `ignore: [tags]` leaves them out of the spec's config
-        after = self.guest_after(guest, kind, to_send, power, create=False)
-        after["delete"] = diff.removed
-        if diff.grow:
-            after["resize"] = diff.grow
-        if diff.moves:
-            after["move"] = diff.moves
-        return after
+        send = send_keys((f.path for f in fields), to_send, grow=diff.grow, moves=diff.moves)
+        return replace(
+            self.guest_after(guest, kind, to_send, power, create=False),
+            send=send,
+            delete=tuple(diff.removed),
+            grow=dict(diff.grow),
+            moves=dict(diff.moves),
+        )
 
     def guest_after(
-        self, guest: Lxc | Vm, kind: str, config: Mapping[str, str], power: PowerState, *, create: bool
-    ) -> dict[str, Any]:
-        after: dict[str, Any] = {
-            "type": kind,
-            "node": guest.node,
-            "vmid": guest.vmid,
-            "state": str(power),
-            "config": dict(sorted(config.items())),
-        }
-        if not create:
-            after["delete"] = []
-        return after
+        self, guest: Lxc | Vm, kind: GuestKind, config: Mapping[str, str], power: PowerState, *, create: bool
+    ) -> GuestIntent:
+        return GuestIntent(kind, guest.node, guest.vmid, power, config=dict(sorted(config.items())), create=create)
 
     def guest_config(self, guest: Lxc | Vm, proxmox: ProxmoxObservation) -> dict[str, str] | None:
         tagged = guest.model_copy(update={"tags": tuple(sorted({*guest.tags, self.owner}))})

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.containers import desired_container, label_keys
 from reconciler.planning.inventory import OLD_SUFFIX
 from reconciler.planning.observed import DockerObservation, ObservedContainer
 from reconciler.planning.ownership import LEGACY_OWNER, Claim
@@ -89,13 +90,13 @@ class WorkloadPlanning(GpuPlanning):
                         Action.DELETE,
                         address,
                         Backend.DOCKER,
-                        before=_container_view(live),
+                        before=ContainerSeen.of(live),
                         after=None,
                         reason="owned by this lab and no longer in the spec",
                     )
                 )
 
-    def plan_container(self, workload: Workload, container: DesiredContainer) -> None:
+    def plan_container(self, workload: Workload, container: ContainerRun) -> None:
         host = self.observed.docker.get(workload.host)
         if host is None or not host.reachable:
             self.plan_container_unseen(workload, container, host)
@@ -117,7 +118,7 @@ class WorkloadPlanning(GpuPlanning):
                     workload.ref,
                     Backend.DOCKER,
                     before=None,
-                    after=container.to_json(),
+                    after=container,
                     reason=f"{workload.ref} has no container on {workload.host!r}",
                 )
             )
@@ -126,7 +127,7 @@ class WorkloadPlanning(GpuPlanning):
             self.update_container(workload, container, live)
 
     def plan_container_unseen(
-        self, workload: Workload, container: DesiredContainer, host: DockerObservation | None
+        self, workload: Workload, container: ContainerRun, host: DockerObservation | None
     ) -> None:
         """A container on a host not observed: created once its guest is, else the plan is blocked."""
         guest_change = self.guest_changes.get(workload.host)
@@ -138,7 +139,7 @@ class WorkloadPlanning(GpuPlanning):
                     workload.ref,
                     Backend.DOCKER,
                     before=None,
-                    after=container.to_json(),
+                    after=container,
                     reason=f"its host {workload.host!r} is being created or started",
                 )
             )
@@ -152,7 +153,7 @@ class WorkloadPlanning(GpuPlanning):
             )
         )
 
-    def container_usable(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> bool:
+    def container_usable(self, workload: Workload, container: ContainerRun, live: ObservedContainer) -> bool:
         """Whether the lab may change the live container of that name; a conflict is recorded when not."""
         marks = self.ownership.of_labels(live.labels)
         owned = self.ownership.owns_named(marks, recorded=container.address in self.inventory.owned)
@@ -170,15 +171,15 @@ class WorkloadPlanning(GpuPlanning):
         )
         return False
 
-    def update_container(self, workload: Workload, container: DesiredContainer, live: ObservedContainer) -> None:
+    def update_container(self, workload: Workload, container: ContainerRun, live: ObservedContainer) -> None:
         """The change that brings a live container to its spec, if any: recreated when a field differs."""
         keys = label_keys(self.owner)
         fields = _container_fields(container, live, keys, ignored=set(workload.ignore))
         running = live.status in ("running", "restarting")
         want_running = container.state is PowerState.RUNNING
         drift = self.is_drift(workload)
-        before = _container_view(live)
-        after = container.to_json()
+        before = ContainerSeen.of(live)
+        after = container
         if fields:
             why = ", ".join(sorted({f.path.split(".")[0] for f in fields}))
             change = Change(
@@ -212,22 +213,10 @@ class WorkloadPlanning(GpuPlanning):
         self.keep(change, workload)
 
 
-def _with_state(container: DesiredContainer, state: PowerState) -> DesiredContainer:
+def _with_state(container: ContainerRun, state: PowerState) -> ContainerRun:
     from dataclasses import replace
 
     return replace(container, state=state)
-
-
-def _container_view(live: ObservedContainer) -> dict[str, Any]:
-    return {
-        "host": live.host,
-        "name": live.name,
-        "id": live.id[:12],
-        "image": live.image,
-        "status": live.status,
-        "health": live.health,
-        "gpus": list(live.gpus),
-    }
 
 
 # Container settings compared as a whole: an item added to a list is shown with the whole list.
@@ -235,7 +224,7 @@ _WHOLE_FIELDS = frozenset({"command", "entrypoint", "ports", "volumes", "gpus", 
 
 
 def _container_fields(
-    desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str], *, ignored: set[str]
+    desired: ContainerRun, live: ObservedContainer, keys: Mapping[str, str], *, ignored: set[str]
 ) -> list[FieldChange]:
     """Field differences between the container wanted and the one running (declared fields only).
 
@@ -268,7 +257,7 @@ def _container_fields(
 
 
 def _container_views(
-    desired: DesiredContainer, live: ObservedContainer, keys: Mapping[str, str]
+    desired: ContainerRun, live: ObservedContainer, keys: Mapping[str, str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the spec declares of a container, from the spec and from the live container, side by side."""
     before: dict[str, Any] = {"image": live.image, "restart": live.restart or "no"}
@@ -286,9 +275,9 @@ def _container_views(
     for key in desired.secret_env:  # secret values are never read by the planner: only whether one is set
         before["env"][key], after["env"][key] = ("set" if key in live.env else None), "set"
     before["ports"] = sorted([p.bind, p.host, p.container, p.protocol] for p in live.ports)
-    after["ports"] = sorted(list(p) for p in desired.ports)
+    after["ports"] = sorted([p.bind, p.host, p.container, p.protocol] for p in desired.ports)
     before["volumes"] = sorted([v.host, v.path, v.readonly] for v in live.volumes)
-    after["volumes"] = sorted(list(v) for v in desired.volumes)
+    after["volumes"] = sorted([v.host, v.path, v.readonly] for v in desired.volumes)
     before["gpus"], after["gpus"] = sorted(live.gpus), sorted(desired.gpus)
     before["devices"], after["devices"] = sorted(live.devices), sorted(desired.devices)
     optional: tuple[tuple[str, object, object], ...] = (
@@ -310,7 +299,7 @@ def _label_list(live: ObservedContainer, label: str) -> set[str]:
     return {item for item in live.labels.get(label, "").split(",") if item}
 
 
-def _live_env(desired: DesiredContainer, live: ObservedContainer, key: str, keys: Mapping[str, str]) -> str | None:
+def _live_env(desired: ContainerRun, live: ObservedContainer, key: str, keys: Mapping[str, str]) -> str | None:
     """A live env value as the plan may hold it: never a secret, and never a value the spec does not declare.
 
     Equal to the spec: the spec's value (nothing to show). Listed as secret by the container's label (a

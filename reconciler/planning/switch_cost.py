@@ -13,8 +13,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
+from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.plan import Action, Change
-from reconciler.spec.models import Gpu, Model, Workload
+from reconciler.spec.models import Gpu, Model, PowerState, Workload
 from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
 
@@ -36,7 +37,7 @@ def describe_switches(changes: Sequence[Change], desired: DesiredState) -> tuple
     told: dict[str, str] = {}
     for group, entries in sorted(members.items()):
         stopping = [w for c, w in entries if c.action in _STOPPING]
-        starting = [(c, w) for c, w in entries if c.action in _STARTING and (c.after or {}).get("state") == "running"]
+        starting = [(c, w) for c, w in entries if c.action in _STARTING and _starts(c)]
         if not stopping or not starting:
             continue
         to = member_of(starting[0][1])
@@ -48,6 +49,10 @@ def describe_switches(changes: Sequence[Change], desired: DesiredState) -> tuple
                 f" {_footprint(workload, desired)} once NVML shows that memory free, then waits for {waits}"
             ).lstrip("; ")
     return tuple(replace(c, reason=told[c.address]) if c.address in told else c for c in changes)
+
+
+def _starts(change: Change) -> bool:
+    return isinstance(change.after, ContainerRun) and change.after.state is PowerState.RUNNING
 
 
 def _footprint(workload: Workload, desired: DesiredState) -> str:

@@ -150,8 +150,8 @@ def _seed(
     for workload in desired.workloads():
         container = desired_container(workload, lab=desired.lab, gpu_names=(), gpu_uuids={}, revision=None)
         images.add(container.image)
-        for host_path, _, _ in container.volumes:
-            path = Path(host_path)
+        for volume in container.volumes:
+            path = Path(volume.host)
             if isinstance(workload, Model) and path.suffix == ".gguf":
                 path = path.parent
             missing = [p for p in (path, *path.parents) if not p.exists()]
@@ -232,11 +232,10 @@ def stand_in_image(docker_client: Any, engine_image: EngineImage, desired: Desir
     commands: set[str] = set()
     for workload in desired.workloads():
         container = desired_container(workload, lab=desired.lab, gpu_names=(), gpu_uuids={}, revision=None)
-        ports.update(port[2] for port in container.ports)
-        probe = container.probe or {}
-        if probe.get("http"):
-            paths.add(urlsplit(str(probe["http"])).path or "/")
-        test = list((container.healthcheck or {}).get("test") or ())
+        ports.update(port.container for port in container.ports)
+        if container.probe is not None and container.probe.http:
+            paths.add(urlsplit(container.probe.http).path or "/")
+        test = list(container.healthcheck.test if container.healthcheck else ())
         if test[:1] == ["CMD"] and len(test) > 1 and "/" not in test[1]:
             commands.add(test[1])
     files: dict[str, tuple[bytes, int]] = {
