@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import docker
@@ -287,7 +289,18 @@ def _observed_from_inspect(host: str, data: Mapping[str, Any]) -> ObservedContai
         shm_size=int(shm_size) if shm_size is not None else None,
         ipc=host_config.get("IpcMode") or None,
         network_mode=host_config.get("NetworkMode") or None,
+        started_at=_started_at(state.get("StartedAt")),
     )
+
+
+def _started_at(text: Any) -> float | None:
+    """Docker's State.StartedAt (RFC 3339, nanoseconds; year 1 when never started) as epoch seconds."""
+    if not isinstance(text, str) or not text or text.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _names_of(summary: Mapping[str, Any]) -> set[str]:

@@ -1,0 +1,170 @@
+"""The planner's GPU decisions for one pass: where role work runs, which hand-started VMs are respected.
+
+Pure. The planner's GPU piece calls `gpu_decisions()` once, before it plans
+containers; it reads what the spec asks (roles, priorities, VMs and their
+passthrough), what was seen (`gpuview.GpuSight`: lost and missing GPUs; the
+running guests; where each container runs now and since when; the model
+files' shapes) and answers:
+
+- `seats`: for each running workload that asks for a role, its GPUs or a
+  stop, with the reason of any move (`planning.placement`);
+- `respected`: VMs that run although the spec would stop them (started by
+  hand), kept running because no work of a strictly higher priority needs
+  their GPUs; their GPUs are taken for this pass;
+- `warnings`: one per move, stop and respected VM, saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from reconciler.planning.gpuview import GpuSight
+from reconciler.planning.observed import Observed, ObservedContainer
+from reconciler.planning.placement import Ask, GpuState, Pinned, Seat, place, vm_holds_by_priority
+from reconciler.planning.plan import Problem
+from reconciler.planning.vram import GpuSlot, footprint_of
+from reconciler.spec.models import Gpu, GpuRole, Model, PowerState, Vm, Workload
+from reconciler.spec.state import DesiredState
+
+__all__ = ["GpuDecisions", "gpu_decisions"]
+
+PowerOf = Callable[[Vm | Workload], PowerState]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDecisions:
+    seats: Mapping[str, Seat]  # workload name -> seat
+    respected: frozenset[str]  # names of VMs kept running as they were started by hand
+    warnings: tuple[Problem, ...]
+
+
+def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, power: PowerOf) -> GpuDecisions:
+    """Seats for role work and respected VMs, by the rules of `planning.placement`."""
+    gpus = {gpu.name: gpu for gpu in desired.of(Gpu)}
+    roles = {role.name: role for role in desired.of(GpuRole)}
+    running = [w for w in desired.workloads() if power(w) is PowerState.RUNNING]
+    respected = _respected(desired, observed, roles, gpus, running, power)
+    taken = {
+        p.gpu: vm.name
+        for vm in desired.of(Vm)
+        if power(vm) is PowerState.RUNNING or vm.name in respected
+        for p in vm.gpus
+    }
+    states = [
+        GpuState(
+            name,
+            gpu.role,
+            max(_total(gpu, sight) - gpu.reserve, 0),
+            lost=sight.lost(name) or (sight.read and name not in sight.seen and name not in taken),
+            taken_by=taken.get(name),
+        )
+        for name, gpu in sorted(gpus.items())
+    ]
+    live = _live(observed)
+    uuids = {found.uuid.lower(): name for name, found in sight.seen.items() if found.uuid}
+    asks, pinned = [], []
+    for work in running:
+        sizes = {name: _size(work, gpu, sight, observed) for name, gpu in gpus.items()}
+        if work.gpus:
+            pinned.append(Pinned(work.name, work.gpus, max((sizes.get(g, 0) for g in work.gpus), default=0)))
+        elif work.role is not None:
+            container = live.get((work.host, work.name))
+            now = tuple(uuids[u.lower()] for u in container.gpus if u.lower() in uuids) if container else ()
+            asks.append(Ask(work.name, work.role, work.host, sizes, now, _ran_for(container, observed)))
+    seats = place(states, roles, asks, pinned)
+    warnings = [Problem(f"{vm.kind}/{vm.name}", _respect_note(vm, roles, gpus)) for vm in _vms(desired, respected)]
+    for work in running:
+        seat = seats.get(work.name)
+        if seat is not None and seat.why is not None and (seat.moved or not seat.gpus or "hold" in seat.why):
+            warnings.append(Problem(work.ref, seat.why))
+    return GpuDecisions(seats, frozenset(respected), tuple(warnings))
+
+
+def _respected(
+    desired: DesiredState,
+    observed: Observed,
+    roles: Mapping[str, GpuRole],
+    gpus: Mapping[str, Gpu],
+    running: Sequence[Workload],
+    power: PowerOf,
+) -> set[str]:
+    """VMs running now that the spec would stop, whose GPUs no strictly higher-priority work needs."""
+    if observed.proxmox is None:
+        return set()
+    status = {guest.vmid: guest.status for guest in observed.proxmox.guests}
+    found = set()
+    for vm in desired.of(Vm):
+        if not vm.gpus or status.get(vm.vmid) != "running" or power(vm) is not PowerState.STOPPED:
+            continue
+        held = {p.gpu for p in vm.gpus}
+        own = _priority(held, roles, gpus)
+        wanting = [
+            _wanting(work, roles, gpus) for work in running if work.host != vm.name and _wants(work, held, roles, gpus)
+        ]
+        if vm_holds_by_priority(own, wanting):
+            found.add(vm.name)
+    return found
+
+
+def _priority(names: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> int:
+    found = [roles[role].priority for n in names if n in gpus and (role := gpus[n].role) is not None and role in roles]
+    return max(found, default=0)
+
+
+def _wants(work: Workload, held: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> bool:
+    """Whether the workload could run on one of `held`: it names one, or its role carries or fails over to one."""
+    if work.gpus:
+        return bool(held & set(work.gpus))
+    role = roles.get(work.role or "")
+    if role is None:
+        return False
+    return bool(held & ({n for n, g in gpus.items() if g.role == role.name} | set(role.failover)))
+
+
+def _wanting(work: Workload, roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> int:
+    if work.role is not None and work.role in roles:
+        return roles[work.role].priority
+    return _priority(set(work.gpus), roles, gpus)
+
+
+def _vms(desired: DesiredState, names: set[str]) -> list[Vm]:
+    return [vm for vm in desired.of(Vm) if vm.name in names]
+
+
+def _respect_note(vm: Vm, roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> str:
+    held = sorted(p.gpu for p in vm.gpus)
+    return (
+        f"runs although the spec would stop it (started by hand?); kept running: its GPUs ({', '.join(held)}, "
+        f"priority {_priority(set(held), roles, gpus)}) are not needed by work of a higher priority"
+    )
+
+
+def _total(gpu: Gpu, sight: GpuSight) -> int:
+    seen = sight.seen.get(gpu.name)
+    return min(gpu.vram, seen.memory_total) if seen is not None and seen.memory_total and not seen.lost else gpu.vram
+
+
+def _size(work: Workload, gpu: Gpu, sight: GpuSight, observed: Observed) -> int:
+    """The workload's footprint if it ran on `gpu` alone: declared, estimated, or 0 for an unknown Container."""
+    if isinstance(work, Model):
+        files = observed.models.get(work.name)
+        shape = files.shape if files is not None else None
+        return footprint_of(work, [GpuSlot(gpu.name, _total(gpu, sight))], shape).on(gpu.name)
+    return work.vram or 0
+
+
+def _live(observed: Observed) -> dict[tuple[str, str], ObservedContainer]:
+    return {
+        (host, c.name): c
+        for host, seen in observed.docker.items()
+        if seen.reachable
+        for c in seen.containers
+        if c.status in ("running", "restarting")
+    }
+
+
+def _ran_for(container: ObservedContainer | None, observed: Observed) -> float | None:
+    if container is None or container.started_at is None or observed.observed_at is None:
+        return None
+    return max(observed.observed_at - container.started_at, 0.0)
