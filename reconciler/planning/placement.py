@@ -10,8 +10,9 @@ The rules, in order:
 
 - Roles are placed by priority, highest first (then by name): a higher
   role takes a GPU before a lower one can, so the lower one's work moves.
-- A role's candidates are the GPUs carrying it (the one that leaves the least
-  VRAM free first: packing), then its `failover` GPUs in the order listed.
+- A role's candidates are its `prefer` GPUs in the order listed, then the GPUs
+  carrying it (the one that leaves the least VRAM free first: packing), then
+  its `failover` GPUs in the order listed.
 - A GPU is not a candidate when it is lost, passed through to a running VM
   (unless the work runs inside that VM), smaller than the role's `min_vram`,
   too full for the footprint, holds work of an exclusive role, or already
@@ -130,10 +131,11 @@ def place(
 
 
 def _candidates(board: Mapping[str, _Gpu], role: GpuRole, ask: Ask) -> list[str]:
-    """Its own GPUs, the fullest that still fits first, then its failover GPUs in the order listed."""
+    """Its preferred GPUs, its own (the fullest that still fits first), then its failover GPUs."""
     own = [name for name in sorted(board) if board[name].state.role == role.name]
     own.sort(key=lambda name: board[name].state.usable - board[name].used - ask.sizes.get(name, 0))
-    return [*own, *(name for name in role.failover if name in board and name not in own)]
+    ordered = [*role.prefer, *own, *role.failover]
+    return [name for index, name in enumerate(ordered) if name in board and name not in ordered[:index]]
 
 
 def _seat(board: Mapping[str, _Gpu], role: GpuRole, ask: Ask) -> Seat:

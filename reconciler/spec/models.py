@@ -426,6 +426,9 @@ class GpuRole(Resource):
     priority: int = Field(0, description="a higher-priority role may take a GPU from a lower one")
     sharing: Sharing = Sharing.EXCLUSIVE
     failover: tuple[Name, ...] = Field((), description="GPUs its work may move to when its own are taken or lost")
+    prefer: tuple[Name, ...] = Field(
+        (), description="GPUs its work uses before its own while they are free (not lost, taken or held exclusively)"
+    )
     gpus: int = Field(1, ge=1, le=16, description="how many GPUs a workload of this role needs")
     min_vram: PositiveSize | None = None
     hold: Duration = Field(
