@@ -47,13 +47,24 @@ def fake_gpus(desired: DesiredState) -> list[FakeGpu]:
     return [_fake(i, g, g.pci_function0 or f"0000:{i + 1:02x}:00.0") for i, g in enumerate(gpus)]
 
 
+_COMPUTE_MODES = {"default": 0, "prohibited": 2, "exclusive_process": 3}
+
+
 def _fake(index: int, gpu: Gpu, address: str) -> FakeGpu:
+    """A GPU as its spec describes it, its settings already as declared (a lab set up before)."""
+    limit = float(gpu.power_limit) if gpu.power_limit is not None else 250.0
     return FakeGpu(
         index=index,
         uuid=fake_uuid(gpu),
         pci_bus_id=address,
         name=f"NVIDIA GeForce {gpu.model or gpu.name}",
         memory_total=gpu.vram,
+        power_limit_w=limit,
+        power_min_w=min(100.0, limit),
+        power_max_w=max(600.0, limit),
+        power_default_w=limit,
+        persistence_mode=bool(gpu.persistence_mode),
+        compute_mode=_COMPUTE_MODES[str(gpu.compute_mode or "default")],
     )
 
 

@@ -19,15 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from reconciler.planning.gpuview import GpuSight
+from reconciler.planning.gpuload import Seat as LoadSeat
+from reconciler.planning.gpuload import gpu_load
+from reconciler.planning.gpusettings import settings_changes
+from reconciler.planning.gpuview import GpuSight, gpu_sight
 from reconciler.planning.observed import Observed, ObservedContainer
 from reconciler.planning.placement import Ask, GpuState, Pinned, Seat, place, vm_holds_by_priority
-from reconciler.planning.plan import Problem
+from reconciler.planning.plan import Backend, Change, Problem
 from reconciler.planning.vram import GpuSlot, footprint_of
 from reconciler.spec.models import Gpu, GpuRole, Model, PowerState, Vm, Workload
+from reconciler.spec.placement import place_role
 from reconciler.spec.state import DesiredState
 
-__all__ = ["GpuDecisions", "gpu_decisions"]
+__all__ = ["GpuDecisions", "GpuFinish", "GpuPlanning", "gpu_decisions"]
 
 PowerOf = Callable[[Vm | Workload], PowerState]
 
@@ -56,7 +60,7 @@ def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, po
             name,
             gpu.role,
             max(_total(gpu, sight) - gpu.reserve, 0),
-            lost=sight.lost(name) or (sight.read and name not in sight.seen and name not in taken),
+            lost=sight.gone(name) and name not in taken,  # a GPU passed through to a running VM leaves the host
             taken_by=taken.get(name),
         )
         for name, gpu in sorted(gpus.items())
@@ -168,3 +172,83 @@ def _ran_for(container: ObservedContainer | None, observed: Observed) -> float |
     if container is None or container.started_at is None or observed.observed_at is None:
         return None
     return max(observed.observed_at - container.started_at, 0.0)
+
+
+class GpuPlanning:
+    """The planner's GPU piece's state for one pass: what is seen, where role work goes, what the GPUs hold.
+
+    Built once with the planner's own power rule (exclusive groups, `state`); the planner then asks
+    `power()` (which keeps a respected VM running and stops work no GPU can take), `gpus_for()`,
+    `resolve()` (GPU name -> NVML UUID, and why not), and at the end `finish()` (the VRAM check and
+    the GPU settings changes).
+    """
+
+    def __init__(self, desired: DesiredState, observed: Observed, power: PowerOf) -> None:
+        self.desired = desired
+        self.observed = observed
+        self.sight = gpu_sight(desired, observed)
+        self.decisions = gpu_decisions(desired, observed, self.sight, power)
+        self._power = power
+
+    def power(self, resource: Vm | Workload, planned: PowerState) -> PowerState:
+        """The power the plan gives `resource`, given the planner's own answer `planned`."""
+        if isinstance(resource, Vm):
+            return PowerState.RUNNING if resource.name in self.decisions.respected else planned
+        seat = self.decisions.seats.get(resource.name)
+        return PowerState.STOPPED if seat is not None and not seat.gpus else planned
+
+    def gpus_for(self, workload: Workload) -> tuple[str, ...]:
+        """Its GPUs: named, or its seat; a workload that will not run keeps the role's usual GPUs."""
+        if workload.gpus:
+            return workload.gpus
+        seat = self.decisions.seats.get(workload.name)
+        if seat is not None and seat.gpus:
+            return seat.gpus
+        role = self.desired.get(GpuRole, workload.role or "")
+        return place_role(role, self.desired.of(Gpu)) if role is not None else ()
+
+    def resolve(self) -> tuple[dict[str, str], dict[str, str], list[Problem]]:
+        """GPU name -> NVML UUID (the spec's, else the one seen), why the others failed, and warnings."""
+        resolved: dict[str, str] = {}
+        problems: dict[str, str] = {}
+        warnings: list[Problem] = []
+        for gpu in self.desired.of(Gpu):
+            seen = self.sight.seen.get(gpu.name)
+            if gpu.uuid:
+                resolved[gpu.name] = gpu.uuid
+            elif seen is not None and not seen.lost:
+                resolved[gpu.name] = seen.uuid
+            elif seen is not None:
+                problems[gpu.name] = f"it is lost ({seen.error or 'GPU is lost'})"
+            else:
+                problems[gpu.name] = self.sight.problems.get(gpu.name, "it is not seen")
+        return resolved, problems, warnings
+
+    def finish(self, changes: Sequence[Change]) -> GpuFinish:
+        """The VRAM check of the planned containers, and the GPU settings changes."""
+        changed = {c.address for c in changes if c.backend is Backend.DOCKER}
+        seats = [
+            LoadSeat(
+                work,
+                self.gpus_for(work),
+                f"container/{work.host}/{work.name}",
+                running=self.power(work, self._power(work)) is PowerState.RUNNING,
+            )
+            for work in self.desired.workloads()
+        ]
+        load = gpu_load(self.desired, self.observed, self.sight, seats, changed=changed)
+        settings = settings_changes(self.desired, self.sight)
+        return GpuFinish(
+            changes=settings.changes,
+            blockers=(*load.blockers, *settings.blockers),
+            warnings=self.decisions.warnings,
+            summary=load.summary,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GpuFinish:
+    changes: tuple[Change, ...]
+    blockers: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+    summary: tuple[str, ...]

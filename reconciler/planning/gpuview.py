@@ -44,13 +44,17 @@ class SightSource:
 
 @dataclass(frozen=True, slots=True)
 class GpuSight:
-    """Spec GPU name -> the GPU seen (and how, and where); the others -> why not. `read`: any source was read."""
+    """Spec GPU name -> the GPU seen (and how, and where); the others -> why not."""
 
     seen: Mapping[str, ObservedGpu] = field(default_factory=dict)
     how: Mapping[str, MatchedBy] = field(default_factory=dict)
     where: Mapping[str, str] = field(default_factory=dict)
     problems: Mapping[str, str] = field(default_factory=dict)
-    read: bool = False
+    expected: frozenset[str] = frozenset()  # GPUs a source that was read should have seen
+
+    def gone(self, name: str) -> bool:
+        """Lost, or missing where a source that was read expected it (NVML "GPU is lost", or gone from the list)."""
+        return self.lost(name) or (name in self.expected and name not in self.seen)
 
     def lost(self, name: str) -> bool:
         found = self.seen.get(name)
@@ -93,13 +97,13 @@ def gpu_sight(desired: DesiredState, observed: Observed) -> GpuSight:
     how: dict[str, MatchedBy] = {}
     where: dict[str, str] = {}
     problems: dict[str, str] = {}
-    read = False
+    expected: set[str] = set()
     for source in sources(desired, observed):
         if not source.nvml.available:
             for gpu in source.expected:
                 problems.setdefault(gpu.name, f"{source.label} is not available ({source.nvml.error})")
             continue
-        read = True
+        expected.update(gpu.name for gpu in source.expected)
         wanted = [gpu for gpu in source.expected if gpu.name not in seen]
         match = match_gpus(wanted, source.nvml.gpus, source.view)
         for name, found in match.matched.items():
@@ -115,7 +119,7 @@ def gpu_sight(desired: DesiredState, observed: Observed) -> GpuSight:
     for gpu in desired.of(Gpu):
         if gpu.name not in seen:
             problems.setdefault(gpu.name, "NVML was not read" if observed.nvml is None else "no NVML source sees it")
-    return GpuSight(seen, how, where, problems, read)
+    return GpuSight(seen, how, where, problems, frozenset(expected))
 
 
 def _problem_of(name: str, problems: Sequence[str]) -> str | None:
