@@ -13,7 +13,7 @@ and rolls the run back. The change's `before`/`after` are plain dicts
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from reconciler.engine.health import ProbeResult
 from reconciler.errors import PermanentError
@@ -23,6 +23,7 @@ from reconciler.planning.plan import Change
 __all__ = ["GpuSetter", "check_gpu_settings", "set_gpu_settings", "undo_gpu_settings"]
 
 
+@runtime_checkable
 class GpuSetter(Protocol):
     def observe(self) -> NvmlObservation: ...
     def set_power_limit(self, uuid: str, watts: float) -> None: ...

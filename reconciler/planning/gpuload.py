@@ -78,14 +78,11 @@ def gpu_load(
     blockers: list[Problem] = []
     placements: list[Placement] = []
     releases: list[Release] = []
-    sizes: dict[str, Footprint] = {}
+    workloads: dict[str, Workload] = {}
     for seat in seats:
-        on_gpus = seat.gpus if seat.running else _gpus_of(live.get(seat.address), uuids)
-        footprint = _footprint(seat.workload, on_gpus, gpus, sight, observed)
-        if footprint is None:
-            continue
-        sizes[seat.address] = footprint
-        if seat.running and seat.gpus:
+        workloads[seat.address] = seat.workload
+        footprint = _footprint(seat.workload, seat.gpus, gpus, sight, observed)
+        if footprint is not None and seat.running and seat.gpus:
             blockers.extend(_refusals(desired, seat.workload, footprint))
             now = live.get(seat.address)
             stays = now is not None and seat.address not in changed and _gpus_of(now, uuids) == seat.gpus
@@ -95,10 +92,13 @@ def gpu_load(
                 if gpu in gpus
             )
     for address, container in live.items():
-        footprint = sizes.get(address)
-        if footprint is not None and address in changed:
-            on = _gpus_of(container, uuids)
-            releases.extend(Release(gpu, container.name, footprint.on(gpu)) for gpu in on)
+        work = workloads.get(address)
+        if work is None or address not in changed:
+            continue
+        on = _gpus_of(container, uuids)  # what it holds where it runs now, not where it goes
+        freed = _footprint(work, on, gpus, sight, observed)
+        if freed is not None:
+            releases.extend(Release(gpu, container.name, freed.on(gpu)) for gpu in on)
     used = {p.gpu for p in placements} | {r.gpu for r in releases}
     occupied = {gpu for c in live.values() for gpu in _gpus_of(c, uuids)}
     capacities = [_capacity(gpus[name], sight) for name in sorted(used)]

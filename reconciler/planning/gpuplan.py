@@ -41,6 +41,7 @@ class GpuDecisions:
     seats: Mapping[str, Seat]  # workload name -> seat
     respected: frozenset[str]  # names of VMs kept running as they were started by hand
     warnings: tuple[Problem, ...]
+    now: Mapping[str, tuple[str, ...]]  # workload name -> the GPUs it runs on now (names, or unknown UUIDs)
 
 
 def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, power: PowerOf) -> GpuDecisions:
@@ -74,15 +75,16 @@ def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, po
             pinned.append(Pinned(work.name, work.gpus, max((sizes.get(g, 0) for g in work.gpus), default=0)))
         elif work.role is not None:
             container = live.get((work.host, work.name))
-            now = tuple(uuids[u.lower()] for u in container.gpus if u.lower() in uuids) if container else ()
+            # A GPU no longer seen (passed through to a VM since, gone) is named by the UUID the container has.
+            now = tuple(uuids.get(u.lower(), u) for u in container.gpus) if container else ()
             asks.append(Ask(work.name, work.role, work.host, sizes, now, _ran_for(container, observed)))
     seats = place(states, roles, asks, pinned)
-    warnings = [Problem(f"{vm.kind}/{vm.name}", _respect_note(vm, roles, gpus)) for vm in _vms(desired, respected)]
+    warnings = [Problem(vm.ref, _respect_note(vm, roles, gpus)) for vm in _vms(desired, respected)]
     for work in running:
         seat = seats.get(work.name)
         if seat is not None and seat.why is not None and (seat.moved or not seat.gpus or "hold" in seat.why):
             warnings.append(Problem(work.ref, seat.why))
-    return GpuDecisions(seats, frozenset(respected), tuple(warnings))
+    return GpuDecisions(seats, frozenset(respected), tuple(warnings), {ask.name: ask.now for ask in asks})
 
 
 def _respected(
@@ -117,13 +119,13 @@ def _priority(names: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, 
 
 
 def _wants(work: Workload, held: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> bool:
-    """Whether the workload could run on one of `held`: it names one, or its role carries or fails over to one."""
+    """Whether the workload could run on one of `held`: it names one, or its role prefers, carries or fails over to one."""
     if work.gpus:
         return bool(held & set(work.gpus))
     role = roles.get(work.role or "")
     if role is None:
         return False
-    return bool(held & ({n for n, g in gpus.items() if g.role == role.name} | set(role.failover)))
+    return bool(held & ({n for n, g in gpus.items() if g.role == role.name} | {*role.prefer, *role.failover}))
 
 
 def _wanting(work: Workload, roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> int:
@@ -204,6 +206,9 @@ class GpuPlanning:
         seat = self.decisions.seats.get(workload.name)
         if seat is not None and seat.gpus:
             return seat.gpus
+        now = self.decisions.now.get(workload.name, ())
+        if seat is not None and now and all(self.desired.get(Gpu, name) for name in now):
+            return now  # it stops where it runs: its container is stopped, not recreated elsewhere
         role = self.desired.get(GpuRole, workload.role or "")
         return place_role(role, self.desired.of(Gpu)) if role is not None else ()
 
@@ -241,7 +246,7 @@ class GpuPlanning:
         return GpuFinish(
             changes=settings.changes,
             blockers=(*load.blockers, *settings.blockers),
-            warnings=self.decisions.warnings,
+            warnings=(*self.decisions.warnings, *settings.warnings),
             summary=load.summary,
         )
 

@@ -4,9 +4,10 @@ Pure. The planner's GPU piece calls `settings_changes(desired, sight)`: one
 `gpu/<name>` update per GPU whose declared settings differ from what NVML
 reads, with a field per setting, applied by `engine.gpu_settings` through
 NVML (root on the GPU's host). `before` holds the values read, so a rollback
-sets them back. A GPU not seen by the local NVML (lost, seen only through a
-host's engine, or not at all) cannot be set from here: that is a blocker when
-it declares a setting, naming why.
+sets them back. A GPU not seen by the local NVML (lost, passed through to a
+running VM, seen only through a host's engine) cannot be compared or set from
+here: a warning says so, and the rest of the plan goes on (failover must not
+wait for a lost GPU's power limit). A limit outside the GPU's range blocks.
 
 `before` and `after` are plain dicts for now ({"uuid", "power_limit",
 "persistence_mode", "compute_mode"}, only the settings that change); typed
@@ -33,6 +34,7 @@ _LOCAL = ("NVML", "NVML inside VM")  # the sources whose GPUs this process's NVM
 class GpuSettings:
     changes: tuple[Change, ...]
     blockers: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
 
 
 def wanted_settings(gpu: Gpu) -> dict[str, Any]:
@@ -56,9 +58,10 @@ def _read(seen: ObservedGpu) -> dict[str, Any]:
 
 
 def settings_changes(desired: DesiredState, sight: GpuSight) -> GpuSettings:
-    """One update per GPU whose declared settings differ from NVML's; blockers for what cannot be set."""
+    """One update per GPU whose declared settings differ from NVML's; warnings for what cannot be set."""
     changes: list[Change] = []
     blockers: list[Problem] = []
+    warnings: list[Problem] = []
     for gpu in sorted(desired.of(Gpu), key=lambda g: g.name):
         wanted = wanted_settings(gpu)
         if not wanted:
@@ -67,18 +70,18 @@ def settings_changes(desired: DesiredState, sight: GpuSight) -> GpuSettings:
         where = sight.where.get(gpu.name, "")
         if seen is None or seen.lost or not where.startswith(_LOCAL):
             why = sight.problems.get(gpu.name) or (seen.error if seen and seen.lost else None) or f"seen by {where}"
-            blockers.append(
+            warnings.append(
                 Problem(
                     gpu.ref,
-                    f"its settings ({', '.join(sorted(wanted))}) cannot be compared or set: {why}",
-                    "run the reconciler where NVML sees this GPU (as root), or remove the settings from the Gpu",
+                    f"its settings ({', '.join(sorted(wanted))}) are not compared or set in this pass: {why}",
+                    "they are set where the reconciler's NVML sees this GPU (as root)",
                 )
             )
             continue
         change = _change(gpu, seen, wanted, blockers)
         if change is not None:
             changes.append(change)
-    return GpuSettings(tuple(changes), tuple(blockers))
+    return GpuSettings(tuple(changes), tuple(blockers), tuple(warnings))
 
 
 def _change(gpu: Gpu, seen: ObservedGpu, wanted: dict[str, Any], blockers: list[Problem]) -> Change | None:

@@ -188,7 +188,7 @@ def _reason(role: GpuRole, ask: Ask, chosen: tuple[str, ...], refusals: Mapping[
         cause = f": {'; '.join(skipped)}" if skipped else f": {', '.join(ask.now)} is no longer its best place"
         return f"moves from {', '.join(ask.now)} to {', '.join(chosen)} (role {role.name}){cause}"
     if skipped:
-        return f"runs on {', '.join(chosen)}, a failover GPU of role {role.name}: {'; '.join(skipped)}"
+        return f"runs on {', '.join(chosen)} (role {role.name}): {'; '.join(skipped)}"
     return None
 
 
