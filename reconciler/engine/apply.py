@@ -38,6 +38,7 @@ from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, container_run_from
+from reconciler.engine.steps_gpu import GpuSetter, GpuSteps
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
 from reconciler.errors import ConfigError, PlanError, ReconcilerError
 from reconciler.planning.container_run import ContainerRun
@@ -112,7 +113,9 @@ class Applier:
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
+        gpus: GpuSetter | None = None,
     ) -> None:
+        self.gpu_settings = GpuSteps(gpus)  # NVML where the reconciler runs sets GPU settings
         self.proxmox = proxmox
         self.docker = docker
         self.journal = journal
@@ -169,6 +172,8 @@ class Applier:
                 raise ConfigError(
                     "the plan changes containers but no Docker host is configured", resource=change.address
                 )
+            if change.backend is Backend.GPU:
+                self.gpu_settings.require(change)
             if change.backend is Backend.PROXMOX and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
             for variable in (change.after or {}).get("secret_env", {}).values():
@@ -229,6 +234,8 @@ class Applier:
                     self.guests.do(change)
                 case Backend.DOCKER:
                     self.containers.do(change, before)
+                case Backend.GPU:
+                    self.gpu_settings.do(change)
                 case _:
                     assert_never(change.backend)
         except ReconcilerError as exc:
@@ -266,6 +273,8 @@ class Applier:
     def _check(self, change: Change) -> ProbeResult | None:
         """Health after a step that starts something; None when the step needs no check."""
         after = change.after or {}
+        if change.backend is Backend.GPU:
+            return self.gpu_settings.check(change)
         if change.action in (Action.STOP, Action.DELETE) or after.get("state") != "running":
             return None
         match change.backend:
@@ -273,6 +282,8 @@ class Applier:
                 return self.guests.check_running(after)
             case Backend.DOCKER:
                 return self.containers.check_healthy(change, after.get("probe"), load=after.get("load"))
+            case Backend.GPU:
+                return None  # checked above: a setting has no power state
             case _:
                 assert_never(change.backend)
 
@@ -295,6 +306,8 @@ class Applier:
                         self.guests.undo(item)
                     case Backend.DOCKER:
                         self.containers.undo(item)
+                    case Backend.GPU:
+                        self.gpu_settings.undo(change)
                     case _:
                         assert_never(change.backend)
                 restored = self._check_restored(item)
@@ -320,6 +333,8 @@ class Applier:
     def _check_restored(self, item: Done) -> ProbeResult | None:
         """After an undo, what was running before runs again (containers: and is healthy by Docker's word)."""
         before = item.before or {}
+        if item.change.backend is Backend.GPU:
+            return self.gpu_settings.check(item.change, undone=True)
         if before.get("status") not in ("running", "restarting"):
             return None
         match item.change.backend:
@@ -327,6 +342,8 @@ class Applier:
                 return self.guests.check_running(item.change.before or {})
             case Backend.DOCKER:
                 return self.containers.check_healthy(item.change, None)
+            case Backend.GPU:
+                return None  # checked above
             case _:
                 assert_never(item.change.backend)
 
@@ -356,7 +373,7 @@ class Applier:
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
-        if change.backend is Backend.PROXMOX:
+        if change.backend is not Backend.DOCKER:
             return dict(change.before) if change.before else None
         return self.containers.capture(change)
 

@@ -30,6 +30,7 @@ from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, Gues
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
+from reconciler.engine.steps_gpu import GpuSetter
 from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Address, Backend, Plan
 from reconciler.planning.planner import make_plan
@@ -108,6 +109,7 @@ def apply_pass(
         health=options.health,
         on_step=on_step,
         prober=options.prober,
+        gpus=readers.nvml if isinstance(readers.nvml, GpuSetter) else None,
     )
     return plan, applier.apply(plan, desired)
 

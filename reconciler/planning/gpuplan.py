@@ -31,7 +31,7 @@ from reconciler.spec.models import Gpu, GpuRole, Model, PowerState, Vm, Workload
 from reconciler.spec.placement import place_role
 from reconciler.spec.state import DesiredState
 
-__all__ = ["GpuDecisions", "GpuFinish", "GpuPlanning", "gpu_decisions"]
+__all__ = ["GpuDecisions", "GpuFinish", "GpuPass", "gpu_decisions"]
 
 PowerOf = Callable[[Vm | Workload], PowerState]
 
@@ -119,7 +119,7 @@ def _priority(names: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, 
 
 
 def _wants(work: Workload, held: set[str], roles: Mapping[str, GpuRole], gpus: Mapping[str, Gpu]) -> bool:
-    """Whether the workload could run on one of `held`: it names one, or its role prefers, carries or fails over to one."""
+    """Whether the work could run on one of `held`: it names one, or its role prefers, carries or fails over to it."""
     if work.gpus:
         return bool(held & set(work.gpus))
     role = roles.get(work.role or "")
@@ -176,7 +176,7 @@ def _ran_for(container: ObservedContainer | None, observed: Observed) -> float |
     return max(observed.observed_at - container.started_at, 0.0)
 
 
-class GpuPlanning:
+class GpuPass:
     """The planner's GPU piece's state for one pass: what is seen, where role work goes, what the GPUs hold.
 
     Built once with the planner's own power rule (exclusive groups, `state`); the planner then asks
@@ -212,11 +212,20 @@ class GpuPlanning:
         role = self.desired.get(GpuRole, workload.role or "")
         return place_role(role, self.desired.of(Gpu)) if role is not None else ()
 
-    def resolve(self) -> tuple[dict[str, str], dict[str, str], list[Problem]]:
-        """GPU name -> NVML UUID (the spec's, else the one seen), why the others failed, and warnings."""
+    def unavailable(self) -> set[str]:
+        """GPUs no work may use now: lost, gone, or passed through to a running VM."""
+        taken = {
+            p.gpu
+            for vm in self.desired.of(Vm)
+            if self.power(vm, self._power(vm)) is PowerState.RUNNING
+            for p in vm.gpus
+        }
+        return {gpu.name for gpu in self.desired.of(Gpu) if self.sight.gone(gpu.name)} | taken
+
+    def resolve(self) -> tuple[dict[str, str], dict[str, str]]:
+        """GPU name -> NVML UUID (the spec's, else the one seen), and why the others failed."""
         resolved: dict[str, str] = {}
         problems: dict[str, str] = {}
-        warnings: list[Problem] = []
         for gpu in self.desired.of(Gpu):
             seen = self.sight.seen.get(gpu.name)
             if gpu.uuid:
@@ -227,7 +236,7 @@ class GpuPlanning:
                 problems[gpu.name] = f"it is lost ({seen.error or 'GPU is lost'})"
             else:
                 problems[gpu.name] = self.sight.problems.get(gpu.name, "it is not seen")
-        return resolved, problems, warnings
+        return resolved, problems
 
     def finish(self, changes: Sequence[Change]) -> GpuFinish:
         """The VRAM check of the planned containers, and the GPU settings changes."""

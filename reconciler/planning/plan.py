@@ -90,16 +90,18 @@ class Action(enum.StrEnum):
 
 
 class Backend(enum.StrEnum):
-    """Who carries a change out: PVE for guests, a Docker engine for containers."""
+    """Who carries a change out: PVE for guests, a Docker engine for containers, NVML for GPU settings."""
 
     PROXMOX = "proxmox"
     DOCKER = "docker"
+    GPU = "gpu"
 
 
 class AddressKind(enum.StrEnum):
     LXC = "lxc"
     QEMU = "qemu"
     CONTAINER = "container"
+    GPU = "gpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class Address:
                 if not slash or not host or not name:
                     raise ValueError(f"not a container address: {text!r}")
                 return cls(kind, name, host)
-            case AddressKind.LXC | AddressKind.QEMU:
+            case AddressKind.LXC | AddressKind.QEMU | AddressKind.GPU:
                 if not rest:
                     raise ValueError(f"not a guest address: {text!r}")
                 return cls(kind, rest)
@@ -143,7 +145,8 @@ class Address:
 
     @property
     def backend(self) -> Backend:
-        return Backend.DOCKER if self.kind is AddressKind.CONTAINER else Backend.PROXMOX
+        kinds = {AddressKind.CONTAINER: Backend.DOCKER, AddressKind.GPU: Backend.GPU}
+        return kinds.get(self.kind, Backend.PROXMOX)
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.host}/{self.name}" if self.host is not None else f"{self.kind}/{self.name}"
@@ -273,6 +276,7 @@ class Plan:
     # Drift left alone by a `warn` or `ignore` policy, for the loop's drift report. Not executed, not
     # serialised: a saved plan carries only what it would do.
     held_drift: tuple[Change, ...] = ()
+    gpus: tuple[str, ...] = ()  # what each GPU will hold, declared or estimated (planning.gpuload)
 
     @property
     def empty(self) -> bool:
@@ -314,6 +318,7 @@ class Plan:
             "conflicts": [p.to_json() for p in self.conflicts],
             "blockers": [p.to_json() for p in self.blockers],
             "warnings": [p.to_json() for p in self.warnings],
+            "gpus": list(self.gpus),
         }
 
     def dumps(self) -> str:
@@ -333,6 +338,7 @@ class Plan:
             observed_digest=data.get("observed_digest"),
             format=data.get("format", PLAN_FORMAT),
             lab=data.get("lab"),
+            gpus=tuple(str(line) for line in data.get("gpus", ())),
         )
 
 

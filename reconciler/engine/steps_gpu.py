@@ -1,9 +1,10 @@
-"""The applier's step for a `gpu/<name>` change: set a GPU's power limit, persistence and compute mode.
+"""The applier's steps for a `gpu/<name>` change: set a GPU's power limit, persistence and compute mode.
 
-Called by the applier for changes of `Backend.GPU` (planned by
-`planning.gpusettings`): `do` sets the values of `after`, `undo` sets back
-those of `before` (what NVML read when the plan was made), `check` reads the
-GPU again and says whether it holds what was set. The setter is the NVML
+`engine.apply.Applier` calls `GpuSteps` for changes of `Backend.GPU` (planned
+by `planning.gpusettings`), as it calls `steps_proxmox` and `steps_docker`
+for theirs: `do` sets the values of `after`, `undo` sets back those of
+`before` (what NVML read when the plan was made), `check` reads the GPU again
+and says whether it holds what was set (after an undo: what it held before). The setter is the NVML
 backend of the host the reconciler runs on; without root, NVML refuses and
 the backend raises `PermissionDenied` with what to do, which fails the step
 and rolls the run back. The change's `before`/`after` are plain dicts
@@ -16,11 +17,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from reconciler.engine.health import ProbeResult
-from reconciler.errors import PermanentError
+from reconciler.errors import ConfigError, PermanentError
 from reconciler.planning.observed import ComputeMode, NvmlObservation
 from reconciler.planning.plan import Change
 
-__all__ = ["GpuSetter", "check_gpu_settings", "set_gpu_settings", "undo_gpu_settings"]
+__all__ = ["GpuSetter", "GpuSteps", "check_gpu_settings", "set_gpu_settings", "undo_gpu_settings"]
 
 
 @runtime_checkable
@@ -78,3 +79,29 @@ def check_gpu_settings(setter: GpuSetter, change: Change, *, undone: bool = Fals
     if wrong:
         return ProbeResult(False, "; ".join(wrong))
     return ProbeResult(True, f"GPU {uuid} reads " + ", ".join(f"{k} {read[k]}" for k in sorted(values) if k in read))
+
+
+class GpuSteps:
+    """The GPU settings steps, over the NVML of the host the reconciler runs on (None: not available here)."""
+
+    def __init__(self, setter: GpuSetter | None) -> None:
+        self.setter = setter
+
+    def require(self, change: Change) -> GpuSetter:
+        """The setter; a ConfigError before anything is applied when there is none."""
+        if self.setter is None:
+            raise ConfigError(
+                "the plan changes GPU settings but NVML is not available where the reconciler runs",
+                resource=change.address,
+                hint="run the reconciler on the GPU's host (as root), or remove the settings from the Gpu",
+            )
+        return self.setter
+
+    def do(self, change: Change) -> None:
+        set_gpu_settings(self.require(change), change)
+
+    def undo(self, change: Change) -> None:
+        undo_gpu_settings(self.require(change), change)
+
+    def check(self, change: Change, *, undone: bool = False) -> ProbeResult:
+        return check_gpu_settings(self.require(change), change, undone=undone)
