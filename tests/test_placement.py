@@ -90,15 +90,22 @@ def test_packing_by_vram_fit_not_by_name() -> None:
     assert "b has 8.0 GiB left, large needs 12.0 GiB" in (seats["large"].why or "")
 
 
-def test_an_exclusive_role_takes_an_empty_gpu_only() -> None:
-    roles = {"solo": GpuRole(name="solo", failover=("b",)), "pool": GpuRole(name="pool", sharing=Sharing.SHARED)}
+def test_an_exclusive_roles_gpu_takes_nothing_else() -> None:
+    roles = {
+        "solo": GpuRole(name="solo", priority=10, failover=("b",)),
+        "pool": GpuRole(name="pool", sharing=Sharing.SHARED, failover=("a",)),
+    }
     gpus = [GpuState("a", "solo", 24 * GIB), GpuState("b", "pool", 24 * GIB)]
-    asks = [Ask("one", "solo", "h", {"a": GIB, "b": GIB}), Ask("two", "solo", "h", {"a": GIB, "b": GIB})]
+    asks = [Ask(n, "solo", "h", {"a": GIB, "b": GIB}) for n in ("one", "two", "three")]
     seats = place(gpus, roles, asks)
-    assert (seats["one"].gpus, seats["two"].gpus) == (("a",), ("b",))
-    seats = place(gpus, roles, [*asks, Ask("three", "solo", "h", {"a": GIB, "b": GIB})])
-    assert [seats[n].gpus for n in ("one", "three", "two")] == [("a",), ("b",), ()], "by name within a priority"
-    assert "a holds one (role solo, exclusive); b holds three (role solo, exclusive)" in (seats["two"].why or "")
+    assert [seats[n].gpus for n in ("one", "three", "two")] == [("a",), ("b",), ("b",)], "b is shared: both fit"
+    assert "a holds one (role solo, exclusive)" in (seats["three"].why or "")
+    # While its own work is not there, the exclusive GPU lends itself to the work of one other role.
+    pool = [Ask(n, "pool", "h", {"a": GIB, "b": 30 * GIB}) for n in ("p1", "p2")]
+    seats = place(gpus, roles, pool)
+    assert seats["p1"].gpus == ("a",) and seats["p2"].gpus == ("a",)
+    seats = place(gpus, roles, [*pool, Ask("one", "solo", "h", {"a": GIB, "b": GIB})])
+    assert seats["one"].gpus == ("a",) and seats["p1"].gpus == () and "holds one" in (seats["p1"].why or "")
 
 
 def test_the_same_input_gives_the_same_seats(roles: dict[str, GpuRole]) -> None:

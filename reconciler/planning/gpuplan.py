@@ -82,7 +82,7 @@ def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, po
     warnings = [Problem(vm.ref, _respect_note(vm, roles, gpus)) for vm in _vms(desired, respected)]
     for work in running:
         seat = seats.get(work.name)
-        if seat is not None and seat.why is not None and (seat.moved or not seat.gpus or "hold" in seat.why):
+        if seat is not None and seat.why is not None and (seat.moved or seat.held or not seat.gpus):
             warnings.append(Problem(work.ref, seat.why))
     return GpuDecisions(seats, frozenset(respected), tuple(warnings), {ask.name: ask.now for ask in asks})
 

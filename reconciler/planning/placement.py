@@ -15,8 +15,9 @@ The rules, in order:
   its `failover` GPUs in the order listed.
 - A GPU is not a candidate when it is lost, passed through to a running VM
   (unless the work runs inside that VM), smaller than the role's `min_vram`,
-  too full for the footprint, holds work of an exclusive role, or already
-  holds anything when the role asking is exclusive.
+  or too full for the footprint. A GPU whose own role is exclusive takes
+  nothing else: its role's one workload, or, while that is not there, the
+  work of one other role (borrowing it).
 - Work running on GPUs it may still use stays there while it has run there
   less than its role's `hold`: it moves back to its own GPU only after that,
   so a GPU taken and freed in quick succession does not make it flap. The
@@ -70,7 +71,6 @@ class Pinned:
     name: str
     gpus: tuple[str, ...]
     size: int
-    exclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +81,15 @@ class Seat:
     gpus: tuple[str, ...]
     why: str | None = None  # for people: the reason of a move, a hold or a stop
     moved: bool = False  # it runs now elsewhere
+    held: bool = False  # kept where it runs for its role's hold
 
 
 @dataclass
 class _Gpu:
     state: GpuState
+    exclusive: bool  # its own role is exclusive
     used: int = 0
-    tenants: list[tuple[str, str | None, bool]] = field(default_factory=list)  # name, role, exclusive
+    tenants: list[tuple[str, str | None]] = field(default_factory=list)  # name, role
 
     def refusal(self, ask: Ask, role: GpuRole, size: int) -> str | None:
         """Why this GPU cannot take `ask`, or None."""
@@ -99,35 +101,41 @@ class _Gpu:
             return f"{gpu.name} is passed through to the running VM {gpu.taken_by}"
         if role.min_vram is not None and gpu.usable < role.min_vram:
             return f"{gpu.name} is smaller than role {role.name}'s min_vram {gib(role.min_vram)}"
-        exclusive = next((t for t in others if t[2]), None)
-        if exclusive is not None:
-            return f"{gpu.name} holds {exclusive[0]} (role {exclusive[1]}, exclusive)"
-        if role.sharing is Sharing.EXCLUSIVE and others:
-            return f"{gpu.name} holds {', '.join(t[0] for t in others)} and role {role.name} is exclusive"
+        if self.exclusive:
+            # An exclusive role's GPU takes nothing else: its own work alone, or, while that is not there,
+            # the work of one other role.
+            strangers = [t for t in others if t[1] != role.name or role.name == gpu.role]
+            if strangers:
+                names = ", ".join(t[0] for t in strangers)
+                return f"{gpu.name} holds {names} (role {strangers[0][1]}, exclusive)"
         if self.used + size > gpu.usable:
             return f"{gpu.name} has {gib(max(gpu.usable - self.used, 0))} left, {ask.name} needs {gib(size)}"
         return None
 
     def take(self, ask: Ask, role: GpuRole, size: int) -> None:
         self.used += size
-        self.tenants.append((ask.name, role.name, role.sharing is Sharing.EXCLUSIVE))
+        self.tenants.append((ask.name, role.name))
 
 
 def place(
     gpus: Sequence[GpuState], roles: Mapping[str, GpuRole], asks: Sequence[Ask], pinned: Sequence[Pinned] = ()
 ) -> dict[str, Seat]:
     """A seat for every ask whose role exists, by the rules of the module docstring."""
-    board = {gpu.name: _Gpu(gpu) for gpu in gpus}
+    board = {gpu.name: _Gpu(gpu, _exclusive(roles.get(gpu.role or ""))) for gpu in gpus}
     for work in pinned:
         for name in work.gpus:
             if name in board:
                 board[name].used += work.size
-                board[name].tenants.append((work.name, board[name].state.role, work.exclusive))
+                board[name].tenants.append((work.name, board[name].state.role))
     seats: dict[str, Seat] = {}
     ordered = sorted((a for a in asks if a.role in roles), key=lambda a: (-roles[a.role].priority, a.role, a.name))
     for ask in ordered:
         seats[ask.name] = _seat(board, roles[ask.role], ask)
     return seats
+
+
+def _exclusive(role: GpuRole | None) -> bool:
+    return role is not None and role.sharing is Sharing.EXCLUSIVE
 
 
 def _candidates(board: Mapping[str, _Gpu], role: GpuRole, ask: Ask) -> list[str]:
@@ -178,7 +186,7 @@ def _held(board: Mapping[str, _Gpu], role: GpuRole, ask: Ask, chosen: tuple[str,
         f"stays on {', '.join(ask.now)} for role {role.name}'s hold: moves to {', '.join(chosen)} "
         f"once it has run {role.hold:g} s where it is ({left:.0f} s left)"
     )
-    return Seat(ask.name, ask.now, why)
+    return Seat(ask.name, ask.now, why, held=True)
 
 
 def _reason(role: GpuRole, ask: Ask, chosen: tuple[str, ...], refusals: Mapping[str, str]) -> str | None:
