@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from reconciler.engine.health import ProbeResult
 from reconciler.errors import ConfigError, PermanentError
-from reconciler.planning.observed import ComputeMode, NvmlObservation
+from reconciler.planning.observed import ComputeMode, NvmlObservation, ObservedGpu
 from reconciler.planning.plan import Change
 
 __all__ = ["GpuSetter", "GpuSteps", "check_gpu_settings", "set_gpu_settings", "undo_gpu_settings"]
@@ -55,8 +55,22 @@ def set_gpu_settings(setter: GpuSetter, change: Change) -> None:
 
 
 def undo_gpu_settings(setter: GpuSetter, change: Change) -> None:
-    """Set back what NVML read before (a setting it did not report is left as it is)."""
-    _apply(setter, change.before or {}, change.address)
+    """Set back what NVML read before, where the GPU no longer holds it (so a step that set nothing, e.g.
+    refused for want of root, undoes nothing); a setting NVML did not report is left as it is."""
+    before = dict(change.before or {})
+    seen = next((g for g in setter.observe().gpus if g.uuid == before.get("uuid")), None)
+    if seen is not None:
+        now = _read(seen)
+        before = {k: v for k, v in before.items() if k == "uuid" or (k in now and now[k] != v)}
+    _apply(setter, before, change.address)
+
+
+def _read(seen: ObservedGpu) -> dict[str, Any]:
+    return {
+        "power_limit": seen.power_limit,
+        "persistence_mode": seen.persistence_mode,
+        "compute_mode": None if seen.compute_mode is None else str(seen.compute_mode),
+    }
 
 
 def check_gpu_settings(setter: GpuSetter, change: Change, *, undone: bool = False) -> ProbeResult:
@@ -66,11 +80,7 @@ def check_gpu_settings(setter: GpuSetter, change: Change, *, undone: bool = Fals
     seen = next((g for g in setter.observe().gpus if g.uuid == uuid), None)
     if seen is None:
         return ProbeResult(False, f"NVML no longer lists GPU {uuid}")
-    read = {
-        "power_limit": seen.power_limit,
-        "persistence_mode": seen.persistence_mode,
-        "compute_mode": None if seen.compute_mode is None else str(seen.compute_mode),
-    }
+    read = _read(seen)
     wrong = [
         f"{key} reads {read[key]}, {value} was set"
         for key, value in sorted(values.items())
