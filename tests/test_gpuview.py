@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from reconciler.engine.observe import read_model_files
 from reconciler.fakes.lab import fake_gpus, fake_uuid
 from reconciler.fakes.nvml import FakeProcess
 from reconciler.planning.gpuload import Seat, gpu_load
@@ -19,6 +22,8 @@ from reconciler.planning.observed import Observed
 from reconciler.spec.models import Gpu, Model, NvmlSettings
 from reconciler.spec.state import DesiredState
 from reconciler.spec.validate import load_and_validate
+from tests.support.labs import load, write_tree
+from tests.support.modelfiles import QWEN25, qwen_gguf_metadata, qwen_gguf_tensors, write_gguf
 from tests.support.nvml import FakeNvml
 
 GIB = 1024**3
@@ -126,3 +131,69 @@ def test_a_model_whose_files_cannot_be_read_and_declares_no_vram_is_a_blocker_na
     (problem,) = [p for p in load.blockers if p.resource == bare.ref]
     assert "examples/single-active-llamacpp/models.yaml:" in problem.message.replace(str(EXAMPLES) + "/", "examples/")
     assert "declares no 'vram'" in problem.message and "observe did not read them" in problem.message
+
+
+def _llamacpp_state(tmp_path: Path, source: Path, *, vram: str | None = None) -> DesiredState:
+    tree = tmp_path / "spec"
+    declared = f"vram: {vram}\n" if vram else ""
+    write_tree(
+        tree,
+        f"""\
+        kind: DockerHost
+        name: ws
+        endpoint: unix:///var/run/docker.sock
+        node: pve1
+        ---
+        kind: Model
+        name: qwen
+        engine: llamacpp
+        host: ws
+        gpus: [small]
+        source: {source}
+        port: 8080
+        context: 16384
+        """
+        + declared,
+    )
+    return load(tree)
+
+
+def test_observe_reads_a_gguf_file_and_the_plan_estimates_from_it(tmp_path: Path) -> None:
+    layout = QWEN25["7B"]
+    source = write_gguf(tmp_path / "q7.gguf", "qwen2", qwen_gguf_metadata(layout), qwen_gguf_tensors(layout))
+    state = _llamacpp_state(tmp_path, source)
+    files = read_model_files(state.of(Model))
+    assert files["qwen"].shape is not None and files["qwen"].unread is None
+    observed = Observed(models=files)
+    load_ = gpu_load(state, observed, gpu_sight(state, observed), _seats(state, "qwen"), changed=())
+    (problem,) = load_.blockers  # Qwen2.5 7B Q4_K_M with 16k context does not fit the 4 GiB GTX 970
+    assert problem.resource == "Gpu/small" and problem.message.startswith("GPU small (4.0 GiB): qwen ")
+    assert "over by" in problem.message
+    assert load_.summary[0].endswith("(qwen: estimated from its files)")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"GGUF", b"GGUF" + b"\xff" * 64, b"not a model at all\n" * 10],
+    ids=["empty", "magic", "junk", "text"],
+)
+def test_a_hostile_model_file_is_recorded_unread_and_the_plan_asks_for_vram(tmp_path: Path, content: bytes) -> None:
+    source = tmp_path / "evil.gguf"
+    source.write_bytes(content)
+    state = _llamacpp_state(tmp_path, source)
+    files = read_model_files(state.of(Model))
+    assert files["qwen"].shape is None and files["qwen"].unread
+    observed = Observed(models=files)
+    load_ = gpu_load(state, observed, gpu_sight(state, observed), _seats(state, "qwen"), changed=())
+    (problem,) = load_.blockers
+    assert problem.resource == "Model/qwen" and "declares no 'vram'" in problem.message
+    assert f"{tmp_path / 'spec' / 'spec.yaml'}:" in problem.message, "names the file and line"
+
+
+def test_a_declared_vram_is_used_and_the_files_are_not_read(tmp_path: Path) -> None:
+    state = _llamacpp_state(tmp_path, tmp_path / "absent.gguf", vram="3GiB")
+    assert read_model_files(state.of(Model)) == {}
+    observed = Observed()
+    load_ = gpu_load(state, observed, gpu_sight(state, observed), _seats(state, "qwen"), changed=())
+    assert not load_.blockers
+    assert load_.summary == ("GPU small: qwen 3.0 GiB of 4.0 GiB usable (qwen: declared vram)",)
