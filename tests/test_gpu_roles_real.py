@@ -122,7 +122,7 @@ def test_transcoding_leaves_the_gpu_the_gaming_vm_takes_and_comes_back_after_the
     warnings = _warnings(plan)
     assert "kept running" in warnings["Vm/gaming"] and "priority 100" in warnings["Vm/gaming"]
     for name in TRANSCODERS:
-        assert f"moves from {big} to gtx970" in warnings[f"Container/{name}"], "the RTX is not seen any more"
+        assert "moves from rtx5070ti to gtx970" in warnings[f"Container/{name}"], "named by its declared UUID"
         assert "passed through to the running VM gaming" in warnings[f"Container/{name}"]
     _apply(lab)
     assert _gaming_vm(lab).status == "running", "respected, not stopped"

@@ -16,7 +16,7 @@ files' shapes) and answers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.planning.gpuload import Seat as LoadSeat
@@ -67,7 +67,7 @@ def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, po
         for name, gpu in sorted(gpus.items())
     ]
     live = _live(observed)
-    uuids = {found.uuid.lower(): name for name, found in sight.seen.items() if found.uuid}
+    uuids = _uuid_names(gpus.values(), sight)
     asks, pinned = [], []
     for work in running:
         sizes = {name: _size(work, gpu, sight, observed) for name, gpu in gpus.items()}
@@ -85,6 +85,13 @@ def gpu_decisions(desired: DesiredState, observed: Observed, sight: GpuSight, po
         if seat is not None and seat.why is not None and (seat.moved or seat.held or not seat.gpus):
             warnings.append(Problem(work.ref, seat.why))
     return GpuDecisions(seats, frozenset(respected), tuple(warnings), {ask.name: ask.now for ask in asks})
+
+
+def _uuid_names(gpus: Iterable[Gpu], sight: GpuSight) -> dict[str, str]:
+    """NVML UUID (lower case) -> spec GPU name: the spec's UUIDs, and those seen."""
+    names = {gpu.uuid.lower(): gpu.name for gpu in gpus if gpu.uuid}
+    names.update({found.uuid.lower(): name for name, found in sight.seen.items() if found.uuid})
+    return names
 
 
 def _respected(
