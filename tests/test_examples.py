@@ -209,9 +209,12 @@ def test_dual_gpu_roles_priorities_failover_and_the_gaming_switch(tmp_path: Path
     plex = state.get(Container, "plex")
     assert plex is not None and plex.image.startswith("plexinc/pms-docker")
 
+    assert roles["transcode"].prefer == ("rtx5070ti",), "the big GPU's NVENC while it is free"
+
     gaming = _clean(_switched(tree, "big-gpu", "gaming", tmp_path)).state
     vm = gaming.get(Vm, "gaming")
-    assert vm is not None and _running(gaming, vm) and vm.gpus[0].x_vga
+    assert vm is not None and vm.gpus[0].x_vga
+    assert not _running(gaming, vm), "started by hand when someone plays; the planner respects it (priority)"
     ollama = gaming.get(Model, "ollama")
     assert ollama is not None and not _running(gaming, ollama)
     transcoders = [c for c in gaming.of(Container) if _running(gaming, c)]

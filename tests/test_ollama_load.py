@@ -30,6 +30,7 @@ engine: ollama
 host: llm
 gpus: [big]
 source: llama3.1:8b
+vram: 6GiB  # no models_dir: its store cannot be read, so the footprint is declared
 port: PORT
 probe: {http: /api/tags, timeout: 2s, interval: 10ms}
 """

@@ -240,6 +240,7 @@ def test_exclusive_group_stops_the_old_member_before_starting_the_new(tmp_path: 
     host: ws
     gpus: [big]
     source: /models/gpt-oss-120b.gguf
+    vram: 12GiB
     port: 8002
     exclusive: {{group: picker}}
     ---
@@ -249,6 +250,7 @@ def test_exclusive_group_stops_the_old_member_before_starting_the_new(tmp_path: 
     host: ws
     gpus: [big]
     source: /models/qwen3-coder-30b.gguf
+    vram: 10GiB
     port: 8002
     exclusive: {{group: picker}}
     """

@@ -6,7 +6,9 @@ ObservedContainer here. Pure: no SDK, no I/O; the answers are the engine's JSON,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer
@@ -102,8 +104,19 @@ def observed_from_inspect(host: str, data: Mapping[str, Any]) -> ObservedContain
         shm_size=int(shm_size) if shm_size is not None else None,
         ipc=host_config.get("IpcMode") or None,
         network_mode=host_config.get("NetworkMode") or None,
+        started_at=_started_at(state.get("StartedAt")),
     )
 
 
 def names_of(summary: Mapping[str, Any]) -> set[str]:
     return {str(name).lstrip("/") for name in summary.get("Names") or ()}
+
+
+def _started_at(text: Any) -> float | None:
+    """Docker's State.StartedAt (RFC 3339, nanoseconds; year 1 when never started) as epoch seconds."""
+    if not isinstance(text, str) or not text or text.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -38,10 +38,12 @@ from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, resolve_secrets
+from reconciler.engine.steps_gpu import GpuSetter, GpuSteps
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
 from reconciler.engine.switch import GpuMemory, SwitchHooks
 from reconciler.errors import ConfigError, PlanError, ReconcilerError
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
@@ -115,8 +117,10 @@ class Applier:
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
         gpus: GpuMemory | None = None,
+        gpu_setter: GpuSetter | None = None,
     ) -> None:
         self.gpus = gpus  # NVML, read between stopping and starting members of an exclusive group
+        self.gpu_settings = GpuSteps(gpu_setter)  # NVML where the reconciler runs sets GPU settings
         self.proxmox = proxmox
         self.docker = docker
         self.journal = journal
@@ -173,6 +177,8 @@ class Applier:
                 raise ConfigError(
                     "the plan changes containers but no Docker host is configured", resource=change.address
                 )
+            if change.backend is Backend.GPU:
+                self.gpu_settings.require(change)
             if change.backend is Backend.PROXMOX and self.proxmox is None:
                 raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
             secrets = change.after.secret_env if isinstance(change.after, ContainerRun) else {}
@@ -234,6 +240,8 @@ class Applier:
                     self.guests.do(change)
                 case Backend.DOCKER:
                     self.containers.do(change, before)
+                case Backend.GPU:
+                    self.gpu_settings.do(change)
                 case _:
                     assert_never(change.backend)
         except ReconcilerError as exc:
@@ -271,6 +279,8 @@ class Applier:
     def _check(self, change: Change) -> ProbeResult | None:
         """Health after a step that starts something; None when the step needs no check."""
         after = change.after
+        if isinstance(after, GpuValues):
+            return self.gpu_settings.check(change)
         if change.action in (Action.STOP, Action.DELETE) or after is None or after.state is not PowerState.RUNNING:
             return None
         match after:
@@ -301,6 +311,8 @@ class Applier:
                         self.guests.undo(item)
                     case Backend.DOCKER:
                         self.containers.undo(item)
+                    case Backend.GPU:
+                        self.gpu_settings.undo(change)
                     case _:
                         assert_never(change.backend)
                 restored = self._check_restored(item)
@@ -326,6 +338,8 @@ class Applier:
     def _check_restored(self, item: Done) -> ProbeResult | None:
         """After an undo, what was running before runs again (containers: and is healthy by Docker's word)."""
         before = item.before or {}
+        if item.change.backend is Backend.GPU:
+            return self.gpu_settings.check(item.change, undone=True)
         if before.get("status") not in ("running", "restarting"):
             return None
         seen = item.change.before
@@ -334,6 +348,8 @@ class Applier:
                 return self.guests.check_running(seen)
             case ContainerSeen() | None:
                 return self.containers.check_healthy(item.change, None)
+            case GpuValues():
+                return None  # checked above
             case _:
                 assert_never(seen)
 
@@ -363,7 +379,7 @@ class Applier:
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
-        if change.backend is Backend.PROXMOX:
+        if change.backend is not Backend.DOCKER:
             return change.before.to_json() if change.before else None
         return self.containers.capture(change)
 

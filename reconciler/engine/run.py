@@ -30,6 +30,7 @@ from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, Gues
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
+from reconciler.engine.steps_gpu import GpuSetter
 from reconciler.engine.switch import GpuMemory
 from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Address, Backend, Plan
@@ -110,6 +111,7 @@ def apply_pass(
         on_step=on_step,
         prober=options.prober,
         gpus=readers.nvml if isinstance(readers.nvml, GpuMemory) else None,  # waited on in exclusive switches
+        gpu_setter=readers.nvml if isinstance(readers.nvml, GpuSetter) else None,  # sets GPU settings
     )
     return plan, applier.apply(plan, desired)
 

@@ -20,7 +20,7 @@ from reconciler.engine.observe import NvmlReader, Readers
 from reconciler.fakes.nvml import FakeGpu, FakeNvmlBuildError, build_library, write_state
 from reconciler.loop.wiring import Wiring
 from reconciler.planning.observed import NvmlObservation, ObservedGpu
-from reconciler.spec.models import Gpu
+from reconciler.spec.models import Gpu, Vm
 from reconciler.spec.state import DesiredState
 
 __all__ = ["MemoryConnector", "MemoryLab", "fake_gpus", "fake_uuid", "memory_lab"]
@@ -35,17 +35,37 @@ def fake_uuid(gpu: Gpu) -> str:
 
 
 def fake_gpus(desired: DesiredState) -> list[FakeGpu]:
+    """The GPUs NVML sees where the reconciler runs: the host's, at their host addresses; or, when the Lab
+    says it runs inside a VM (`nvml.inside`), that VM's passed-through GPUs at the VM's own addresses
+    (q35 puts hostpciN behind root port N+1: bus N+1), as a real VM shows them."""
+    inside = desired.get(Vm, desired.lab.nvml.inside) if desired.lab.nvml.inside else None
+    if inside is not None:
+        by_name = {g.name: g for g in desired.of(Gpu)}
+        passed = [by_name[p.gpu] for p in inside.gpus if p.gpu in by_name]
+        return [_fake(i, g, f"0000:{i + 1:02x}:00.0") for i, g in enumerate(passed)]
     gpus = sorted(desired.of(Gpu), key=lambda g: (g.node, g.pci_function0 or ""))
-    return [
-        FakeGpu(
-            index=i,
-            uuid=fake_uuid(g),
-            pci_bus_id=g.pci_function0 or f"0000:{i + 1:02x}:00.0",
-            name=f"NVIDIA GeForce {g.model or g.name}",
-            memory_total=g.vram,
-        )
-        for i, g in enumerate(gpus)
-    ]
+    return [_fake(i, g, g.pci_function0 or f"0000:{i + 1:02x}:00.0") for i, g in enumerate(gpus)]
+
+
+_COMPUTE_MODES = {"default": 0, "prohibited": 2, "exclusive_process": 3}
+
+
+def _fake(index: int, gpu: Gpu, address: str) -> FakeGpu:
+    """A GPU as its spec describes it, its settings already as declared (a lab set up before)."""
+    limit = float(gpu.power_limit) if gpu.power_limit is not None else 250.0
+    return FakeGpu(
+        index=index,
+        uuid=fake_uuid(gpu),
+        pci_bus_id=address,
+        name=f"NVIDIA GeForce {gpu.model or gpu.name}",
+        memory_total=gpu.vram,
+        power_limit_w=limit,
+        power_min_w=min(100.0, limit),
+        power_max_w=max(600.0, limit),
+        power_default_w=limit,
+        persistence_mode=bool(gpu.persistence_mode),
+        compute_mode=_COMPUTE_MODES[str(gpu.compute_mode or "default")],
+    )
 
 
 @dataclass

@@ -11,6 +11,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from reconciler.planning.vram import ModelShape
+
 __all__ = [
     "ComputeMode",
     "ContainerPort",
@@ -18,6 +20,7 @@ __all__ = [
     "DockerObservation",
     "GpuProcess",
     "GuestKind",
+    "ModelFiles",
     "NvmlObservation",
     "Observed",
     "ObservedContainer",
@@ -125,6 +128,7 @@ class ObservedContainer:
     shm_size: int | None = None
     ipc: str | None = None
     network_mode: str | None = None
+    started_at: float | None = None  # when it last started (epoch seconds): how long work has run where it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +188,20 @@ class NvmlObservation:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelFiles:
+    """A Model's files as observe read them: their shape, or why they could not be read."""
+
+    shape: ModelShape | None
+    unread: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     """Everything one pass saw. A None part was not read (no Proxmox in the lab, NVML off)."""
 
     proxmox: ProxmoxObservation | None = None
     docker: Mapping[str, DockerObservation] = field(default_factory=dict)
     nvml: NvmlObservation | None = None
+    host_gpus: Mapping[str, NvmlObservation] = field(default_factory=dict)  # read through a Docker host's engine
+    models: Mapping[str, ModelFiles] = field(default_factory=dict)  # Model name -> what its files say
+    observed_at: float | None = None  # wall-clock seconds when the pass observed (hold times compare with it)

@@ -19,6 +19,7 @@ from typing import Any
 
 from reconciler.planning import pve
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.gpudev import gpu_of_device
 from reconciler.planning.intents import GuestSeen
 from reconciler.planning.plan import Action, AddressKind, Backend, Change
@@ -119,8 +120,8 @@ def _held_before(
     change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], nvidia: Mapping[str, Mapping[str, int]]
 ) -> set[str]:
     before = change.before
-    if before is None or before.status not in ("running", "restarting"):
-        return set()
+    if before is None or isinstance(before, GpuValues) or before.status not in ("running", "restarting"):
+        return set()  # a GPU's settings hold no GPU
     if isinstance(before, ContainerSeen):
         return {names_by_uuid.get(u.lower(), u) for u in before.gpus}
     held = _gpus_in_config(before, desired, nvidia)
@@ -131,7 +132,9 @@ def _held_before(
 
 def _held_after(change: Change, desired: DesiredState) -> set[str]:
     after = change.after
-    if change.action in (Action.STOP, Action.DELETE) or after is None or after.state is not PowerState.RUNNING:
+    if change.action in (Action.STOP, Action.DELETE) or after is None or isinstance(after, GpuValues):
+        return set()
+    if after.state is not PowerState.RUNNING:
         return set()
     if isinstance(after, ContainerRun):
         return set(after.gpu_names)

@@ -27,7 +27,8 @@ replace: it is moved with its data, in place (`GuestIntent.moves`).
 
 A change's `before` and `after` are typed, frozen values: a guest's are
 `planning.intents.GuestSeen` and `GuestIntent`, a container's
-`planning.container_run.ContainerSeen` and `ContainerRun`. They become JSON only
+`planning.container_run.ContainerSeen` and `ContainerRun`, a GPU's settings
+`planning.gpu_values.GpuValues`. They become JSON only
 in `to_json` / `from_json`, at the plan-file and journal boundary.
 
 A saved plan (`plan --out`) carries its format, lab and revision; a plan of
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import assert_never, cast
 
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.spec.models import Lxc, Resource, Vm, Workload
 
@@ -103,16 +105,18 @@ class Action(enum.StrEnum):
 
 
 class Backend(enum.StrEnum):
-    """Who carries a change out: PVE for guests, a Docker engine for containers."""
+    """Who carries a change out: PVE for guests, a Docker engine for containers, NVML for GPU settings."""
 
     PROXMOX = "proxmox"
     DOCKER = "docker"
+    GPU = "gpu"
 
 
 class AddressKind(enum.StrEnum):
     LXC = "lxc"
     QEMU = "qemu"
     CONTAINER = "container"
+    GPU = "gpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +140,7 @@ class Address:
                 if not slash or not host or not name:
                     raise ValueError(f"not a container address: {text!r}")
                 return cls(kind, name, host)
-            case AddressKind.LXC | AddressKind.QEMU:
+            case AddressKind.LXC | AddressKind.QEMU | AddressKind.GPU:
                 if not rest:
                     raise ValueError(f"not a guest address: {text!r}")
                 return cls(kind, rest)
@@ -156,7 +160,8 @@ class Address:
 
     @property
     def backend(self) -> Backend:
-        return Backend.DOCKER if self.kind is AddressKind.CONTAINER else Backend.PROXMOX
+        kinds = {AddressKind.CONTAINER: Backend.DOCKER, AddressKind.GPU: Backend.GPU}
+        return kinds.get(self.kind, Backend.PROXMOX)
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.host}/{self.name}" if self.host is not None else f"{self.kind}/{self.name}"
@@ -206,8 +211,8 @@ class Change:
     action: Action
     resource: str  # the spec resource it comes from: "Lxc/llm"; for deletes of unlisted things, the address
     backend: Backend
-    before: GuestSeen | ContainerSeen | None
-    after: GuestIntent | ContainerRun | None
+    before: GuestSeen | ContainerSeen | GpuValues | None
+    after: GuestIntent | ContainerRun | GpuValues | None
     fields: tuple[FieldChange, ...] = ()
     reason: str = ""
     depends_on: tuple[str, ...] = ()
@@ -287,6 +292,7 @@ class Plan:
     # Drift left alone by a `warn` or `ignore` policy, for the loop's drift report. Not executed, not
     # serialised: a saved plan carries only what it would do.
     held_drift: tuple[Change, ...] = ()
+    gpus: tuple[str, ...] = ()  # what each GPU will hold, declared or estimated (planning.gpuload)
 
     @property
     def empty(self) -> bool:
@@ -328,6 +334,7 @@ class Plan:
             "conflicts": [p.to_json() for p in self.conflicts],
             "blockers": [p.to_json() for p in self.blockers],
             "warnings": [p.to_json() for p in self.warnings],
+            "gpus": list(self.gpus),
         }
 
     def dumps(self) -> str:
@@ -354,6 +361,7 @@ class Plan:
             observed_digest=_optional_text(data.get("observed_digest")),
             format=PLAN_FORMAT,
             lab=_optional_text(data.get("lab")),
+            gpus=tuple(_text(line) for line in _array(data.get("gpus", []))),
         )
 
 
@@ -368,22 +376,28 @@ class PlanFormatError(ValueError):
         self.found = found
 
 
-def _seen_from_json(backend: Backend, data: Mapping[str, object]) -> GuestSeen | ContainerSeen:
+def _seen_from_json(backend: Backend, data: Mapping[str, object]) -> GuestSeen | ContainerSeen | GpuValues:
     match backend:
         case Backend.PROXMOX:
             return GuestSeen.from_json(data)
         case Backend.DOCKER:
             return ContainerSeen.from_json(data)
+        case Backend.GPU:
+            return GpuValues.from_json(data)
         case _:
             assert_never(backend)
 
 
-def _intent_from_json(backend: Backend, data: Mapping[str, object], paths: list[str]) -> GuestIntent | ContainerRun:
+def _intent_from_json(
+    backend: Backend, data: Mapping[str, object], paths: list[str]
+) -> GuestIntent | ContainerRun | GpuValues:
     match backend:
         case Backend.PROXMOX:
             return GuestIntent.from_json(data, paths=paths)
         case Backend.DOCKER:
             return ContainerRun.from_json(data)
+        case Backend.GPU:
+            return GpuValues.from_json(data)
         case _:
             assert_never(backend)
 

@@ -56,6 +56,7 @@ def make_plan(
     planner.plan_guests()
     planner.plan_containers()
     planner.warn_unwatched_hosts()
+    gpu_summary = planner.finish_gpus()
     pci_devices = observed.proxmox.pci_devices if observed.proxmox else ()
     gpus = desired.of(Gpu)
     numbers = {node: nvidia_numbers(node, gpus, pci_devices) for node in {g.node for g in gpus}}
@@ -69,6 +70,7 @@ def make_plan(
         observed_digest=_digest(changes),
         held_drift=tuple(planner.held_drift),
         lab=desired.lab.name,
+        gpus=gpu_summary,
     )
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "Engine",
     "ExclusiveGroup",
     "Gpu",
+    "GpuComputeMode",
     "GpuRole",
     "Lab",
     "Lxc",
@@ -143,6 +144,14 @@ class Engine(enum.StrEnum):
     VLLM = "vllm"
     LLAMACPP = "llamacpp"
     OLLAMA = "ollama"
+
+
+class GpuComputeMode(enum.StrEnum):
+    """The compute modes a Gpu may ask NVML for (nvidia-smi -c)."""
+
+    DEFAULT = "default"  # any number of processes
+    EXCLUSIVE_PROCESS = "exclusive_process"  # one process at a time
+    PROHIBITED = "prohibited"  # no compute process
 
 
 class RestartPolicy(enum.StrEnum):
@@ -260,6 +269,11 @@ class ProxmoxConnection(_Strict):
 class NvmlSettings(_Strict):
     enabled: bool = True
     library: NvmlLibrary | None = Field(None, description="path to libnvidia-ml.so.1 (WSL2, unusual installs)")
+    inside: Name | None = Field(
+        None,
+        description="the Vm the reconciler runs in: its NVML sees that VM's passed-through GPUs at the VM's own "
+        "PCI addresses, matched to the spec by UUID or by passthrough order",
+    )
 
 
 class EngineImages(_Strict):
@@ -383,7 +397,10 @@ class Gpu(Resource):
     vram: PositiveSize
     role: Name | None = None
     mapping: Name | None = Field(None, description="PCI resource mapping (cluster/mapping/pci) for VM passthrough")
-    power_limit: int | None = Field(None, ge=1, description="watts")
+    power_limit: int | None = Field(None, ge=1, le=100_000, description="watts; set through NVML (needs root)")
+    persistence_mode: bool | None = Field(None, description="keep the driver loaded when idle; set through NVML")
+    compute_mode: GpuComputeMode | None = Field(None, description="who may run compute work; set through NVML")
+    reserve: Size = Field(0, description="VRAM kept free of models (the driver, a desktop, a margin)")
 
     @model_validator(mode="after")
     def _identity(self) -> Gpu:
@@ -409,8 +426,14 @@ class GpuRole(Resource):
     priority: int = Field(0, description="a higher-priority role may take a GPU from a lower one")
     sharing: Sharing = Sharing.EXCLUSIVE
     failover: tuple[Name, ...] = Field((), description="GPUs its work may move to when its own are taken or lost")
+    prefer: tuple[Name, ...] = Field(
+        (), description="GPUs its work uses before its own while they are free (not lost, taken or held exclusively)"
+    )
     gpus: int = Field(1, ge=1, le=16, description="how many GPUs a workload of this role needs")
     min_vram: PositiveSize | None = None
+    hold: Duration = Field(
+        300.0, description="work moved off its own GPU moves back only once it has run this long where it is"
+    )
 
 
 class ExclusiveGroup(Resource):
