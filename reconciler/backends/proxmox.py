@@ -81,6 +81,7 @@ from reconciler.planning.observed import (
     PciMapping,
     ProxmoxObservation,
 )
+from reconciler.planning.pve_access import TemplateRow
 from reconciler.spec.models import ProxmoxAuth
 
 __all__ = [
@@ -801,6 +802,15 @@ class ProxmoxBackend:
                 raise NotFoundError(f"{ref} does not exist on {node}", resource=ref) from None
             status = self._get(path, resource=ref)
         return status if isinstance(status, Mapping) else {}
+
+    def templates(self) -> list[TemplateRow]:
+        """The VM templates (`/cluster/resources?type=vm` rows with template=1): where a clone comes from."""
+        rows = self._get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
+        return [
+            TemplateRow(int(row["vmid"]), row.get("name"), str(row.get("node")), True)
+            for row in rows or ()
+            if row.get("type") == GuestKind.QEMU.value and row.get("template") and row.get("vmid") is not None
+        ]
 
     def _inventory_row(self, vmid: int) -> Mapping[str, Any] | None:
         rows = self._get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
