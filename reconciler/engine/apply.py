@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
 from reconciler import redact
+from reconciler.engine.guest_create import create_guest
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
+from reconciler.engine.provision_apply import Provisioner
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
 from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
@@ -40,6 +42,7 @@ from reconciler.planning.intents import GuestIntent
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.observed import ContainerPort, ContainerVolume, GuestKind, ObservedContainer, ObservedGuest
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
+from reconciler.planning.pve_access import TemplateRow
 from reconciler.spec.state import DesiredState
 
 __all__ = ["EXIT_APPLIED", "EXIT_ROLLBACK_INCOMPLETE", "EXIT_ROLLED_BACK", "Applier", "ApplyReport", "HealthPolicy"]
@@ -70,6 +73,10 @@ class GuestBackend(Protocol):
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
     def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None: ...
     def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None: ...
+    def clone_vm(
+        self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
+    ) -> None: ...
+    def templates(self) -> list[TemplateRow]: ...
 
 
 class ContainerBackend(Protocol):
@@ -172,6 +179,7 @@ class Applier:
         if not plan.applicable:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
+        self.provisioner = Provisioner(self.journal, self.env, desired, connect_timeout=self.health.guest_timeout)
         inherited, resumed_from = self._take_over_interrupted()
         run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)
         report = ApplyReport(run_id, RunResult.RUNNING)
@@ -271,6 +279,8 @@ class Applier:
                     self._guest(change)
                 case Backend.DOCKER:
                     self._container(change, before)
+                case Backend.SSH:
+                    self.provisioner.run(change, run_id=run_id)
                 case _:
                     assert_never(change.backend)
         except ReconcilerError as exc:
@@ -314,8 +324,7 @@ class Applier:
         kind, node, vmid, running = intent.kind, intent.node, intent.vmid, intent.running
         match change.action:
             case Action.CREATE:
-                create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                create(node, vmid, config=intent.config)
+                create_guest(self.proxmox, intent, change.after or {}, self.env)
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
@@ -346,8 +355,7 @@ class Applier:
                 self.destroyed.add(change.address)  # from here on, the guest's data may be gone
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
-                    create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                    create(node, vmid, config=intent.config)
+                    create_guest(self.proxmox, intent, change.after or {}, self.env)
                     if running:
                         self.proxmox.start(kind, node, vmid)
             case _:
@@ -536,6 +544,8 @@ class Applier:
                 return self._guest_running(after)
             case Backend.DOCKER:
                 return self._container_healthy(change, after.get("probe"), load=after.get("load"))
+            case Backend.SSH:
+                return None  # a step's own exit code is its check
             case _:
                 assert_never(change.backend)
 
@@ -628,6 +638,8 @@ class Applier:
                         self._undo_guest(item)
                     case Backend.DOCKER:
                         self._undo_container(item)
+                    case Backend.SSH:
+                        self.provisioner.undo(change)
                     case _:
                         assert_never(change.backend)
                 restored = self._check_restored(item)
@@ -660,6 +672,8 @@ class Applier:
                 return self._guest_running(item.change.before or {})
             case Backend.DOCKER:
                 return self._container_healthy(item.change, None)
+            case Backend.SSH:
+                return None
             case _:
                 assert_never(item.change.backend)
 
@@ -709,7 +723,7 @@ class Applier:
 
     def _capture(self, change: Change) -> dict[str, Any] | None:
         """The state to restore: for containers, what Docker holds right now."""
-        if change.backend is Backend.PROXMOX:
+        if change.backend is not Backend.DOCKER:
             return dict(change.before) if change.before else None
         assert self.docker is not None
         host, name = _host_and_name(change)

@@ -30,6 +30,7 @@ from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, Gues
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
+from reconciler.engine.provision_apply import with_provisioning
 from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Address, Backend, Plan
 from reconciler.planning.planner import make_plan
@@ -63,9 +64,9 @@ def plan_pass(
     adopt_orphans: bool = False,
 ) -> Plan:
     inventory = journal.inventory() if journal is not None else None
-    return make_plan(
-        desired, observe(desired, readers), inventory, allow_delete=allow_delete, adopt_orphans=adopt_orphans
-    )
+    observed = observe(desired, readers)
+    plan = make_plan(desired, observed, inventory, allow_delete=allow_delete, adopt_orphans=adopt_orphans)
+    return with_provisioning(plan, desired, observed, journal)
 
 
 def apply_pass(

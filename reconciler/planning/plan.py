@@ -90,16 +90,18 @@ class Action(enum.StrEnum):
 
 
 class Backend(enum.StrEnum):
-    """Who carries a change out: PVE for guests, a Docker engine for containers."""
+    """Who carries a change out: PVE for guests, a Docker engine for containers, SSH for what runs inside a guest."""
 
     PROXMOX = "proxmox"
     DOCKER = "docker"
+    SSH = "ssh"  # provisioning steps (issue 11)
 
 
 class AddressKind(enum.StrEnum):
     LXC = "lxc"
     QEMU = "qemu"
     CONTAINER = "container"
+    PROVISION = "provision"  # `provision/llm`: the provisioning steps run in guest or Docker host `llm`
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class Address:
                 if not slash or not host or not name:
                     raise ValueError(f"not a container address: {text!r}")
                 return cls(kind, name, host)
-            case AddressKind.LXC | AddressKind.QEMU:
+            case AddressKind.LXC | AddressKind.QEMU | AddressKind.PROVISION:
                 if not rest:
                     raise ValueError(f"not a guest address: {text!r}")
                 return cls(kind, rest)
@@ -143,7 +145,15 @@ class Address:
 
     @property
     def backend(self) -> Backend:
-        return Backend.DOCKER if self.kind is AddressKind.CONTAINER else Backend.PROXMOX
+        match self.kind:
+            case AddressKind.CONTAINER:
+                return Backend.DOCKER
+            case AddressKind.PROVISION:
+                return Backend.SSH
+            case AddressKind.LXC | AddressKind.QEMU:
+                return Backend.PROXMOX
+            case _:
+                assert_never(self.kind)
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.host}/{self.name}" if self.host is not None else f"{self.kind}/{self.name}"

@@ -29,6 +29,7 @@ from typing import Any
 from reconciler.planning import pve
 from reconciler.planning.containers import DesiredContainer, desired_container, label_keys
 from reconciler.planning.gpudev import nvidia_numbers
+from reconciler.planning.guest_access import access_config, with_create_access
 from reconciler.planning.inventory import OLD_SUFFIX, Inventory, spec_hash
 from reconciler.planning.observed import (
     DockerObservation,
@@ -261,7 +262,9 @@ class _Planner:
                 guest.ref,
                 Backend.PROXMOX,
                 before=None,
-                after=self.guest_after(guest, kind, config, power, create=True),
+                after=with_create_access(
+                    self.guest_after(guest, kind, config, power, create=True), guest, self.desired.files
+                ),
                 reason=f"{guest.ref} does not exist",
             )
             self.guest_changes[guest.name] = change
@@ -350,7 +353,9 @@ class _Planner:
             reason = _guest_reason(fields, action, drift=drift, moves=diff.moves)
             if action is Action.REPLACE:
                 # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
-                after = self.guest_after(guest, kind, config, power, create=True)
+                after = with_create_access(
+                    self.guest_after(guest, kind, config, power, create=True), guest, self.desired.files
+                )
                 lost = volumes_lost(kind, seen.config)
                 reason += "; the guest is destroyed and created again: its volumes and their data are lost"
             if power_change:
@@ -498,6 +503,7 @@ class _Planner:
             config = pve.lxc_config(tagged, gpu_devices=devices)
         else:
             config = pve.vm_config(tagged, hostpci=self.hostpci(tagged))
+        config.update(access_config(tagged, self.desired.files))
         return {k: v for k, v in config.items() if not any(_key_matches(k, p) for p in ignored)}
 
     def lxc_devices(self, lxc: Lxc, proxmox: ProxmoxObservation) -> list[str]:
