@@ -34,7 +34,7 @@ from reconciler import redact
 from reconciler.engine.guest_create import create_guest
 from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
-from reconciler.engine.provision_apply import Provisioner
+from reconciler.engine.provision_apply import Connect, Provisioner
 from reconciler.errors import ConfigError, NotFoundError, PermanentError, PlanError, ReconcilerError
 from reconciler.planning import pve
 from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
@@ -160,6 +160,7 @@ class Applier:
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
+        ssh_connect: Connect | None = None,
     ) -> None:
         self.proxmox = proxmox
         self.docker = docker
@@ -172,6 +173,7 @@ class Applier:
         self.on_step = on_step
         self.prober = prober  # replaces network probes (the demo's in-memory containers answer them)
         self.destroyed: set[str] = set()  # guests whose destroy was asked for in this run
+        self.ssh_connect = ssh_connect  # replaces SSH (the demo's guests run steps in memory)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -179,7 +181,9 @@ class Applier:
         if not plan.applicable:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
-        self.provisioner = Provisioner(self.journal, self.env, desired, connect_timeout=self.health.guest_timeout)
+        self.provisioner = Provisioner(
+            self.journal, self.env, desired, self.ssh_connect, connect_timeout=self.health.guest_timeout
+        )
         inherited, resumed_from = self._take_over_interrupted()
         run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)
         report = ApplyReport(run_id, RunResult.RUNNING)

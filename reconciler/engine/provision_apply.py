@@ -28,7 +28,7 @@ from typing import Any, Final
 from reconciler.backends import ssh
 from reconciler.engine.journal import Journal
 from reconciler.engine.provision import CommandRunner, provision_guest
-from reconciler.errors import PermanentError, PlanError, TemporaryError
+from reconciler.errors import ConfigError, PermanentError, PlanError, TemporaryError
 from reconciler.logs import fields
 from reconciler.planning.observed import Observed
 from reconciler.planning.plan import Change, Plan
@@ -39,9 +39,10 @@ from reconciler.spec.access import SshTarget
 from reconciler.spec.models import DockerHost, Lxc, Vm
 from reconciler.spec.state import DesiredState
 
-__all__ = ["KNOWN_HOSTS", "ProvisionFailed", "Provisioner", "forget_host_key", "with_provisioning"]
+__all__ = ["ENV_TARGET_PREFIX", "KNOWN_HOSTS", "ProvisionFailed", "Provisioner", "forget_host_key", "with_provisioning"]
 
 KNOWN_HOSTS: Final = "known_hosts"  # in the state directory, beside the journal
+ENV_TARGET_PREFIX: Final = "RECONCILER_SSH_HOST_"
 log = logging.getLogger(__name__)
 
 Connect = Callable[[SshTarget], CommandRunner]
@@ -83,7 +84,7 @@ class Provisioner:
         """Run the change's steps; ProvisionFailed when one fails, PlanError when one is not what was planned."""
         after = change.after or {}
         steps = self._planned(change, after)
-        target = SshTarget.model_validate(after["ssh"])
+        target = self._target(change, after)
         if after.get("fresh"):
             self.journal.forget_provisioning(change.address)
             forget_host_key(self.known_hosts, target)
@@ -110,6 +111,18 @@ class Provisioner:
                 resource=change.address,
                 hint="fix the step (or the guest) and apply again",
             )
+
+    def _target(self, change: Change, after: Mapping[str, Any]) -> SshTarget:
+        """The plan's SSH target, unless RECONCILER_SSH_HOST_<NAME> overrides it (as RECONCILER_DOCKER_HOST_<NAME>
+        does a Docker endpoint: the same lab reached another way, through a tunnel or a test's sshd)."""
+        name = change.where.name
+        override = self.env.get(f"{ENV_TARGET_PREFIX}{name.upper().replace('-', '_')}", "").strip()
+        try:
+            return SshTarget.model_validate(override or after["ssh"])
+        except ValueError:
+            raise ConfigError(
+                f"{ENV_TARGET_PREFIX}{name.upper()} is not user@host[:port]", resource=change.address
+            ) from None
 
     def undo(self, change: Change) -> None:
         """A fresh guest is destroyed by the rollback: forget what ran in it. Nothing else can be undone."""

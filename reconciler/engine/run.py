@@ -30,7 +30,7 @@ from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, Gues
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
-from reconciler.engine.provision_apply import with_provisioning
+from reconciler.engine.provision_apply import Connect, with_provisioning
 from reconciler.errors import PlanError, TemporaryError
 from reconciler.planning.plan import Action, Address, Backend, Plan
 from reconciler.planning.planner import make_plan
@@ -47,6 +47,7 @@ class ApplyOptions:
     retry: bool = False
     health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
+    ssh_connect: Connect | None = None  # the demo's guests run provisioning steps in memory
     settle_timeout: float = 600.0  # how long to wait for the tasks an interrupted run left running
     settle_interval: float = 1.0
 
@@ -109,6 +110,7 @@ def apply_pass(
         health=options.health,
         on_step=on_step,
         prober=options.prober,
+        ssh_connect=options.ssh_connect,
     )
     return plan, applier.apply(plan, desired)
 
