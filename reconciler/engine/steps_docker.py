@@ -1,0 +1,214 @@
+"""The Docker steps of an apply: do, undo and check one container change.
+
+Called by `engine.apply.Applier` for each change whose backend is Docker. A replace keeps the old
+container, stopped and renamed with `OLD_SUFFIX`, until the whole run is healthy (the applier's
+finalize removes it), so an undo can bring it back. The check waits for the container to run, be
+healthy by Docker's word and answer its probe (and hold its Ollama model, with `load`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, assert_never
+
+from reconciler import redact
+from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load, poll, probe_http, probe_tcp
+from reconciler.engine.steps import Done, HealthPolicy, host_and_name
+from reconciler.errors import PlanError
+from reconciler.planning.container_run import ContainerHealthcheck, ContainerRun
+from reconciler.planning.inventory import OLD_SUFFIX
+from reconciler.planning.observed import ContainerPort, ContainerVolume, ObservedContainer
+from reconciler.planning.plan import Action, Change
+
+__all__ = ["ContainerBackend", "DockerSteps", "container_run_from"]
+
+
+class ContainerBackend(Protocol):
+    def container_state(self, host: str, name: str) -> ObservedContainer | None: ...
+    def ensure_image(self, host: str, image: str) -> None: ...
+    def create_container(self, host: str, spec: ContainerRun) -> str: ...
+    def start_container(self, host: str, name: str) -> None: ...
+    def stop_container(self, host: str, name: str, *, timeout: float = 10.0) -> None: ...
+    def remove_container(self, host: str, name: str, *, force: bool = False) -> None: ...
+    def rename_container(self, host: str, name: str, *, new_name: str) -> None: ...
+
+
+@dataclass
+class DockerSteps:
+    """Container changes, against one Docker backend (None when the Lab has no Docker host)."""
+
+    docker: ContainerBackend | None
+    health: HealthPolicy
+    env: Mapping[str, str]
+    endpoints: Mapping[str, str]
+    container_run: Callable[[Mapping[str, Any], Mapping[str, str]], ContainerRun]
+    sleep: Callable[[float], None] = time.sleep
+    prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo's in-memory probes
+
+    def do(self, change: Change, before: Mapping[str, Any] | None) -> None:
+        assert self.docker is not None
+        after = change.after or {}
+        host, name = host_and_name(change)
+        match change.action:
+            case Action.CREATE:
+                self.docker.ensure_image(host, after["image"])
+                self.docker.create_container(host, self.container_run(after, self.env))
+                if after.get("state") == "running":
+                    self.docker.start_container(host, name)
+            case Action.REPLACE:
+                self.docker.ensure_image(host, after["image"])  # fail before the old container is touched
+                old = self.docker.container_state(host, name)
+                if old is not None:
+                    if old.status in ("running", "restarting") and _holds_exclusive(old):
+                        self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+                    self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
+                self.docker.create_container(host, self.container_run(after, self.env))
+                if after.get("state") == "running":
+                    self.docker.start_container(host, name)
+                if old is not None and old.status in ("running", "restarting"):
+                    self.docker.stop_container(host, name + OLD_SUFFIX, timeout=self.health.shutdown_timeout)
+            case Action.START:
+                self.docker.start_container(host, name)
+            case Action.STOP:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+            case Action.DELETE:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+                self.docker.rename_container(host, name, new_name=name + OLD_SUFFIX)
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                raise PlanError("containers are replaced, not updated", resource=change.address)
+            case _:
+                assert_never(change.action)
+
+    def capture(self, change: Change) -> dict[str, Any] | None:
+        """The state to restore: what Docker holds right now."""
+        assert self.docker is not None
+        host, name = host_and_name(change)
+        state = self.docker.container_state(host, name)
+        if state is None:
+            return None
+        return {
+            "status": state.status,
+            "health": state.health,
+            "image": state.image,
+            "id": state.id,
+            "restart_count": state.restart_count,
+        }
+
+    def undo(self, done: Done) -> None:
+        assert self.docker is not None
+        change = done.change
+        host, name = host_and_name(change)
+        before = done.before or {}
+        was_running = before.get("status") in ("running", "restarting")
+        match change.action:
+            case Action.CREATE:
+                self.docker.remove_container(host, name, force=True)
+            case Action.REPLACE | Action.DELETE:
+                if change.action is Action.REPLACE:
+                    self.docker.remove_container(host, name, force=True)
+                if self.docker.container_state(host, name + OLD_SUFFIX) is not None:
+                    self.docker.rename_container(host, name + OLD_SUFFIX, new_name=name)
+                if was_running:
+                    self.docker.start_container(host, name)
+            case Action.START:
+                self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
+            case Action.STOP:
+                self.docker.start_container(host, name)
+            case Action.UPDATE | Action.UPDATE_RESTART:
+                pass
+            case _:
+                assert_never(change.action)
+
+    def check_healthy(self, change: Change, probe: Mapping[str, Any] | None, *, load: str | None = None) -> ProbeResult:
+        """Running (and Docker-healthy, and answering `probe`); with `load`, also holding that Ollama model."""
+        assert self.docker is not None
+        host, name = host_and_name(change)
+        first = self.docker.container_state(host, name)
+        restarts = first.restart_count if first else 0
+
+        def died() -> str | None:
+            state = self.docker.container_state(host, name)  # type: ignore[union-attr]
+            if state is None:
+                return "the container is gone"
+            if state.status in ("exited", "dead"):
+                return f"the container {state.status} while starting"
+            if state.restart_count > restarts or state.status == "restarting":
+                return "the container restarted while starting"
+            if state.health == "unhealthy":
+                return "Docker reports the container unhealthy"
+            return None
+
+        def check() -> ProbeResult:
+            state = self.docker.container_state(host, name)  # type: ignore[union-attr]
+            if state is None or state.status != "running":
+                return ProbeResult(False, f"container is {state.status if state else 'gone'}")
+            if state.health not in (None, "healthy"):
+                return ProbeResult(False, f"Docker health is {state.health}")
+            if not probe:
+                return ProbeResult(True, "container running" + (" and healthy" if state.health else ""))
+            return self._probe(host, probe)
+
+        timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
+        interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
+        result = poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
+        if not result.healthy or not load:
+            return result
+        # The server answers; the model it is there for must be pulled and sit on its GPUs too.
+        port = (probe or {}).get("port")
+        return self._probe(host, {"ollama_load": load, "port": port, "timeout": timeout})
+
+    def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
+        if self.prober is not None:
+            return self.prober(host, probe)
+        address = endpoint_address(self.endpoints.get(host, "unix:///"))
+        if probe.get("ollama_load"):
+            timeout = self.health.cap(float(probe.get("timeout", 900.0)))
+            return ollama_load(f"http://{address}:{probe.get('port')}", str(probe["ollama_load"]), timeout=timeout)
+        if probe.get("http"):
+            url = str(probe["http"])
+            if url.startswith("/"):
+                url = f"http://{address}:{probe.get('port')}{url}"
+            return probe_http(url, status=int(probe.get("status", 200)), body=probe.get("body"))
+        target = str(probe["tcp"])
+        return probe_tcp(target if ":" in target else f"{address}:{target}")
+
+
+def _holds_exclusive(container: ObservedContainer) -> bool:
+    """A container that publishes host ports or holds GPUs must stop before its replacement starts."""
+    return bool(container.ports or container.gpus)
+
+
+def container_run_from(after: Mapping[str, Any], env: Mapping[str, str]) -> ContainerRun:
+    """The container a planned `Change.after` describes, with its secret references resolved from `env` now."""
+    variables = dict(after.get("env", {}))
+    for key, variable in after.get("secret_env", {}).items():
+        variables[key] = env[variable]
+        redact.register(variables[key])  # read now, hidden from every message from now on
+    health = after.get("healthcheck")
+    return ContainerRun(
+        name=after["name"],
+        image=after["image"],
+        command=tuple(after["command"]) if after.get("command") is not None else None,
+        entrypoint=tuple(after["entrypoint"]) if after.get("entrypoint") is not None else None,
+        env=variables,
+        labels=dict(after.get("labels", {})),
+        ports=tuple(ContainerPort(bind=p[0], host=p[1], container=p[2], protocol=p[3]) for p in after.get("ports", ())),
+        volumes=tuple(ContainerVolume(host=v[0], path=v[1], readonly=v[2]) for v in after.get("volumes", ())),
+        gpus=tuple(after.get("gpus", ())),
+        devices=tuple(after.get("devices", ())),
+        restart=after.get("restart", "unless-stopped"),
+        shm_size=after.get("shm_size"),
+        ipc=after.get("ipc"),
+        network_mode=after.get("network_mode"),
+        healthcheck=ContainerHealthcheck(
+            test=tuple(health["test"]),
+            interval=health["interval"],
+            timeout=health["timeout"],
+            retries=health["retries"],
+            start_period=health["start_period"],
+        )
+        if health
+        else None,
+    )
