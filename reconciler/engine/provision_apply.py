@@ -32,7 +32,7 @@ from reconciler.errors import ConfigError, PermanentError, PlanError, TemporaryE
 from reconciler.logs import fields
 from reconciler.planning.observed import Observed
 from reconciler.planning.plan import Change, Plan
-from reconciler.planning.provision import PlannedStep, plan_steps
+from reconciler.planning.provision import PlannedStep, StepInputMissing, plan_steps
 from reconciler.planning.provision_plan import add_provisioning, provision_address, step_inputs
 from reconciler.provision import builtin_scripts
 from reconciler.spec.access import SshTarget
@@ -132,12 +132,13 @@ class Provisioner:
     def _planned(self, change: Change, after: Mapping[str, Any]) -> list[PlannedStep]:
         resource = self._resource(change.resource)
         inputs = {str(k): str(v) for k, v in (after.get("inputs") or {}).items()}
-        by_key = {
-            step.key: step
-            for step in plan_steps(
-                resource.provision, files=self.desired.files, builtins=builtin_scripts(), observed=inputs
-            )
-        }
+        wanted = {str(item["step"]) for item in after.get("steps") or ()}
+        due = [step for step in resource.provision if step.key in wanted]  # the inputs are those of these steps
+        try:
+            planned = plan_steps(due, files=self.desired.files, builtins=builtin_scripts(), observed=inputs)
+        except StepInputMissing as exc:
+            raise PlanError(str(exc), resource=change.address, hint="plan again") from None
+        by_key = {step.key: step for step in planned}
         chosen: list[PlannedStep] = []
         for item in after.get("steps") or ():
             step = by_key.get(str(item["step"]))
