@@ -60,7 +60,9 @@ class Lab:
         make_standins(tmp / "bin")
         sshd.set_env.update(PATH=f"{tmp / 'bin'}:/usr/bin:/bin", STANDIN_LOG=str(self.standin_log))
         sshd.restart()
-        self.write("setup.sh", f"#!/bin/sh\nset -e\necho setting up\necho setup-1 >> {self.ran}\n")
+        # The script prints the guest's root password (a mistake a person makes): it is scrubbed everywhere.
+        self.write("setup.sh", f"#!/bin/sh\nset -e\necho setting up {PASSWORD}\necho setup-1 >> {self.ran}\n")
+        self.lines: list[tuple[str, str, str]] = []
         self.harness = Harness(tmp, self.load())
         self.env = {**sshd.env, "LLM_ROOT_PASSWORD": PASSWORD}
 
@@ -84,7 +86,9 @@ class Lab:
             journal=self.harness.journal,
             env=self.env,
             docker_endpoints={"llm": "unix:///memory.sock"},
-            options=ApplyOptions(**self.harness.options.__dict__),
+            options=ApplyOptions(
+                **{**self.harness.options.__dict__, "on_output": lambda *line: self.lines.append(line)}
+            ),
         )
 
 
@@ -120,6 +124,11 @@ def test_from_empty_in_one_apply_then_nothing_then_only_the_edited_step(lab: Lab
     run = journal.run(report.run_id)  # type: ignore[attr-defined]
     assert run is not None and PASSWORD not in json.dumps(run.plan)
     assert PASSWORD not in repr(proxmox.guests[955].config)
+    # Output streamed as it came, scrubbed; the journal keeps each step's last lines, scrubbed too.
+    shown = [line for address, step, line in lab.lines if (address, step) == ("provision/llm", "setup.sh")]
+    assert shown and shown[0].startswith("setting up ") and PASSWORD not in " ".join(shown)
+    rows = [tuple(row) for row in journal._rows("SELECT step, tail FROM provision_steps")]
+    assert any(step == "setup.sh" and "setting up" in tail for step, tail in rows) and PASSWORD not in repr(rows)
     assert "password" not in proxmox.guests[955].config["rootfs"]
 
     again, nothing = lab.apply()
@@ -157,3 +166,44 @@ def test_an_unset_password_variable_fails_before_the_guest_exists(lab: Lab) -> N
     assert report is not None and report.result is RunResult.ROLLED_BACK  # type: ignore[attr-defined]
     assert "LLM_ROOT_PASSWORD is not set" in (report.failure or "")  # type: ignore[attr-defined]
     assert 955 not in lab.harness.lab.proxmox.guests
+
+
+def test_a_guest_kept_stopped_is_not_provisioned_until_it_runs(tmp_path: Path) -> None:
+    spec = """\
+kind: Lxc
+name: llm
+node: pve1
+vmid: 955
+template: local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst
+rootfs: {storage: local-lvm, size: 8GiB}
+state: stopped
+docker: {endpoint: "ssh://root@llm.lan"}
+provision: [docker]
+"""
+    desired = load(write_tree(tmp_path / "spec", spec))
+    harness = Harness(tmp_path, desired)
+    stopped = harness.plan(desired)
+    assert [c.address for c in stopped.changes] == ["lxc/llm"] and not stopped.warnings
+    running = load(write_tree(tmp_path / "spec", spec.replace("state: stopped\n", "")))
+    assert [c.address for c in harness.plan(running).changes] == ["lxc/llm", "provision/llm"]
+
+
+@pytest.mark.sshd
+def test_a_recreated_guest_runs_every_step_again_and_its_new_host_key_is_trusted(lab: Lab) -> None:
+    _plan, report = lab.apply()
+    assert report is not None and report.result is RunResult.APPLIED  # type: ignore[attr-defined]
+    known_hosts = lab.harness.journal.path.parent / "known_hosts"
+    first_key = known_hosts.read_text()
+    assert f"[127.0.0.1]:{lab.sshd.port} ssh-ed25519 " in first_key
+
+    del lab.harness.lab.proxmox.guests[955]  # the guest is gone (destroyed by hand), and made again below
+    lab.sshd.restart(new_host_key=True)  # a new guest has a new host key
+    plan, report = lab.apply()
+
+    assert [c.address for c in plan.changes][:2] == ["lxc/llm", "provision/llm"]
+    assert plan.changes[1].after["fresh"] is True  # type: ignore[index]
+    assert [s["reason"] for s in plan.changes[1].after["steps"]] == ["new", "new"]  # type: ignore[index]
+    assert report is not None and report.result is RunResult.APPLIED, report.failure  # type: ignore[attr-defined]
+    assert lab.ran.read_text() == "setup-1\nsetup-1\n"
+    lines = known_hosts.read_text().splitlines()
+    assert len(lines) == 1 and lines[0] + "\n" != first_key  # the old line dropped, the new key recorded

@@ -251,6 +251,7 @@ def apply(
         adopt_orphans=adopt_orphans,
         retry=retry,
         health=HealthPolicy(max_timeout=health_timeout),
+        on_output=lambda address, step, line: console.print(f"  {address} {step} | {line}", markup=False),
     )
     with _errors_exit(), state_lock(folder, wait=wait), connect(result.state, os.environ) as backends:
         journal = Journal(folder / "journal.sqlite")

@@ -114,6 +114,7 @@ class Applier:
         on_step: Callable[[StepReport], None] | None = None,
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
         ssh_connect: Connect | None = None,
+        on_output: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.proxmox = proxmox
         self.docker = docker
@@ -123,6 +124,7 @@ class Applier:
         self.on_step = on_step
         self.guests = ProxmoxSteps(proxmox, self.health, sleep, env=env)
         self.ssh_connect = ssh_connect  # replaces SSH (the demo's guests run provisioning steps in memory)
+        self.on_output = on_output  # each provisioning output line as it comes (the terminal)
         # `prober` replaces network probes (the demo's in-memory containers answer them).
         run = container_run or container_run_from
         self.containers = DockerSteps(docker, self.health, env, docker_endpoints, run, sleep=sleep, prober=prober)
@@ -134,7 +136,12 @@ class Applier:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
         self.provisioner = Provisioner(
-            self.journal, self.env, desired, self.ssh_connect, connect_timeout=self.health.guest_timeout
+            self.journal,
+            self.env,
+            desired,
+            self.ssh_connect,
+            connect_timeout=self.health.guest_timeout,
+            on_output=self.on_output,
         )
         inherited, resumed_from = self._take_over_interrupted()
         run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)

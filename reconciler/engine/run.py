@@ -48,6 +48,7 @@ class ApplyOptions:
     health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
     ssh_connect: Connect | None = None  # the demo's guests run provisioning steps in memory
+    on_output: Callable[[str, str, str], None] | None = None  # a provisioning step's output line: address, step, line
     settle_timeout: float = 600.0  # how long to wait for the tasks an interrupted run left running
     settle_interval: float = 1.0
 
@@ -111,6 +112,7 @@ def apply_pass(
         on_step=on_step,
         prober=options.prober,
         ssh_connect=options.ssh_connect,
+        on_output=options.on_output,
     )
     return plan, applier.apply(plan, desired)
 

@@ -30,7 +30,8 @@ from reconciler.planning.provision import (
     plan_provisioning,
 )
 from reconciler.spec.access import BuiltinStep
-from reconciler.spec.models import DockerHost, Lxc, PowerState, Vm
+from reconciler.spec.models import DockerHost, ExclusiveGroup, Lxc, PowerState, Vm
+from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
 
 __all__ = ["add_provisioning", "provision_address", "step_inputs"]
@@ -57,7 +58,6 @@ def add_provisioning(
     """`plan` with a provisioning change for each guest or Docker host that has steps due."""
     changes = list(plan.changes)
     blockers = list(plan.blockers)
-    warnings = list(plan.warnings)
     guest_changes = {c.where.name: c for c in plan.changes if c.backend is Backend.PROXMOX}
     hosts: list[Lxc | Vm | DockerHost] = [*desired.of(Lxc), *desired.of(Vm), *desired.of(DockerHost)]
     for resource in hosts:
@@ -79,12 +79,11 @@ def add_provisioning(
             continue
         if found is None:
             continue
-        if isinstance(resource, Lxc | Vm) and resource.state is PowerState.STOPPED:
-            warnings.append(Problem(resource.ref, "provisioning waits until the guest is declared running"))
-            continue
+        if isinstance(resource, Lxc | Vm) and _kept_stopped(resource, desired):
+            continue  # nothing runs in a stopped guest: its steps run once it is declared (or made) running
         change = _change(found, resource, recorded.get(address, {}), guest_change, fresh=fresh, inputs=inputs)
         changes.insert(_position(changes, resource.name, guest_change), change)
-    return dataclasses.replace(plan, changes=tuple(changes), blockers=tuple(blockers), warnings=tuple(warnings))
+    return dataclasses.replace(plan, changes=tuple(changes), blockers=tuple(blockers))
 
 
 def _change(
@@ -121,6 +120,14 @@ def _change(
         reason=f"runs over ssh://{found.target}: {reasons}",
         depends_on=(guest_change.address,) if guest_change is not None else (),
     )
+
+
+def _kept_stopped(guest: Lxc | Vm, desired: DesiredState) -> bool:
+    """Declared stopped, or an inactive member of its exclusive group (kept stopped by the planner)."""
+    if guest.state is PowerState.STOPPED:
+        return True
+    group = desired.get(ExclusiveGroup, guest.exclusive.group) if guest.exclusive is not None else None
+    return group is not None and group.active != member_of(guest)
 
 
 def _why(reason: RunReason) -> str:
