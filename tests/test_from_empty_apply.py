@@ -25,8 +25,8 @@ from tests.support.standins import make_standins, recorded
 PASSWORD = "pw-7c1e-never-shown"
 
 
-def _spec(sshd: Sshd, script: str) -> str:
-    return f"""\
+def _spec(sshd: Sshd, script: str, extra: str = "") -> str:
+    return f"""{extra}\
 kind: Lxc
 name: llm
 node: pve1
@@ -66,8 +66,8 @@ class Lab:
         self.harness = Harness(tmp, self.load())
         self.env = {**sshd.env, "LLM_ROOT_PASSWORD": PASSWORD}
 
-    def write(self, script_name: str, body: str) -> None:
-        write_tree(self.folder, _spec(self.sshd, script_name))
+    def write(self, script_name: str, body: str, *, extra: str = "") -> None:
+        write_tree(self.folder, _spec(self.sshd, script_name, extra))
         (self.folder / "keys").mkdir(exist_ok=True)
         (self.folder / "keys" / "admin.pub").write_text(self.sshd.client_key.with_suffix(".pub").read_text())
         (self.folder / "provision").mkdir(exist_ok=True)
@@ -207,3 +207,24 @@ def test_a_recreated_guest_runs_every_step_again_and_its_new_host_key_is_trusted
     assert lab.ran.read_text() == "setup-1\nsetup-1\n"
     lines = known_hosts.read_text().splitlines()
     assert len(lines) == 1 and lines[0] + "\n" != first_key  # the old line dropped, the new key recorded
+
+
+@pytest.mark.sshd
+def test_a_replaced_guest_is_provisioned_after_it_is_made_again(lab: Lab) -> None:
+    _plan, report = lab.apply()
+    assert report is not None and report.result is RunResult.APPLIED  # type: ignore[attr-defined]
+    body = (lab.folder / "provision" / "setup.sh").read_text()
+    lab.write("setup.sh", body, extra="")
+    spec = (lab.folder / "spec.yaml").read_text().replace("memory: 4GiB\n", "memory: 4GiB\nunprivileged: false\n")
+    (lab.folder / "spec.yaml").write_text(spec)
+
+    plan, report = lab.apply()
+
+    assert [(c.address, c.action) for c in plan.changes][:2] == [
+        ("lxc/llm", Action.REPLACE),
+        ("provision/llm", Action.CREATE),
+    ]
+    assert report is not None and report.result is RunResult.APPLIED, report.failure  # type: ignore[attr-defined]
+    ran = [s.address for s in report.steps if s.phase == "apply"]  # type: ignore[attr-defined]
+    assert ran.index("provision/llm") > ran.index("lxc/llm")  # the replace runs last, then its provisioning
+    assert lab.ran.read_text() == "setup-1\nsetup-1\n"

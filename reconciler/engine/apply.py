@@ -149,6 +149,10 @@ class Applier:
         done: list[Done] = list(inherited)
         self.seq = 0
         deferred = [c for c in plan.changes if _irreversible(c)]
+        # A replaced guest is provisioned after it is made again, not in the guest that is about to go.
+        deferred += [
+            c for c in plan.changes if c.backend is Backend.SSH and {d.address for d in deferred} & {*c.depends_on}
+        ]
         try:
             for change in plan.changes:
                 if change in deferred:
