@@ -26,6 +26,11 @@ Fixtures:
   fakepve leaves it out: `LabPve(pending_digest=False)` (or `pve_server.pve.pending_digest = False`)
   serves that behaviour.
 
+- Issue 11's guest access, where stock fakepve 0.5 differs from PVE: `add_template` seeds a cloud-init
+  template (`base-VMID-disk-0`, a `vm-VMID-cloudinit` drive); a VM resize grows the volume and the drive's
+  `size=` and refuses to shrink; a clone gets a cloud-init drive of its own and is refused onto another node
+  from local storage; `cipassword` reads back as `**********` from config and pending.
+
 Register the fixtures for the whole suite with ``pytest_plugins = ["tests.support.fakepve"]`` in
 tests/conftest.py, or import them into a test module. If fakepve cannot be imported, the fixtures call
 `components.missing()`: the test skips locally and fails under CI.

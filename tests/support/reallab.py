@@ -5,6 +5,10 @@ and the storages its guests use (fakepve has only `local` and `local-lvm`), writ
 for the spec's GPUs, points every Docker host of the spec at the test engine
 (`RECONCILER_DOCKER_HOST_<NAME>`), tags the engine-shaped test image under every image the spec's
 containers use, and creates the host folders they bind-mount (removed afterwards, with the containers).
+Guests and Docker hosts that declare `provision:` are all reached at one sshd of the test (as every Docker
+host is at one engine: RECONCILER_SSH_HOST_<NAME>, RECONCILER_SSH_KEY), whose sessions find stand-in package
+tools first on PATH (`lab.standin_log` says what they were asked); the cloud-init templates the spec's VMs
+are cloned from are seeded in fakepve (`LabPve.add_template`).
 With `real_lab(spec, stand_in=True)` the image tagged is `stand_in_image`, which can also play plex,
 postgres or redis: it listens on every container port of the spec, answers its HTTP probe paths, has
 the commands its Docker HEALTHCHECKs run, and exits on SIGTERM.
