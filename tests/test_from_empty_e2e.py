@@ -155,10 +155,9 @@ def _containers(engine: DockerEngine) -> set[str]:
 
 @pytest.mark.sshd
 @pytest.mark.fakepve
-# Known leak, not this test's: before its `docker` step a host has no engine, and the docker SDK's ssh
-# transport leaves the `ssh ... docker system dial-stdio` process and its pipes behind when
-# `DockerClient(...)` fails in its constructor (backends/docker.py `_client` cannot close a client it never
-# got). Reported to the owner of backends/docker.py; Python reports the leak as unraisable warnings.
+# Before its `docker` step a host has no engine, and the docker SDK's ssh transport never closes the
+# `ssh ... docker system dial-stdio` process and pipes of a `DockerClient(...)` that fails in its constructor.
+# backends/docker.py frees them at once (`_free_frames`); Python still says so, as unraisable warnings.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_the_default_lab_comes_up_from_empty_in_one_apply(from_empty: tuple[RealLab, dict[str, Guest]]) -> None:
