@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.planning.containers import desired_container
+from reconciler.planning.plan import Plan
 from reconciler.spec.diagnostics import Diagnostic
 from reconciler.spec.loader import LoadResult
 from reconciler.spec.models import (
@@ -325,3 +326,74 @@ def test_default_specs_exercise_lxc_vm_models_and_a_group() -> None:
     (group,) = state.of(ExclusiveGroup)
     members = {member_of(r) for r in (*state.of(Lxc), *state.of(Vm), *state.of(Container)) if r.exclusive}
     assert group.active in members and len(members) == 2
+
+
+# ---- from empty (issue 11): every tree plans from an empty lab, keys, clones and provisioning included --------
+
+
+def _from_empty_plan(tree: Path, tmp_path: Path) -> tuple[DesiredState, Plan]:
+    from reconciler.engine.journal import Journal
+    from reconciler.engine.run import plan_pass
+    from reconciler.fakes.lab import memory_lab
+
+    desired = _clean(tree).state
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    try:
+        return desired, plan_pass(desired, memory_lab(desired, work_dir=tmp_path / "work").readers, journal)
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("tree", TREES, ids=lambda p: p.name)
+def test_tree_plans_from_empty_with_its_keys_clones_and_provisioning(tree: Path, tmp_path: Path) -> None:
+    desired, plan = _from_empty_plan(tree, tmp_path)
+    assert plan.applicable, [str(p) for p in (*plan.conflicts, *plan.blockers)]
+    order = [c.address for c in plan.changes]
+    for guest in (*desired.of(Lxc), *desired.of(Vm)):
+        kind = "lxc" if isinstance(guest, Lxc) else "qemu"
+        create = next((c for c in plan.changes if c.address == f"{kind}/{guest.name}"), None)
+        if guest.adopt:
+            continue
+        assert create is not None and create.after is not None, guest.ref
+        if isinstance(guest, Lxc) and guest.ssh_keys:
+            assert create.after.config["ssh-public-keys"].startswith("ssh-ed25519 "), guest.ref
+        if isinstance(guest, Vm) and guest.clone is not None:
+            assert create.after.clone.template == guest.clone.template, guest.ref
+            assert create.after.config["sshkeys"].startswith("ssh-ed25519%20"), guest.ref
+    for resource in (*desired.of(Lxc), *desired.of(Vm), *desired.of(DockerHost)):
+        if not resource.provision or (not isinstance(resource, DockerHost) and not _running(desired, resource)):
+            continue
+        address = f"provision/{resource.name}"
+        assert address in order, f"{resource.ref} provisions but the plan has no {address}"
+        change = plan.changes[order.index(address)]
+        assert [s.step for s in change.after.steps] == [s.key for s in resource.provision]
+        assert all(s.reason == "new" for s in change.after.steps)
+        containers = [i for i, c in enumerate(plan.changes) if c.where.host == resource.name]
+        assert all(i > order.index(address) for i in containers), f"{address} must come before its containers"
+        for guest_address in (f"lxc/{resource.name}", f"qemu/{resource.name}"):
+            if guest_address in order:
+                assert order.index(guest_address) < order.index(address)
+
+
+def test_the_inference_vm_is_cloned_from_a_cloud_init_template_and_provisions_docker_the_driver_and_toolkit(
+    tmp_path: Path,
+) -> None:
+    desired, plan = _from_empty_plan(EXAMPLES / "inference-vm", tmp_path)
+    vm = desired.get(Vm, "infer")
+    assert vm is not None and vm.clone is not None and vm.cloud_init is not None and len(vm.numa_nodes) == 8
+    create = next(c for c in plan.changes if c.address == "qemu/infer")
+    assert create.after is not None and create.after.clone.storage == "nvme-fast"
+    assert create.after.disk_sizes == {"scsi0": "500G"}
+    assert create.after.config["ipconfig0"] == "ip=10.0.110.20/24,gw=10.0.110.1"
+    assert create.after.config["numa7"] == "cpus=42-47,hostnodes=7,memory=16384,policy=bind"
+    steps = next(c for c in plan.changes if c.address == "provision/infer").after.steps  # type: ignore[union-attr]
+    assert [s.step for s in steps] == ["docker", "nvidia-driver.sh", "nvidia-container-toolkit"]
+
+
+def test_the_windows_vm_is_adopted_and_says_so() -> None:
+    desired = _clean(EXAMPLES / "dual-gpu-roles").state
+    gaming = desired.get(Vm, "gaming")
+    assert gaming is not None and gaming.adopt and gaming.clone is None and not gaming.provision
+    assert gaming.efidisk0 is not None and gaming.tpmstate0 is not None
+    text = (EXAMPLES / "dual-gpu-roles" / "guests.yaml").read_text(encoding="utf-8")
+    assert "adopted" in text

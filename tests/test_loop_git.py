@@ -78,7 +78,9 @@ def make_loop(tmp_path: Path) -> Iterator[Callable[..., Loop]]:
         state = tmp_path / f"state-{len(made)}"
         journal = Journal(state / "journal.sqlite")
         source = GitSource(repository, branch=branch, path="specs", cache=state)
-        apply = ApplyOptions(health=HealthPolicy(max_timeout=1.0, interval=0.02), prober=lab.probe)
+        apply = ApplyOptions(
+            health=HealthPolicy(max_timeout=1.0, interval=0.02), prober=lab.probe, ssh_connect=lab.ssh_connect
+        )
         runner = PassRunner(source, lab.connector(), journal, LoopOptions(interval=interval, apply=apply, **options))  # type: ignore[arg-type]
         runner.restore()
         controller = Controller(

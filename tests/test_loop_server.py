@@ -94,7 +94,9 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
         def start(repository: str) -> Daemon:
             state = tmp_path / "state"
             lab = memory_lab(load_and_validate(SPECS).state, work_dir=tmp_path / "lab-work")
-            apply = ApplyOptions(health=HealthPolicy(max_timeout=1.0, interval=0.02), prober=lab.probe)
+            apply = ApplyOptions(
+                health=HealthPolicy(max_timeout=1.0, interval=0.02), prober=lab.probe, ssh_connect=lab.ssh_connect
+            )
             source = GitSource(repository, branch="main", path="specs", cache=state)
             settings = DaemonSettings(source=source, state_dir=state, interval=3600.0, apply=apply)
             journal = Journal(state / "journal.sqlite")

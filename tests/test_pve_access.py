@@ -329,14 +329,14 @@ def test_cloning_into_a_taken_vmid_is_refused_before_the_call(backend: ProxmoxBa
 
 
 @pytest.mark.fakepve
-def test_fakepve_answers_a_vm_resize_without_growing_the_disk(backend: ProxmoxBackend, pve_server: PveServer) -> None:
-    """What fakepve 0.5 lacks: `PUT /nodes/{node}/qemu/{vmid}/resize` is answered from the schema and
-    changes nothing (LXC resize it has). When this fails, fakepve learned it: assert the grow instead."""
+def test_a_vm_resize_grows_the_cloned_disk(backend: ProxmoxBackend, pve_server: PveServer) -> None:
+    """Stock fakepve 0.5 answers `PUT /nodes/{node}/qemu/{vmid}/resize` from the schema and changes nothing;
+    LabPve (tests/support/fakepve.py) grows the volume, as PVE does."""
     _template(pve_server, backend)
     backend.clone_vm("pve1", 9000, 200, params={"name": "infer", "full": "1"})
     backend.resize("qemu", "pve1", 200, disk="scsi0", size="8G")
     assert ("PUT", "/nodes/pve1/qemu/200/resize") in pve_server.requests
-    assert "size=2G" in backend.observe_guest("qemu", "pve1", 200).config["scsi0"]
+    assert "size=8G" in backend.observe_guest("qemu", "pve1", 200).config["scsi0"]
 
 
 @pytest.mark.fakepve

@@ -27,6 +27,7 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -224,6 +225,16 @@ _SDK_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def _free_frames(exc: BaseException) -> None:
+    """Clear the locals of the frames an error and the errors it chains keep (`traceback.clear_frames`)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
 def _probe_unix_socket(path: str, timeout: float) -> None:
     """Connect to the engine's socket once, closing it whatever happens; raise OSError when that fails.
 
@@ -300,6 +311,9 @@ class _DockerEngines:
                 _probe_unix_socket(settings.endpoint.removeprefix("unix://"), settings.timeout)
             client = docker.DockerClient(**kwargs)  # asks the engine for its API version
         except _SDK_ERRORS as exc:
+            # The SDK's half-made client (for ssh://, an `ssh ... dial-stdio` process and its pipes) lives on in
+            # the failed constructor's frames, which the error keeps: free it now, not at some later GC.
+            _free_frames(exc)
             _translate(exc, host=host, endpoint=settings.endpoint, action="connecting", resource=host)
         with self._lock:
             existing = self._clients.setdefault(host, client)

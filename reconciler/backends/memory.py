@@ -33,6 +33,7 @@ from reconciler.planning.observed import (
     ProxmoxObservation,
 )
 from reconciler.planning.plan import Timing
+from reconciler.planning.pve_access import TemplateRow
 
 __all__ = ["MemoryDocker", "MemoryGuest", "MemoryNvml", "MemoryProxmox"]
 
@@ -63,6 +64,8 @@ class MemoryProxmox:
         self.version = version
         self.nodes = list(nodes)
         self.guests: dict[int, MemoryGuest] = {}
+        self.templates_: dict[int, MemoryGuest] = {}  # VM templates: not guests of the lab, sources of clones
+        self.authorized_keys: dict[int, str] = {}  # vmid -> the `ssh-public-keys` an LXC was created with
         self.pci_devices: list[ObservedPciDevice] = []
         self.requests: list[tuple[str, str]] = []  # (method, what)
         self.fail_next: dict[str, Exception] = {}  # operation name -> error raised once
@@ -75,6 +78,17 @@ class MemoryProxmox:
         self.pci_devices.append(
             ObservedPciDevice(node, address, "0x10de", device, "NVIDIA Corporation", name, len(self.pci_devices) + 10)
         )
+
+    def add_template(self, vmid: int, name: str, *, node: str = "pve1", config: Mapping[str, str] = {}) -> None:
+        """A VM template (a cloud-init image, say): its disks are `local-lvm:base-VMID-disk-N,size=...`."""
+        stored = {"name": name, "template": "1", **config}
+        self.templates_[vmid] = MemoryGuest(GuestKind.QEMU, vmid, node, stored)
+
+    def templates(self) -> list[TemplateRow]:
+        """Every VM template of the cluster, as `/cluster/resources?type=vm` lists them (template=1)."""
+        with self._lock:
+            self.requests.append(("GET", "templates"))
+            return [TemplateRow(t.vmid, t.config.get("name"), t.node, True) for t in self.templates_.values()]
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -117,6 +131,37 @@ class MemoryProxmox:
 
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
         self._create(GuestKind.QEMU, node, vmid, config)
+
+    def clone_vm(
+        self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
+    ) -> None:
+        """Clone a template as PVE does: its config copied, each disk a new volume of the same size (linked or
+        full), a cloud-init drive of the clone's own, new MACs, on `target` when given."""
+        _planned_fault(self.fail_next, "clone")
+        with self._lock:
+            self.requests.append(("POST", f"qemu/{template}/clone"))
+            source = self.templates_.get(template) or self.guests.get(template)
+            if source is None or source.node != node:
+                raise NotFoundError(f"qemu {template} does not exist on {node}", resource=f"qemu/{newid}")
+            if newid in self.guests or newid in self.templates_:
+                raise PermanentError(
+                    f"unable to create VM {newid}: config file already exists", resource=f"qemu/{newid}"
+                )
+            target = params.get("target", node)
+            if target not in self.nodes:
+                raise NotFoundError(f"no such cluster node {target!r}", resource=f"qemu/{newid}")
+            disks = itertools.count()
+            config: dict[str, str] = {}
+            for key, value in source.config.items():
+                if key == "template":
+                    continue
+                if _is_volume_key(key):
+                    value = _cloned_volume(key, value, newid, template, disks, params)
+                elif key.startswith("net") and key[3:].isdigit():
+                    value = self._with_mac(GuestKind.QEMU, _without_mac(value), None)
+                config[key] = value
+            config["name"] = params.get("name", f"Copy-of-VM-{source.config.get('name', template)}")
+            self.guests[newid] = MemoryGuest(GuestKind.QEMU, newid, target, config)
 
     def update_config(
         self,
@@ -242,6 +287,8 @@ class MemoryProxmox:
             if node not in self.nodes:
                 raise NotFoundError(f"no such node {node!r}", resource=f"{guest_type}/{vmid}")
             stored = self._stored(guest_type, vmid, config, {})
+            if guest_type == GuestKind.LXC and config.get("ssh-public-keys"):
+                self.authorized_keys[vmid] = config["ssh-public-keys"]  # written into root's authorized_keys
             stored.update(
                 {"arch": "amd64", "ostype": "debian"}
                 if guest_type == GuestKind.LXC
@@ -324,6 +371,29 @@ def _planned_fault(fail_next: dict[str, Exception], operation: str) -> None:
     error = fail_next.pop(operation, None)
     if error is not None:
         raise error
+
+
+def _without_mac(value: str) -> str:
+    """A VM NIC without its MAC (`virtio=BC:...,bridge=vmbr0` -> `virtio,bridge=vmbr0`): a clone gets a new one."""
+    head, _, rest = value.partition(",")
+    return head.split("=", 1)[0] + (f",{rest}" if rest else "")
+
+
+def _cloned_volume(
+    key: str, value: str, newid: int, template: int, disks: Iterable[int], params: Mapping[str, str]
+) -> str:
+    """A template's drive in its clone: the cloud-init drive and each disk become volumes of the clone's own."""
+    fields = pve.parse_property(value, "file")
+    storage, _, name = fields.get("file", "").partition(":")
+    if not name or (fields.get("media") == "cdrom" and not name.endswith("cloudinit")):
+        return value
+    if name.endswith("cloudinit"):
+        fields["file"] = f"{storage}:vm-{newid}-cloudinit"
+    elif params.get("full", "1") == "1":
+        fields["file"] = f"{params.get('storage', storage)}:vm-{newid}-disk-{next(iter(disks))}"
+    else:  # a linked clone: a thin snapshot of the base volume on the template's storage (LVM-thin's naming)
+        fields["file"] = f"{storage}:vm-{newid}-disk-{next(iter(disks))}"
+    return pve.format_property(fields, "file")
 
 
 def _is_volume_key(key: str) -> bool:

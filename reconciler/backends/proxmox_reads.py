@@ -25,6 +25,7 @@ from reconciler.planning.observed import (
     PciMapping,
     ProxmoxObservation,
 )
+from reconciler.planning.pve_access import TemplateRow
 
 __all__ = ["NVIDIA_VENDOR", "ProxmoxReads", "guest_ref"]
 
@@ -105,6 +106,15 @@ class ProxmoxReads:
             inventory_lock=status.get("lock"),
             inventory_tags=str(status.get("tags") or ""),
         )
+
+    def templates(self) -> list[TemplateRow]:
+        """The VM templates (`/cluster/resources?type=vm` rows with template=1): where a clone comes from."""
+        rows = self._pve.get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
+        return [
+            TemplateRow(int(row["vmid"]), row.get("name"), str(row.get("node")), True)
+            for row in rows or ()
+            if row.get("type") == GuestKind.QEMU.value and row.get("template") and row.get("vmid") is not None
+        ]
 
     def _observe_row(self, row: Mapping[str, Any], online: frozenset[str]) -> ObservedGuest | None:
         kind = GuestKind(str(row["type"]))

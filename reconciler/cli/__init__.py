@@ -252,6 +252,7 @@ def apply(
         adopt_orphans=adopt_orphans,
         retry=retry,
         health=HealthPolicy(max_timeout=health_timeout),
+        on_output=lambda address, step, line: console.print(f"  {address} {step} | {line}", markup=False),
     )
     with _errors_exit():
         planned, report = _apply_pass(

@@ -169,7 +169,9 @@ def _narrate(console: Console, work: Path, lab: MemoryLab, inbox: _Inbox) -> int
     repo = work / "lab"
     source = GitSource(str(repo), branch="main", path="specs", cache=work / "state")
     journal = Journal(work / "state" / "journal.sqlite")
-    apply = ApplyOptions(health=HealthPolicy(max_timeout=2.0, interval=0.05), prober=lab.probe)
+    apply = ApplyOptions(
+        health=HealthPolicy(max_timeout=2.0, interval=0.05), prober=lab.probe, ssh_connect=lab.ssh_connect
+    )
     runner = PassRunner(source, lab.connector(), journal, LoopOptions(interval=INTERVAL, apply=apply))
     controller = Controller(runner, source=SourceInfo(str(repo), "main", "specs"), interval=INTERVAL)
     narrator = _Narrator(console)

@@ -36,6 +36,7 @@ from typing import Any, assert_never
 
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
+from reconciler.engine.provision_apply import Connect, Provisioner
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, resolve_secrets
 from reconciler.engine.steps_gpu import GpuSetter, GpuSteps
@@ -47,6 +48,7 @@ from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.inventory import OLD_SUFFIX, spec_hash
 from reconciler.planning.plan import Action, Address, Backend, Change, Plan
+from reconciler.planning.provision_intent import ProvisionIntent, ProvisionSeen
 from reconciler.spec.models import PowerState
 from reconciler.spec.state import DesiredState
 
@@ -118,6 +120,8 @@ class Applier:
         prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
         gpus: GpuMemory | None = None,
         gpu_setter: GpuSetter | None = None,
+        ssh_connect: Connect | None = None,
+        on_output: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.gpus = gpus  # NVML, read between stopping and starting members of an exclusive group
         self.gpu_settings = GpuSteps(gpu_setter)  # NVML where the reconciler runs sets GPU settings
@@ -127,7 +131,9 @@ class Applier:
         self.env = env
         self.health = health or HealthPolicy()
         self.on_step = on_step
-        self.guests = ProxmoxSteps(proxmox, self.health, sleep)
+        self.guests = ProxmoxSteps(proxmox, self.health, sleep, env=env)
+        self.ssh_connect = ssh_connect  # replaces SSH (the demo's guests run provisioning steps in memory)
+        self.on_output = on_output  # each provisioning output line as it comes (the terminal)
         # `prober` replaces network probes (the demo's in-memory containers answer them).
         self.containers = DockerSteps(docker, self.health, env, docker_endpoints, sleep=sleep, prober=prober)
 
@@ -138,12 +144,24 @@ class Applier:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
         self.containers.switch = SwitchHooks.of(desired, gpus=self.gpus, progress=self.health.progress)
+        self.provisioner = Provisioner(
+            self.journal,
+            self.env,
+            desired,
+            self.ssh_connect,
+            connect_timeout=self.health.guest_timeout,
+            on_output=self.on_output,
+        )
         inherited, resumed_from = self._take_over_interrupted()
         run_id = self.journal.start_run(revision=plan.revision, plan=plan.to_json(), resumed_from=resumed_from)
         report = ApplyReport(run_id, RunResult.RUNNING)
         done: list[Done] = list(inherited)
         self.seq = 0
         deferred = [c for c in plan.changes if _irreversible(c)]
+        # A replaced guest is provisioned after it is made again, not in the guest that is about to go.
+        deferred += [
+            c for c in plan.changes if c.backend is Backend.SSH and {d.address for d in deferred} & {*c.depends_on}
+        ]
         try:
             for change in plan.changes:
                 if change in deferred:
@@ -242,6 +260,8 @@ class Applier:
                     self.containers.do(change, before)
                 case Backend.GPU:
                     self.gpu_settings.do(change)
+                case Backend.SSH:
+                    self.provisioner.run(change, run_id=run_id)
                 case _:
                     assert_never(change.backend)
         except ReconcilerError as exc:
@@ -281,6 +301,8 @@ class Applier:
         after = change.after
         if isinstance(after, GpuValues):
             return self.gpu_settings.check(change)
+        if isinstance(after, ProvisionIntent):
+            return None  # a provisioning step's exit code is its check
         if change.action in (Action.STOP, Action.DELETE) or after is None or after.state is not PowerState.RUNNING:
             return None
         match after:
@@ -313,6 +335,8 @@ class Applier:
                         self.containers.undo(item)
                     case Backend.GPU:
                         self.gpu_settings.undo(change)
+                    case Backend.SSH:
+                        self.provisioner.undo(change)
                     case _:
                         assert_never(change.backend)
                 restored = self._check_restored(item)
@@ -348,8 +372,8 @@ class Applier:
                 return self.guests.check_running(seen)
             case ContainerSeen() | None:
                 return self.containers.check_healthy(item.change, None)
-            case GpuValues():
-                return None  # checked above
+            case GpuValues() | ProvisionSeen():
+                return None  # a GPU's settings are checked above; what ran in a guest cannot be undone
             case _:
                 assert_never(seen)
 

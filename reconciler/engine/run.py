@@ -30,6 +30,7 @@ from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, Gues
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
+from reconciler.engine.provision_apply import Connect, with_provisioning
 from reconciler.engine.steps_gpu import GpuSetter
 from reconciler.engine.switch import GpuMemory
 from reconciler.errors import PlanError, TemporaryError
@@ -48,6 +49,8 @@ class ApplyOptions:
     retry: bool = False
     health: HealthPolicy = field(default_factory=HealthPolicy)
     prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
+    ssh_connect: Connect | None = None  # the demo's guests run provisioning steps in memory
+    on_output: Callable[[str, str, str], None] | None = None  # a provisioning step's output line: address, step, line
     settle_timeout: float = 600.0  # how long to wait for the tasks an interrupted run left running
     settle_interval: float = 1.0
 
@@ -65,9 +68,9 @@ def plan_pass(
     adopt_orphans: bool = False,
 ) -> Plan:
     inventory = journal.inventory() if journal is not None else None
-    return make_plan(
-        desired, observe(desired, readers), inventory, allow_delete=allow_delete, adopt_orphans=adopt_orphans
-    )
+    observed = observe(desired, readers)
+    plan = make_plan(desired, observed, inventory, allow_delete=allow_delete, adopt_orphans=adopt_orphans)
+    return with_provisioning(plan, desired, observed, journal)
 
 
 def apply_pass(
@@ -112,6 +115,8 @@ def apply_pass(
         prober=options.prober,
         gpus=readers.nvml if isinstance(readers.nvml, GpuMemory) else None,  # waited on in exclusive switches
         gpu_setter=readers.nvml if isinstance(readers.nvml, GpuSetter) else None,  # sets GPU settings
+        ssh_connect=options.ssh_connect,
+        on_output=options.on_output,
     )
     return plan, applier.apply(plan, desired)
 

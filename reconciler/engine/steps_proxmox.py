@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
+from reconciler.engine.guest_create import create_guest
 from reconciler.engine.health import ProbeResult, poll
 from reconciler.engine.steps import Done, HealthPolicy
 from reconciler.errors import NotFoundError, PermanentError
@@ -20,6 +21,7 @@ from reconciler.planning import pve
 from reconciler.planning.intents import GuestIntent, GuestSeen
 from reconciler.planning.observed import GuestKind, ObservedGuest
 from reconciler.planning.plan import Action, Change
+from reconciler.planning.pve_access import TemplateRow
 
 __all__ = ["GuestBackend", "ProxmoxSteps"]
 
@@ -45,6 +47,10 @@ class GuestBackend(Protocol):
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None: ...
     def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None: ...
     def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None: ...
+    def clone_vm(
+        self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
+    ) -> None: ...
+    def templates(self) -> list[TemplateRow]: ...
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ProxmoxSteps:
     health: HealthPolicy
     sleep: Callable[[float], None] = time.sleep
     destroyed: set[str] = field(default_factory=set)  # guests whose destroy was asked for in this run
+    env: Mapping[str, str] = field(default_factory=dict)  # where a create's password is read (issue 11)
 
     def do(self, change: Change) -> None:
         assert self.proxmox is not None
@@ -64,8 +71,7 @@ class ProxmoxSteps:
         kind, node, vmid, running = intent.kind, intent.node, intent.vmid, intent.running
         match change.action:
             case Action.CREATE:
-                create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                create(node, vmid, config=intent.config)
+                create_guest(self.proxmox, intent, self.env)
                 if running:
                     self.proxmox.start(kind, node, vmid)
             case Action.UPDATE | Action.UPDATE_RESTART:
@@ -96,8 +102,7 @@ class ProxmoxSteps:
                 self.destroyed.add(change.address)  # from here on, the guest's data may be gone
                 self.proxmox.delete(kind, node, vmid)
                 if change.action is Action.REPLACE:
-                    create = self.proxmox.create_lxc if kind is GuestKind.LXC else self.proxmox.create_vm
-                    create(node, vmid, config=intent.config)
+                    create_guest(self.proxmox, intent, self.env)
                     if running:
                         self.proxmox.start(kind, node, vmid)
             case _:

@@ -8,18 +8,21 @@ Docker gets every Docker host of the spec; NVML reports the declared GPUs
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler.backends.memory import MemoryDocker, MemoryNvml, MemoryProxmox
+from reconciler.backends.ssh import CommandResult
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.observe import NvmlReader, Readers
 from reconciler.fakes.nvml import FakeGpu, FakeNvmlBuildError, build_library, write_state
 from reconciler.loop.wiring import Wiring
 from reconciler.planning.observed import NvmlObservation, ObservedGpu
+from reconciler.spec.access import SshTarget
 from reconciler.spec.models import Gpu, Vm
 from reconciler.spec.state import DesiredState
 
@@ -74,6 +77,7 @@ class MemoryLab:
     docker: MemoryDocker
     nvml: NvmlReader
     nvml_note: str
+    shells: dict[str, MemoryShell] = field(default_factory=dict)  # SSH target -> the guest shell the demo reaches
 
     @property
     def readers(self) -> Readers:
@@ -83,6 +87,10 @@ class MemoryLab:
         """The loop's view of this lab: the same in-memory backends for every revision."""
         return MemoryConnector(self)
 
+    def ssh_connect(self, target: SshTarget) -> MemoryShell:
+        """A guest's shell in memory, for the demo's provisioning steps (see `MemoryShell`)."""
+        return self.shells.setdefault(str(target), MemoryShell(str(target)))
+
     def probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
         """In memory, a container answers its probe when it runs and publishes the port probed."""
         target = str(probe.get("tcp") or "")
@@ -91,6 +99,36 @@ class MemoryLab:
             if container.status == "running" and any(p.host == port for p in container.ports):
                 return ProbeResult(True, f"{host}:{port} answers (in memory)")
         return ProbeResult(False, f"nothing answers on {host}:{port}")
+
+
+class MemoryShell:
+    """The demo's guests over SSH: every command is recorded; a step "runs" (exit 0, one line of output) and a
+    `creates` path exists once a step that ran said it creates it. No test relies on it: tests use a real sshd."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.commands: list[str] = []
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float,
+        on_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        tail: int = 20,
+    ) -> CommandResult:
+        self.commands.append(command)
+        if stdin is None:  # a `creates` or `unless` check: nothing is there yet in memory
+            return CommandResult(1, ())
+        line = f"(in memory) {self.target}: step {(env or {}).get('RECONCILER_STEP', '?')} ran"
+        if on_line is not None:
+            on_line(line)
+        return CommandResult(0, (line,))
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class MemoryConnector:
@@ -110,11 +148,34 @@ class MemoryConnector:
         """Nothing to close: the lab lives as long as its owner keeps it."""
 
 
+def seed_templates(proxmox: MemoryProxmox, desired: DesiredState) -> None:
+    """The cloud-init templates the spec's VMs are cloned from, as `qm template` leaves them: a small disk in
+    the VM's first disk slot (which the clone grows), a cloud-init drive and a NIC. By VMID, or by name (then
+    VMID 9000 and up)."""
+    spare = itertools.count(9000)
+    for vm in desired.of(Vm):
+        if vm.clone is None:
+            continue
+        ref = vm.clone.template
+        if any(ref in (t.vmid, t.name) for t in proxmox.templates()):
+            continue
+        vmid = ref if isinstance(ref, int) else next(v for v in spare if v not in proxmox.templates_)
+        slot = vm.disks[0].slot if vm.disks else "scsi0"
+        proxmox.add_template(
+            vmid,
+            ref if isinstance(ref, str) else f"template-{vmid}",
+            node=vm.clone.node or vm.node,
+            config={slot: f"local-lvm:base-{vmid}-disk-0,size=3G", "ide2": f"local-lvm:vm-{vmid}-cloudinit,media=cdrom",
+                    "net0": "virtio=BC:24:11:AA:00:01,bridge=vmbr0", "serial0": "socket", "scsihw": "virtio-scsi-pci"},
+        )  # fmt: skip
+
+
 def memory_lab(desired: DesiredState, *, work_dir: Path) -> MemoryLab:
     proxmox = MemoryProxmox(desired.lab.nodes or ("pve1",))
     for gpu in desired.of(Gpu):
         if gpu.pci_function0:
             proxmox.add_nvidia_gpu(gpu.node, gpu.pci_function0, name=f"GeForce {gpu.model or gpu.name}")
+    seed_templates(proxmox, desired)
     docker = MemoryDocker(desired.docker_hosts(), owner_label=desired.lab.owner)
     gpus = fake_gpus(desired)
     try:

@@ -20,7 +20,7 @@ from reconciler.spec.models import PowerState
 if TYPE_CHECKING:
     from reconciler.planning.plan import Change, JsonObject
 
-__all__ = ["GuestIntent", "GuestSeen", "send_keys"]
+__all__ = ["CloneIntent", "GuestIntent", "GuestSeen", "send_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,11 @@ class GuestIntent:
     delete: tuple[str, ...] = ()
     grow: Mapping[str, str] = field(default_factory=dict)  # volume -> size (PVE's resize call)
     moves: Mapping[str, str] = field(default_factory=dict)  # volume -> storage (moved with its data)
+    # A create's access (planning.guest_access): the template cloned, the sizes its disks are grown to,
+    # and the password parameters, each as the name of the variable holding it (never its value).
+    clone: CloneIntent | None = None
+    disk_sizes: Mapping[str, str] = field(default_factory=dict)
+    secret_params: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -105,6 +110,11 @@ class GuestIntent:
             "config": dict(sorted(self.config.items())),
         }
         if self.create:
+            if self.clone is not None:
+                data["clone"] = self.clone.to_json()
+                data["disk_sizes"] = dict(self.disk_sizes)
+            if self.secret_params:
+                data["secret_params"] = dict(self.secret_params)
             return data
         data["delete"] = list(self.delete)
         if self.grow:
@@ -133,7 +143,34 @@ class GuestIntent:
             delete=tuple(str(k) for k in deletes or ()),
             grow=grow,
             moves=moves,
+            clone=CloneIntent.from_json(data["clone"]) if data.get("clone") is not None else None,
+            disk_sizes=_strings(data.get("disk_sizes")),
+            secret_params=_strings(data.get("secret_params")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CloneIntent:
+    """The template a VM is cloned from, as the spec names it (VMID or name), resolved when applied."""
+
+    template: int | str
+    node: str | None
+    full: bool
+    storage: str | None
+
+    def to_json(self) -> JsonObject:
+        return {"template": self.template, "node": self.node, "full": self.full, "storage": self.storage}
+
+    @classmethod
+    def from_json(cls, data: object) -> CloneIntent:
+        if not isinstance(data, Mapping):
+            raise ValueError("a clone is an object")
+        template, full = data.get("template"), data.get("full", True)
+        if isinstance(template, bool) or not isinstance(template, int | str):
+            raise ValueError(f"a clone's template is a VMID or a name, got {template!r}")
+        if not isinstance(full, bool):
+            raise ValueError("a clone's full is true or false")
+        return cls(template, _text_or_none(data.get("node")), full, _text_or_none(data.get("storage")))
 
 
 def send_keys(

@@ -23,6 +23,7 @@ from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.gpudev import gpu_of_device
 from reconciler.planning.intents import GuestSeen
 from reconciler.planning.plan import Action, AddressKind, Backend, Change
+from reconciler.planning.provision_intent import ProvisionIntent, ProvisionSeen
 from reconciler.spec.models import Gpu, Lxc, PowerState, Resource, Vm
 from reconciler.spec.placement import member_of
 from reconciler.spec.state import DesiredState
@@ -120,8 +121,12 @@ def _held_before(
     change: Change, desired: DesiredState, names_by_uuid: Mapping[str, str], nvidia: Mapping[str, Mapping[str, int]]
 ) -> set[str]:
     before = change.before
-    if before is None or isinstance(before, GpuValues) or before.status not in ("running", "restarting"):
-        return set()  # a GPU's settings hold no GPU
+    if (
+        before is None
+        or isinstance(before, GpuValues | ProvisionSeen)
+        or before.status not in ("running", "restarting")
+    ):
+        return set()  # a GPU's settings or a guest's provisioning hold no GPU
     if isinstance(before, ContainerSeen):
         return {names_by_uuid.get(u.lower(), u) for u in before.gpus}
     held = _gpus_in_config(before, desired, nvidia)
@@ -132,7 +137,7 @@ def _held_before(
 
 def _held_after(change: Change, desired: DesiredState) -> set[str]:
     after = change.after
-    if change.action in (Action.STOP, Action.DELETE) or after is None or isinstance(after, GpuValues):
+    if change.action in (Action.STOP, Action.DELETE) or after is None or isinstance(after, GpuValues | ProvisionIntent):
         return set()
     if after.state is not PowerState.RUNNING:
         return set()

@@ -28,7 +28,8 @@ replace: it is moved with its data, in place (`GuestIntent.moves`).
 A change's `before` and `after` are typed, frozen values: a guest's are
 `planning.intents.GuestSeen` and `GuestIntent`, a container's
 `planning.container_run.ContainerSeen` and `ContainerRun`, a GPU's settings
-`planning.gpu_values.GpuValues`. They become JSON only
+`planning.gpu_values.GpuValues`, a guest's provisioning `planning.provision_intent`'s
+`ProvisionSeen` and `ProvisionIntent`. They become JSON only
 in `to_json` / `from_json`, at the plan-file and journal boundary.
 
 A saved plan (`plan --out`) carries its format, lab and revision; a plan of
@@ -49,6 +50,7 @@ from typing import assert_never, cast
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.intents import GuestIntent, GuestSeen
+from reconciler.planning.provision_intent import ProvisionIntent, ProvisionSeen
 from reconciler.spec.models import Lxc, Resource, Vm, Workload
 
 __all__ = [
@@ -105,18 +107,21 @@ class Action(enum.StrEnum):
 
 
 class Backend(enum.StrEnum):
-    """Who carries a change out: PVE for guests, a Docker engine for containers, NVML for GPU settings."""
+    """Who carries a change out: PVE for guests, a Docker engine for containers, NVML for GPU settings, SSH for
+    what runs inside a guest."""
 
     PROXMOX = "proxmox"
     DOCKER = "docker"
     GPU = "gpu"
+    SSH = "ssh"  # provisioning steps
 
 
 class AddressKind(enum.StrEnum):
     LXC = "lxc"
     QEMU = "qemu"
     CONTAINER = "container"
-    GPU = "gpu"
+    GPU = "gpu"  # `gpu/big`: a GPU's settings
+    PROVISION = "provision"  # `provision/llm`: the provisioning steps run in guest or Docker host `llm`
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +145,7 @@ class Address:
                 if not slash or not host or not name:
                     raise ValueError(f"not a container address: {text!r}")
                 return cls(kind, name, host)
-            case AddressKind.LXC | AddressKind.QEMU | AddressKind.GPU:
+            case AddressKind.LXC | AddressKind.QEMU | AddressKind.GPU | AddressKind.PROVISION:
                 if not rest:
                     raise ValueError(f"not a guest address: {text!r}")
                 return cls(kind, rest)
@@ -160,8 +165,17 @@ class Address:
 
     @property
     def backend(self) -> Backend:
-        kinds = {AddressKind.CONTAINER: Backend.DOCKER, AddressKind.GPU: Backend.GPU}
-        return kinds.get(self.kind, Backend.PROXMOX)
+        match self.kind:
+            case AddressKind.CONTAINER:
+                return Backend.DOCKER
+            case AddressKind.GPU:
+                return Backend.GPU
+            case AddressKind.PROVISION:
+                return Backend.SSH
+            case AddressKind.LXC | AddressKind.QEMU:
+                return Backend.PROXMOX
+            case _:
+                assert_never(self.kind)
 
     def __str__(self) -> str:
         return f"{self.kind}/{self.host}/{self.name}" if self.host is not None else f"{self.kind}/{self.name}"
@@ -211,8 +225,8 @@ class Change:
     action: Action
     resource: str  # the spec resource it comes from: "Lxc/llm"; for deletes of unlisted things, the address
     backend: Backend
-    before: GuestSeen | ContainerSeen | GpuValues | None
-    after: GuestIntent | ContainerRun | GpuValues | None
+    before: GuestSeen | ContainerSeen | GpuValues | ProvisionSeen | None
+    after: GuestIntent | ContainerRun | GpuValues | ProvisionIntent | None
     fields: tuple[FieldChange, ...] = ()
     reason: str = ""
     depends_on: tuple[str, ...] = ()
@@ -376,7 +390,9 @@ class PlanFormatError(ValueError):
         self.found = found
 
 
-def _seen_from_json(backend: Backend, data: Mapping[str, object]) -> GuestSeen | ContainerSeen | GpuValues:
+def _seen_from_json(
+    backend: Backend, data: Mapping[str, object]
+) -> GuestSeen | ContainerSeen | GpuValues | ProvisionSeen:
     match backend:
         case Backend.PROXMOX:
             return GuestSeen.from_json(data)
@@ -384,13 +400,15 @@ def _seen_from_json(backend: Backend, data: Mapping[str, object]) -> GuestSeen |
             return ContainerSeen.from_json(data)
         case Backend.GPU:
             return GpuValues.from_json(data)
+        case Backend.SSH:
+            return ProvisionSeen.from_json(data)
         case _:
             assert_never(backend)
 
 
 def _intent_from_json(
     backend: Backend, data: Mapping[str, object], paths: list[str]
-) -> GuestIntent | ContainerRun | GpuValues:
+) -> GuestIntent | ContainerRun | GpuValues | ProvisionIntent:
     match backend:
         case Backend.PROXMOX:
             return GuestIntent.from_json(data, paths=paths)
@@ -398,6 +416,8 @@ def _intent_from_json(
             return ContainerRun.from_json(data)
         case Backend.GPU:
             return GpuValues.from_json(data)
+        case Backend.SSH:
+            return ProvisionIntent.from_json(data)
         case _:
             assert_never(backend)
 

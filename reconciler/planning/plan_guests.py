@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from reconciler.planning import pve
+from reconciler.planning.guest_access import access_config, with_create_access
 from reconciler.planning.intents import GuestIntent, GuestSeen, send_keys
 from reconciler.planning.observed import GuestKind, ObservedGuest, ProxmoxObservation
 from reconciler.planning.ownership import Claim, volumes_lost
@@ -94,7 +95,9 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
                 guest.ref,
                 Backend.PROXMOX,
                 before=None,
-                after=self.guest_after(guest, kind, config, power, create=True),
+                after=with_create_access(
+                    self.guest_after(guest, kind, config, power, create=True), guest, self.desired.files
+                ),
                 reason=f"{guest.ref} does not exist",
             )
             self.guest_changes[guest.name] = change
@@ -178,7 +181,9 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
             reason = _guest_reason(fields, action, drift=drift, moves=diff.moves)
             if action is Action.REPLACE:
                 # Destroyed and created again from the spec: every create-time key (ostemplate...), a new disk.
-                after = self.guest_after(guest, kind, config, power, create=True)
+                after = with_create_access(
+                    self.guest_after(guest, kind, config, power, create=True), guest, self.desired.files
+                )
                 lost = volumes_lost(kind, seen.config)
                 reason += "; the guest is destroyed and created again: its volumes and their data are lost"
             if power_change:
@@ -243,6 +248,7 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
             config = pve.lxc_config(tagged, gpu_devices=devices)
         else:
             config = pve.vm_config(tagged, hostpci=self.hostpci(tagged))
+        config.update(access_config(tagged, self.desired.files))
         return {k: v for k, v in config.items() if not any(key_matches(k, p) for p in ignored)}
 
 

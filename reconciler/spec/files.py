@@ -3,8 +3,10 @@
 Who calls it: `load_and_validate` (a folder on disk, through `tree_reader`) after the loader, and a
 git source with a reader over the commit's tree. The specs name public key files (`ssh_keys:
 [{file: keys/admin.pub}]`) and provisioning scripts (`provision: [{script: provision/gpu.sh}]`) by
-paths relative to the tree's root; their bytes become `DesiredState.files`, so the planner hashes a
-script's content without doing I/O, and a plan is made from what the revision holds.
+paths relative to the tree's root (or, failing that, to the folder of the document naming them, so
+that a repository validated from its top finds `specs/keys/admin.pub` for `specs/guests.yaml`);
+their bytes become `DesiredState.files`, so the planner hashes a script's content without doing
+I/O, and a plan is made from what the revision holds.
 
 A named file must stay inside the tree: the path is relative with no `..` (checked by the model),
 and the reader resolves symlinks and refuses a target outside the root, anything but a regular
@@ -20,10 +22,10 @@ import hashlib
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from reconciler.spec.access import SshKey, check_spec_path, parse_public_keys
-from reconciler.spec.diagnostics import Diagnostic, Severity
+from reconciler.spec.diagnostics import Diagnostic, Position, Severity
 from reconciler.spec.loader import LoadResult
 from reconciler.spec.models import DockerHost, Lxc, Resource, Vm
 from reconciler.spec.state import DesiredState
@@ -115,7 +117,7 @@ def attach_files(result: LoadResult, read: FileReader) -> LoadResult:
     for reference in references(state):
         if reference.file not in files and reference.file not in problems:
             try:
-                data = read(check_spec_path(reference.file))
+                data = _read_near(read, check_spec_path(reference.file), state.position(reference.resource))
             except (UnreadableFile, ValueError) as exc:
                 problems[reference.file] = str(exc)
             else:
@@ -145,6 +147,21 @@ def attach_files(result: LoadResult, read: FileReader) -> LoadResult:
         revision = "tree-" + digest.hexdigest()[:12]
     attached = dataclasses.replace(state, files={**state.files, **files}, revision=revision)
     return LoadResult(attached, (*result.diagnostics, *found))
+
+
+def _read_near(read: FileReader, name: str, position: Position | None) -> bytes:
+    """`name` relative to the tree's root; else relative to the folder of the document naming it (a repository
+    validated from its top holds `specs/keys/admin.pub` for the `keys/admin.pub` of `specs/guests.yaml`)."""
+    try:
+        return read(name)
+    except UnreadableFile:
+        parts = PurePosixPath(position.file).parent.parts if position is not None else ()
+        for start in range(len(parts) - 1, -1, -1):  # the nearest folder first, then the longer paths to it
+            try:
+                return read(check_spec_path(str(PurePosixPath(*parts[start:], name))))
+            except (UnreadableFile, ValueError):
+                continue
+        raise
 
 
 def blobs_reader(blobs: Mapping[str, bytes], *, where: str = "the commit") -> FileReader:

@@ -26,6 +26,11 @@ Fixtures:
   fakepve leaves it out: `LabPve(pending_digest=False)` (or `pve_server.pve.pending_digest = False`)
   serves that behaviour.
 
+- Issue 11's guest access, where stock fakepve 0.5 differs from PVE: `add_template` seeds a cloud-init
+  template (`base-VMID-disk-0`, a `vm-VMID-cloudinit` drive); a VM resize grows the volume and the drive's
+  `size=` and refuses to shrink; a clone gets a cloud-init drive of its own and is refused onto another node
+  from local storage; `cipassword` reads back as `**********` from config and pending.
+
 Register the fixtures for the whole suite with ``pytest_plugins = ["tests.support.fakepve"]`` in
 tests/conftest.py, or import them into a test module. If fakepve cannot be imported, the fixtures call
 `components.missing()`: the test skips locally and fails under CI.
@@ -76,6 +81,7 @@ TOKEN_ID = "reconciler"
 API_PREFIX = "/api2/json"
 START_TIMEOUT = 30.0
 NVIDIA = "0x10de"
+CIPASSWORD_MASK = "**********"  # what PVE shows for a set cipassword
 _T = TypeVar("_T")
 
 
@@ -204,6 +210,31 @@ if _fakepve is not None:
                 return response
             return await super()._answer(request, handler, generic, path_node)
 
+        def add_template(
+            self, vmid: int, name: str, *, node: str = "pve1", storage: str = "local-lvm", disk_gib: int = 3
+        ) -> None:
+            """Seed a cloud-init VM template as `qm template` leaves one: a base disk (`base-VMID-disk-0`) of
+            `disk_gib`, a cloud-init drive on ide2, a virtio NIC, a serial console, template=1."""
+            from fakepve.qemu import join_drive
+
+            self.nodes.setdefault(node, {"online": True})
+            vm = self.add_vm(vmid, name, node=node, template=True)
+            disk, _fmt = self._qm_alloc(storage, vmid, None, disk_gib * 1024**3)
+            vm.config.update(
+                {"scsihw": "virtio-scsi-pci", "scsi0": join_drive(self._qm_rename_volume(disk), {"size": f"{disk_gib}G"}),
+                 "boot": "order=scsi0", "serial0": "socket", "vga": "serial0", "memory": "2048", "cores": "2",
+                 "net0": "virtio=BC:24:11:AA:00:01,bridge=vmbr0", "template": 1}
+            )  # fmt: skip
+            vm.config["ide2"] = self._lab_cloudinit_drive(vmid, storage)
+
+        def _lab_cloudinit_drive(self, vmid: int, storage: str) -> str:
+            """A cloud-init drive as PVE names it (`vm-VMID-cloudinit`; fakepve's own is `vm-VMID-disk-N`)."""
+            volid, _fmt = self._qm_alloc(storage, vmid, None, 4 * 1024**2)
+            sid, _, name = volid.partition(":")
+            volumes = self._volumes(sid)
+            volumes[f"vm-{vmid}-cloudinit"] = volumes.pop(name)
+            return f"{sid}:vm-{vmid}-cloudinit,media=cdrom"
+
         # ---- routes ----------------------------------------------------------------
 
         def _routes_reconciler_lab(self) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -212,7 +243,69 @@ if _fakepve is not None:
                 ("GET", "/cluster/mapping/pci", self._lab_mapping_pci),
                 ("POST", "/nodes/{node}/lxc/{vmid}/move_volume", self._lab_lxc_move_volume),
                 ("POST", "/nodes/{node}/qemu/{vmid}/move_disk", self._lab_qemu_move_disk),
+                ("PUT", "/nodes/{node}/qemu/{vmid}/resize", self._lab_qemu_resize),
             ]
+
+        async def _lab_qemu_resize(self, values: Mapping[str, Any], user: str) -> Any:
+            """PVE's qemu resize (API2/Qemu.pm): `size` absolute or `+N`, never smaller (PVE refuses to shrink),
+            the volume and the drive's `size=` grown. Stock fakepve answers it without changing anything."""
+            from fakepve.lxc import format_size, parse_size
+            from fakepve.qemu import join_drive, split_drive, volume_ref
+
+            vm = self.vm(int(values["vmid"]))
+            if vm is None or vm.node != values["node"]:
+                raise _fakepve.PveError(500, f"Configuration file 'nodes/{values['node']}/qemu-server/"
+                                        f"{values['vmid']}.conf' does not exist")  # fmt: skip
+            key, wanted = str(values["disk"]), str(values["size"])
+            if vm.lock:
+                raise _fakepve.PveError(500, f"VM is locked ({vm.lock})")
+            if key not in vm.config:
+                raise _fakepve.PveError(500, f"disk '{key}' does not exist")
+            volume, props = split_drive(vm.config[key])
+            current = parse_size(props.get("size", "")) or 0
+            step = parse_size(wanted.lstrip("+"))
+            if step is None:
+                raise _fakepve.PveError(400, "Parameter verification failed.", errors={"size": "invalid format"})
+            size = current + step if wanted.startswith("+") else step
+            if size < current:
+                raise _fakepve.PveError(500, "shrinking disks is not supported")
+
+            async def body() -> None:
+                sid, name = volume_ref(volume)
+                stored = self._volumes(sid).get(name) if sid else None
+                if stored is not None:
+                    stored["size"] = size
+                vm.config[key] = join_drive(volume, dict(props, size=format_size(size)))
+
+            return await self.task(vm.node, "resize", vm.vmid, user, body, vm=vm)
+
+        async def _qm_clone(self, v: Mapping[str, Any], user: str) -> Any:
+            """A clone gets a cloud-init drive of its own, as PVE makes one (`vm-NEWID-cloudinit`) instead of
+            pointing at the template's; stock fakepve copies the template's drive value. A clone onto another
+            node from local storage is refused, as PVE does; stock fakepve makes it."""
+            from fakepve.qemu import split_drive, volume_ref
+
+            source = self.vm(int(v["vmid"]))
+            target = v.get("target")
+            if source is not None and target and target not in (v["node"], "localhost"):
+                for value in source.config.values():
+                    sid = volume_ref(split_drive(str(value))[0])[0]
+                    if sid in self.storages and not self.storages[sid].get("shared"):
+                        # PVE's clone_vm: a target node needs every volume on shared storage.
+                        raise _fakepve.PveError(500, f"can't clone VM to node '{target}' (VM uses local storage)")
+            upid = await super()._qm_clone(v, user)
+            new = self.vm(int(v["newid"]))
+            for key, value in list(new.config.items()) if new is not None else ():
+                volume, _props = split_drive(str(value))
+                sid = volume_ref(volume)[0]
+                if sid is not None and volume.endswith("-cloudinit"):
+                    new.config[key] = self._lab_cloudinit_drive(new.vmid, sid)
+            return upid
+
+        async def _config_get(self, request: Any) -> Any:
+            """The config as PVE shows it: `cipassword` masked (PVE never returns it)."""
+            response = await super()._config_get(request)
+            return _masked(response)
 
         async def _lab_lxc_move_volume(self, values: Mapping[str, Any], user: str) -> Any:
             """PVE's move_volume to another storage (API2/LXC.pm): stopped CT only, a new volume, the old one
@@ -289,12 +382,29 @@ if _fakepve is not None:
 
         async def _pending(self, request: Any) -> Any:
             response = await super()._pending(request)
-            if not self.pending_digest or response.status != 200:
+            if response.status != 200:
                 return response
+            if not self.pending_digest:
+                return _masked(response)
             vm = self._vm(request)
-            body = json.loads(response.text)
+            body = json.loads(_masked(response).text)
             body["data"].append({"key": "digest", "value": vm.digest()})
             return _web.json_response(body)
+
+    def _masked(response: Any) -> Any:
+        """A config or pending answer with `cipassword` replaced by PVE's mask."""
+        if response.status != 200:
+            return response
+        body = json.loads(response.text)
+        data = body.get("data")
+        if isinstance(data, dict) and "cipassword" in data:
+            data["cipassword"] = CIPASSWORD_MASK
+        elif isinstance(data, list):
+            for item in data:
+                for field in ("value", "pending"):
+                    if item.get("key") == "cipassword" and field in item:
+                        item[field] = CIPASSWORD_MASK
+        return _web.json_response(body)
 
 else:  # pragma: no cover
     LabPve = None

@@ -5,6 +5,10 @@ and the storages its guests use (fakepve has only `local` and `local-lvm`), writ
 for the spec's GPUs, points every Docker host of the spec at the test engine
 (`RECONCILER_DOCKER_HOST_<NAME>`), tags the engine-shaped test image under every image the spec's
 containers use, and creates the host folders they bind-mount (removed afterwards, with the containers).
+Guests and Docker hosts that declare `provision:` are all reached at one sshd of the test (as every Docker
+host is at one engine: RECONCILER_SSH_HOST_<NAME>, RECONCILER_SSH_KEY), whose sessions find stand-in package
+tools first on PATH (`lab.standin_log` says what they were asked); the cloud-init templates the spec's VMs
+are cloned from are seeded in fakepve (`LabPve.add_template`).
 With `real_lab(spec, stand_in=True)` the image tagged is `stand_in_image`, which can also play plex,
 postgres or redis: it listens on every container port of the spec, answers its HTTP probe paths, has
 the commands its Docker HEALTHCHECKs run, and exits on SIGTERM.
@@ -45,13 +49,15 @@ from reconciler.fakes.lab import fake_gpus
 from reconciler.fakes.nvml import write_state
 from reconciler.planning.containers import desired_container
 from reconciler.planning.plan import Plan
-from reconciler.spec.models import Gpu, Lxc, Model, Vm
+from reconciler.spec.models import DockerHost, Gpu, Lxc, Model, Vm
 from reconciler.spec.state import DesiredState
 from reconciler.spec.validate import load_and_validate
 from tests.support.dockerd import DockerEngine, EngineImage
 from tests.support.fakepve import PveServer
 from tests.support.nvml import FakeNvml
+from tests.support.sshd import Sshd, start_sshd
 from tests.support.standin_servers import ANSWER
+from tests.support.standins import make_standins
 
 __all__ = ["LOCK_FILE", "MakeRealLab", "RealLab", "real_lab", "stand_in_image"]
 
@@ -70,6 +76,7 @@ class RealLab:
     state_dir: Path
     env: dict[str, str]
     created_dirs: list[Path] = field(default_factory=list)
+    standin_log: Path | None = None  # what the guests' stand-in package tools were asked (when a guest provisions)
 
     def load(self) -> DesiredState:
         result = load_and_validate(self.spec)
@@ -145,6 +152,7 @@ def _seed(
         if gpu.mapping and gpu.pci_function0:
             pve.add_pci_mapping(gpu.mapping, {gpu.node: [gpu.pci_function0.rsplit(".", 1)[0]]})
     _seed_storages(pve, desired)
+    _seed_templates(pve, desired)
     write_state(lab.nvml.state, fake_gpus(desired))
     images: set[str] = set()
     for workload in desired.workloads():
@@ -161,6 +169,42 @@ def _seed(
     for image in images:
         repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
         docker_client.api.tag(image_id, repository, tag or "latest")
+
+
+def _guests_ssh(lab: RealLab, desired: DesiredState, folder: Path, servers: list[Sshd]) -> None:
+    """Every guest and Docker host that provisions is reached at one sshd of this test (as every Docker host
+    is at one engine): RECONCILER_SSH_HOST_<NAME>. Its sessions find stand-in package tools first on PATH
+    (they record what they were asked), and write what a step installs under a folder of the test."""
+    names = [r.name for r in desired.resources if isinstance(r, Lxc | Vm | DockerHost) and r.provision]
+    if not names:
+        return
+    bin_dir = make_standins(folder / "bin")
+    server = start_sshd(
+        folder / "sshd",
+        lab.state_dir / "known_hosts",
+        set_env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STANDIN_LOG": str(folder / "standins.log"),
+                 "RECONCILER_GUEST_ROOT": str(folder / "guest-root")},
+    )  # fmt: skip
+    servers.append(server)
+    lab.standin_log = folder / "standins.log"
+    lab.env["RECONCILER_SSH_KEY"] = str(server.client_key)
+    for name in names:
+        lab.env[f"RECONCILER_SSH_HOST_{name.upper().replace('-', '_')}"] = f"{server.user}@127.0.0.1:{server.port}"
+
+
+def _seed_templates(pve: Any, desired: DesiredState) -> None:
+    """The cloud-init templates the spec's VMs are cloned from (a 3 GiB base disk the clone grows): by VMID, or
+    by name (then VMID 9000 and up)."""
+    spare = iter(range(9000, 9100))
+    for vm in desired.of(Vm):
+        if vm.clone is None:
+            continue
+        ref = vm.clone.template
+        if any(ref in (seen.vmid, seen.name) for seen in pve.vms if seen.template):
+            continue
+        vmid = ref if isinstance(ref, int) else next(v for v in spare if pve.vm(v) is None)
+        name = ref if isinstance(ref, str) else f"template-{vmid}"
+        pve.add_template(vmid, name, node=vm.clone.node or vm.node)
 
 
 def _seed_storages(pve: Any, desired: DesiredState) -> None:
@@ -315,6 +359,7 @@ def real_lab(
     with `stand_in_image`. The test holds the machine's lab lock from its first lab to its teardown;
     containers it made are removed afterwards, and the host folders it created."""
     made: list[RealLab] = []
+    servers: list[Sshd] = []
     locked = ExitStack()
 
     def make(spec: Path, *, stand_in: bool = False) -> RealLab:
@@ -332,10 +377,15 @@ def real_lab(
         lab = RealLab(spec, pve_server, docker_engine, fake_nvml, tmp_path / f"state-{len(made)}", env)
         made.append(lab)
         _seed(lab, desired, engine_image, docker_client, stand_in=stand_in)
+        _guests_ssh(lab, desired, tmp_path / f"guests-{len(made)}", servers)
         return lab
 
     with locked:
-        yield make
+        try:
+            yield make
+        finally:
+            for server in servers:
+                server.stop()
         for container in docker_client.containers.list(all=True):
             # Made by a lab: its owner's `<owner>.managed` label (the owner tag is derived from the lab's name).
             if any(key.endswith(".managed") and value == "true" for key, value in container.labels.items()):

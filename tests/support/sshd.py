@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from reconciler.spec.access import SshTarget
 from tests.support.components import missing
 
-__all__ = ["SSHD", "Sshd", "sshd_fixture", "write_keypair"]
+__all__ = ["SSHD", "Sshd", "sshd_fixture", "start_sshd", "write_keypair"]
 
 SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT = 15.0
@@ -142,17 +142,22 @@ class Sshd:
             handle.write(public_line + "\n")
 
 
+def start_sshd(directory: Path, known_hosts: Path, *, set_env: Mapping[str, str] | None = None) -> Sshd:
+    """An sshd started in `directory` (made) that accepts a key made for it; the caller stops it."""
+    if not SSHD.exists():
+        missing("sshd", f"{SSHD} is not installed (Debian: openssh-server)")
+    directory.mkdir(parents=True)
+    write_keypair(directory / "host_ed25519", "host")
+    server = Sshd(directory, _free_port(), directory / "client_ed25519", known_hosts, dict(set_env or {}))
+    server.authorize(write_keypair(server.client_key))
+    server.start()
+    return server
+
+
 @pytest.fixture(name="sshd")
 def sshd_fixture(tmp_path: Path) -> Iterator[Sshd]:
     """A started sshd on 127.0.0.1 that accepts the test's own key; stopped after the test."""
-    if not SSHD.exists():
-        missing("sshd", f"{SSHD} is not installed (Debian: openssh-server)")
-    directory = tmp_path / "sshd"
-    directory.mkdir()
-    write_keypair(directory / "host_ed25519", "host")
-    server = Sshd(directory, _free_port(), directory / "client_ed25519", tmp_path / "state" / "known_hosts")
-    server.authorize(write_keypair(server.client_key))
-    server.start()
+    server = start_sshd(tmp_path / "sshd", tmp_path / "state" / "known_hosts")
     try:
         yield server
     finally:
