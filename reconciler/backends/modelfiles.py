@@ -16,6 +16,13 @@ it claims or is cut short (a tensor that ends past the end of the file), and
 says what to do: declare `vram` on the Model, or make the file readable where
 the reconciler runs.
 
+A file that sits on a remote host (the model's Docker host) is read through `read_remote_model_shape`,
+given that host's files (`RemoteFiles`: over SFTP, `backends.ssh.SftpFiles`). Only the heads are
+fetched, into a local sparse copy of the same length that the readers above then check as they
+check a local file: a GGUF file's first `REMOTE_FIRST_READ` bytes, grown four-fold up to
+`REMOTE_MAX_READ` until its metadata and tensor table are whole; each safetensors file's header;
+config.json and the shard index. Nothing past the cap is ever requested.
+
 Ollama keeps models in its own store: `ollama_model_path()` finds the GGUF
 blob of a model name (`qwen2.5:7b`) through the store's manifest.
 """
@@ -27,21 +34,34 @@ import json
 import math
 import re
 import struct
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn, assert_never
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn, Protocol, assert_never
 
 import gguf
 
-from reconciler.errors import NotFoundError, PermanentError, PermissionDenied, TemporaryError
+from reconciler.errors import BackendError, NotFoundError, PermanentError, PermissionDenied, TemporaryError
 from reconciler.planning.vram import ModelFormat, ModelShape
 from reconciler.spec.models import Engine, Model
 
-__all__ = ["MAX_SAFETENSORS_HEADER", "model_shape", "ollama_model_path", "read_model_shape"]
+__all__ = [
+    "MAX_SAFETENSORS_HEADER",
+    "REMOTE_FIRST_READ",
+    "REMOTE_MAX_READ",
+    "RemoteFiles",
+    "model_shape",
+    "ollama_model_path",
+    "read_model_shape",
+    "read_remote_model_shape",
+]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+REMOTE_FIRST_READ = 4 * 1024 * 1024
+REMOTE_MAX_READ = 64 * 1024 * 1024  # per file: a GGUF head (metadata, tensor table) or a safetensors header
+_MAX_REMOTE_FILE = 1 << 40  # a file claiming more is not a model file (the sparse copy must fit on disk)
 _MAX_SHARDS = 1024
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _HINT = "declare 'vram' on the Model, or make its files readable where the reconciler runs"
@@ -138,7 +158,7 @@ def ollama_model_path(store: str | Path, name: str) -> Path:
 # ---- errors --------------------------------------------------------------------------------------------
 
 
-def _raise_os(exc: OSError, where: Path) -> NoReturn:
+def _raise_os(exc: OSError, where: Path | str) -> NoReturn:
     resource = str(where)
     if isinstance(exc, FileNotFoundError | NotADirectoryError):
         raise NotFoundError(f"no model file at {where}", resource=resource, hint=_HINT) from exc
@@ -149,7 +169,7 @@ def _raise_os(exc: OSError, where: Path) -> NoReturn:
     raise PermanentError(f"reading {where} failed: {exc.strerror or type(exc).__name__}", resource=resource) from exc
 
 
-def _corrupt(where: Path, what: str) -> PermanentError:
+def _corrupt(where: Path | str, what: str) -> PermanentError:
     return PermanentError(f"{where} {what}", resource=str(where), hint=_HINT)
 
 
@@ -428,3 +448,154 @@ def _safetensors_folder(folder: Path) -> ModelShape:
         type_bytes=dict(tally.types),
         path=str(folder),
     )
+
+
+# ---- files on another host -----------------------------------------------------------------------------
+
+
+class RemoteFiles(Protocol):
+    """A host's files, read in bounded pieces (`backends.ssh.SftpFiles`). Raises OSError for a file."""
+
+    def size(self, path: str) -> int: ...
+    def is_dir(self, path: str) -> bool: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def read(self, path: str, offset: int, length: int) -> bytes: ...
+
+
+def read_remote_model_shape(
+    path: str, files: RemoteFiles, *, label: str, first: int = REMOTE_FIRST_READ, cap: int = REMOTE_MAX_READ
+) -> ModelShape:
+    """The shape of the model at `path` on a host, as `read_model_shape` gives it for a local path.
+
+    `label` names the host in messages and in the shape's path (`ssh://user@host:22`). Raises as
+    `read_model_shape`; a head that does not fit in `cap` bytes is a PermanentError naming the cap.
+    """
+    remote = PurePosixPath(path)
+    with tempfile.TemporaryDirectory(prefix="reconciler-model-") as scratch:
+        root = Path(scratch)
+        try:
+            local = _Mirror(files, root, label, first, cap).model(remote)
+            shape = read_model_shape(local)
+        except OSError as exc:
+            _raise_os(exc, f"{label}{path}")
+        except BackendError as exc:
+            exc.message = exc.message.replace(str(root), label)
+            exc.resource = exc.resource.replace(str(root), label) if exc.resource else exc.resource
+            raise
+    return replace(shape, path=shape.path.replace(str(root), label, 1))
+
+
+class _HeadOnly(gguf.GGUFReader):
+    """Parses a GGUF head: its metadata and tensor table, not the tensors (their data is not there)."""
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """Local sparse copies of a remote model's heads, at the same relative paths under `root`."""
+
+    files: RemoteFiles
+    root: Path
+    label: str  # names the host in errors: ssh://user@host:22
+    first: int
+    cap: int
+
+    def model(self, path: PurePosixPath) -> Path:
+        if self.files.is_dir(str(path)):
+            return self._folder(path)
+        if path.suffix == ".safetensors":
+            return self._folder(path.parent) / path.name
+        for part in _gguf_parts(Path(str(path))):
+            self._gguf(PurePosixPath(str(part)))
+        return self._local(path)
+
+    def _local(self, path: PurePosixPath) -> Path:
+        return self.root.joinpath(*path.parts[1:]) if path.is_absolute() else self.root.joinpath(*path.parts)
+
+    def _named(self, path: PurePosixPath) -> str:
+        return f"{self.label}{path}"
+
+    def _copy(self, path: PurePosixPath, head: bytes, size: int) -> None:
+        """Write `head` and extend the copy sparsely to `size`: the readers check offsets against it."""
+        local = self._local(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with local.open("wb") as handle:
+            handle.write(head)
+            handle.truncate(size)
+
+    def _size(self, path: PurePosixPath) -> int:
+        size = self.files.size(str(path))
+        if size > _MAX_REMOTE_FILE:
+            raise _corrupt(self._named(path), f"claims {size} bytes")
+        return size
+
+    def _gguf(self, path: PurePosixPath) -> None:
+        size = self._size(path)
+        want = min(self.first, size, self.cap)
+        while True:
+            head = self.files.read(str(path), 0, want)
+            if len(head) < want:
+                size = len(head)  # the file shrank while it was read: what there is, is all there is
+            if not head.startswith(b"GGUF"):
+                break  # not GGUF: the reader says so
+            if _gguf_head_within(self._local(path), head):
+                break
+            if len(head) >= size:
+                break  # the whole file: the reader says where it is cut short
+            if len(head) >= self.cap:
+                raise _corrupt(
+                    self._named(path), f"has metadata and a tensor table longer than the {self.cap} bytes read of it"
+                )
+            want = min(want * 4, size, self.cap)
+        self._copy(path, head, size)
+
+    def _folder(self, folder: PurePosixPath) -> Path:
+        self._small(folder / "config.json", _MAX_CONFIG_BYTES)
+        index = folder / "model.safetensors.index.json"
+        names: list[str]
+        try:
+            self._small(index, min(self.cap, 64 * 1024 * 1024))
+        except FileNotFoundError:
+            names = sorted(n for n in self.files.listdir(str(folder)) if n.endswith(".safetensors"))[:_MAX_SHARDS]
+        else:
+            names = _index_names(self._local(index))
+        for name in names:
+            self._safetensors(folder / name)
+        return self._local(folder)
+
+    def _small(self, path: PurePosixPath, limit: int) -> None:
+        """A whole small file, or its first `limit` + 1 bytes, which the reader refuses as too large."""
+        size = self._size(path)
+        self._copy(path, self.files.read(str(path), 0, min(size, limit + 1)), min(size, limit + 1))
+
+    def _safetensors(self, path: PurePosixPath) -> None:
+        size = self._size(path)
+        prefix = self.files.read(str(path), 0, min(8, size))
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if length > self.cap - 8:
+            raise _corrupt(self._named(path), f"declares a header of {length} bytes, more than the {self.cap} read")
+        header = self.files.read(str(path), 8, length) if 2 <= length <= size - 8 else b""
+        self._copy(path, prefix + header, size)
+
+
+def _gguf_head_within(scratch: Path, head: bytes) -> bool:
+    """Whether `head` holds a whole GGUF metadata and tensor table (parsed from a copy of just `head`)."""
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    scratch.write_bytes(head)
+    try:
+        reader = _HeadOnly(scratch)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError, struct.error):
+        return False  # cut short inside the head (or malformed: the full read says which)
+    finally:
+        scratch.unlink()
+    return int(reader.data_offset) < len(head)
+
+
+def _index_names(index: Path) -> list[str]:
+    try:
+        names = sorted(set(json.loads(_read_limited(index, 64 * 1024 * 1024))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+        return []  # the local reader refuses the same copy, with the reason
+    return [n for n in names if isinstance(n, str) and "/" not in n and n not in {"", ".", ".."}][:_MAX_SHARDS]

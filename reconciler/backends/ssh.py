@@ -27,12 +27,13 @@ import fcntl
 import os
 import shlex
 import socket
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import paramiko
 
@@ -46,6 +47,7 @@ __all__ = [
     "CommandResult",
     "CommandTimedOut",
     "HostKeyChanged",
+    "SftpFiles",
     "SshAuthFailed",
     "SshCredentials",
     "SshSession",
@@ -60,6 +62,7 @@ ENV_AGENT: Final = "SSH_AUTH_SOCK"
 TAIL_LINES: Final = 20
 _READ_CHUNK: Final = 32768
 _POLL: Final = 0.05
+_T = TypeVar("_T")
 MAX_LINE: Final = 8192  # a longer line is cut: one line of output is never a memory problem
 
 
@@ -175,6 +178,17 @@ class SshSession:
     def close(self) -> None:
         self._client.close()
 
+    def files(self, *, timeout: float = 30.0) -> SftpFiles:
+        """Bounded reads of the host's files over SFTP (no shell parses a path); closed with the session."""
+        try:
+            sftp = self._client.open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshUnreachable(f"the host offers no SFTP: {_reason(exc)}", resource=self.resource) from None
+        channel = sftp.get_channel()
+        if channel is not None:
+            channel.settimeout(timeout)
+        return SftpFiles(sftp, self.resource)
+
     def run(
         self,
         command: str,
@@ -266,6 +280,59 @@ class SshSession:
                 return None
             time.sleep(_POLL)
         return channel.recv_exit_status()
+
+
+class SftpFiles:
+    """A host's files, read in bounded pieces: only what a caller asks for is requested, and counted.
+
+    A missing or unreadable file raises the OSError (FileNotFoundError, PermissionError) the server's
+    status maps to; a dropped or silent connection raises SshUnreachable. Symlinks are followed.
+    """
+
+    def __init__(self, sftp: paramiko.SFTPClient, resource: str) -> None:
+        self._sftp = sftp
+        self.resource = resource
+        self.bytes_read = 0  # what the reads returned, in total: the tests check the bound with it
+
+    def size(self, path: str) -> int:
+        """The size of the regular file at `path`; IsADirectoryError for anything else."""
+        mode, size = self._stat(path)
+        if not stat.S_ISREG(mode):
+            raise IsADirectoryError(21, "not a regular file", path)
+        return size
+
+    def is_dir(self, path: str) -> bool:
+        return stat.S_ISDIR(self._stat(path)[0])
+
+    def listdir(self, path: str) -> list[str]:
+        return self._call(lambda: self._sftp.listdir(path))
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        """At most `length` bytes of `path` from `offset` (fewer at its end)."""
+
+        def read() -> bytes:
+            with self._sftp.open(path, "rb") as handle:
+                wanted = min(length, max(0, int(handle.stat().st_size or 0) - offset))  # never past its end
+                chunks = list(handle.readv([(offset, wanted)])) if wanted else []
+            return b"".join(chunks)[:wanted]
+
+        data = self._call(read) if length > 0 else b""
+        self.bytes_read += len(data)
+        return data
+
+    def _stat(self, path: str) -> tuple[int, int]:
+        found = self._call(lambda: self._sftp.stat(path))
+        return int(found.st_mode or 0), int(found.st_size or 0)
+
+    def _call(self, action: Callable[[], _T]) -> _T:
+        try:
+            return action()
+        except OSError as exc:
+            if isinstance(exc, TimeoutError | socket.timeout) or exc.errno is None:
+                raise SshUnreachable(f"the SFTP session failed: {_reason(exc)}", resource=self.resource) from None
+            raise
+        except (paramiko.SSHException, EOFError) as exc:
+            raise SshUnreachable(f"the SFTP session failed: {_reason(exc)}", resource=self.resource) from None
 
 
 def _with_env(command: str, env: Mapping[str, str]) -> str:

@@ -9,20 +9,25 @@ errors (no secret, no URL), which the user must fix first.
 Each Model that declares no `vram` has its files' headers read here
 (`backends.modelfiles`) where the reconciler can reach them, so the planner
 can estimate its footprint; a file it cannot read is recorded with the reason,
-and the planner then asks for a declared `vram` (never a silent 0). Files that
-sit only on a remote GPU host are not read through that host yet.
+and the planner then asks for a declared `vram` (never a silent 0). A file that
+cannot be read here but sits on the model's Docker host (the path its container
+mounts) is read through that host's SSH access (`read_model_files_over_ssh`):
+only its heads, bounded, one connection per host, hosts at once.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Final, Protocol
 
-from reconciler.backends.modelfiles import model_shape
-from reconciler.errors import BackendError
+from reconciler.backends import ssh
+from reconciler.backends.modelfiles import model_shape, read_remote_model_shape
+from reconciler.errors import BackendError, ReconcilerError
 from reconciler.planning.observed import (
     DockerObservation,
     ModelFiles,
@@ -30,10 +35,23 @@ from reconciler.planning.observed import (
     Observed,
     ProxmoxObservation,
 )
-from reconciler.spec.models import Model
+from reconciler.spec.access import SshTarget
+from reconciler.spec.access_checks import ssh_target_of
+from reconciler.spec.models import Engine, Model
 from reconciler.spec.state import DesiredState
 
-__all__ = ["DockerReader", "NvmlReader", "ProxmoxReader", "Readers", "observe", "read_model_files"]
+__all__ = [
+    "DockerReader",
+    "ModelAccess",
+    "NvmlReader",
+    "ProxmoxReader",
+    "Readers",
+    "observe",
+    "read_model_files",
+    "read_model_files_over_ssh",
+]
+
+ENV_SSH_TARGET_PREFIX: Final = "RECONCILER_SSH_HOST_"  # as provisioning: the same host reached another way
 
 
 class ProxmoxReader(Protocol):
@@ -51,10 +69,20 @@ class NvmlReader(Protocol):
 
 
 @dataclass(frozen=True)
+class ModelAccess:
+    """How model files on a Docker host are reached: SSH credentials from `env`, host keys in `known_hosts`."""
+
+    env: Mapping[str, str]
+    known_hosts: Path
+    timeout: float = 20.0  # per connection and per SFTP request
+
+
+@dataclass(frozen=True)
 class Readers:
     proxmox: ProxmoxReader | None
     docker: DockerReader | None
     nvml: NvmlReader | None
+    model_access: ModelAccess | None = None  # None: model files are read only where the reconciler runs
 
 
 def observe(desired: DesiredState, readers: Readers) -> Observed:
@@ -68,7 +96,7 @@ def observe(desired: DesiredState, readers: Readers) -> Observed:
         proxmox = pool.submit(readers.proxmox.observe, nodes=nodes or None) if readers.proxmox else None
         docker = pool.submit(readers.docker.observe, names) if readers.docker else None
         nvml = pool.submit(readers.nvml.observe) if readers.nvml else None
-        models = pool.submit(read_model_files, desired.of(Model))
+        models = pool.submit(_model_files, desired, readers.model_access)
         return Observed(
             proxmox=proxmox.result() if proxmox else None,
             docker=docker.result() if docker else {},
@@ -92,6 +120,83 @@ def read_model_files(models: Iterable[Model]) -> dict[str, ModelFiles]:
     return found
 
 
+def _model_files(desired: DesiredState, access: ModelAccess | None) -> dict[str, ModelFiles]:
+    found = read_model_files(desired.of(Model))
+    return found if access is None else read_model_files_over_ssh(desired, found, access)
+
+
+def read_model_files_over_ssh(
+    desired: DesiredState, found: Mapping[str, ModelFiles], access: ModelAccess
+) -> dict[str, ModelFiles]:
+    """`found`, with the files not readable here read through their Docker host's SSH access instead.
+    A host that cannot be reached leaves its models unread, the reason added to the local one."""
+    by_host: dict[str, list[Model]] = {}
+    for model in desired.of(Model):
+        files = found.get(model.name)
+        if files is not None and files.shape is None and _remote_candidate(model):
+            by_host.setdefault(model.host, []).append(model)
+    result = dict(found)
+    if not by_host:
+        return result
+    with ThreadPoolExecutor(max_workers=min(4, len(by_host)), thread_name_prefix="model-files") as pool:
+        reads = [pool.submit(_read_on_host, desired, host, models, access) for host, models in by_host.items()]
+        for future in reads:
+            for name, files in future.result().items():
+                local = result[name].unread
+                result[name] = files if files.shape is not None else ModelFiles(None, _join(local, files.unread))
+    return result
+
+
+def _remote_candidate(model: Model) -> bool:
+    """A llama.cpp or vLLM model whose host path cannot be read here (Ollama's store is not read remotely yet)."""
+    if model.engine is Engine.OLLAMA:
+        return False
+    return model.source.startswith("/") and not os.access(model.source, os.R_OK)
+
+
+def _target(desired: DesiredState, host: str, env: Mapping[str, str]) -> SshTarget | None:
+    override = env.get(f"{ENV_SSH_TARGET_PREFIX}{host.upper().replace('-', '_')}", "").strip()
+    if override:
+        try:
+            return SshTarget.model_validate(override)
+        except ValueError:
+            return None
+    resource = desired.docker_hosts().get(host)
+    return ssh_target_of(resource) if resource is not None else None
+
+
+def _read_on_host(desired: DesiredState, host: str, models: list[Model], access: ModelAccess) -> dict[str, ModelFiles]:
+    """One SSH connection to `host`, its models' heads read over SFTP; every failure recorded, none raised."""
+    target = _target(desired, host, access.env)
+    if target is None:
+        return {m.name: ModelFiles(None, f"host {host} has no SSH access to read them through") for m in models}
+    label = f"ssh://{target}"
+    try:
+        credentials = ssh.credentials_from(access.env)
+        session = ssh.connect(target, credentials=credentials, known_hosts=access.known_hosts, timeout=access.timeout)
+    except ReconcilerError as exc:
+        return {m.name: ModelFiles(None, f"through {label}: {exc.message}") for m in models}
+    found: dict[str, ModelFiles] = {}
+    with session:
+        try:
+            files = session.files(timeout=access.timeout)
+        except BackendError as exc:
+            return {m.name: ModelFiles(None, f"through {label}: {exc.message}") for m in models}
+        for model in models:
+            try:
+                found[model.name] = ModelFiles(read_remote_model_shape(model.source, files, label=label))
+            except BackendError as exc:
+                found[model.name] = ModelFiles(None, f"through {label}: {_unread(exc)}")
+    return found
+
+
+def _join(local: str | None, remote: str | None) -> str:
+    return _unread_text("; ".join(part for part in (local, remote) if part))
+
+
 def _unread(exc: BackendError) -> str:
-    text = exc.message
+    return _unread_text(exc.message)
+
+
+def _unread_text(text: str) -> str:
     return text if len(text) <= 300 else text[:297] + "..."

@@ -5,7 +5,8 @@ key made for the test (its private half in `sshd.client_key`, for RECONCILER_SSH
 `StrictModes no` and password logins off, and stops it afterwards. `sshd.target` is the SshTarget
 to connect to; `sshd.known_hosts` is a fresh path for the reconciler's trust-on-first-use file.
 
-`sshd.restart(new_host_key=True)` starts it again on the same port with another host key: the
+The server offers SFTP (`internal-sftp`, which needs no binary, even in a `ChrootDirectory` given
+through `extra`). `sshd.restart(new_host_key=True)` starts it again on the same port with another host key: the
 guest "recreated" or an impostor. `sshd.set_env` lines go into the config's `SetEnv`, which sets
 variables in every session (the tests put stand-in `apt-get`, `dpkg`, `systemctl` first on PATH).
 
@@ -64,6 +65,7 @@ class Sshd:
     client_key: Path
     known_hosts: Path
     set_env: dict[str, str] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()  # more config lines, e.g. a ChrootDirectory
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +97,9 @@ class Sshd:
             "PubkeyAuthentication yes",
             "PermitRootLogin prohibit-password",
             "LogLevel ERROR",
+            "Subsystem sftp internal-sftp",
         ]
+        lines.extend(self.extra)
         if self.set_env:
             lines.append("SetEnv " + " ".join(f'"{name}={value}"' for name, value in self.set_env.items()))
         config = self.directory / "sshd_config"
@@ -142,13 +146,15 @@ class Sshd:
             handle.write(public_line + "\n")
 
 
-def start_sshd(directory: Path, known_hosts: Path, *, set_env: Mapping[str, str] | None = None) -> Sshd:
+def start_sshd(
+    directory: Path, known_hosts: Path, *, set_env: Mapping[str, str] | None = None, extra: tuple[str, ...] = ()
+) -> Sshd:
     """An sshd started in `directory` (made) that accepts a key made for it; the caller stops it."""
     if not SSHD.exists():
         missing("sshd", f"{SSHD} is not installed (Debian: openssh-server)")
     directory.mkdir(parents=True)
     write_keypair(directory / "host_ed25519", "host")
-    server = Sshd(directory, _free_port(), directory / "client_ed25519", known_hosts, dict(set_env or {}))
+    server = Sshd(directory, _free_port(), directory / "client_ed25519", known_hosts, dict(set_env or {}), extra)
     server.authorize(write_keypair(server.client_key))
     server.start()
     return server
