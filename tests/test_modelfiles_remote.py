@@ -21,7 +21,7 @@ import pytest
 
 from reconciler.backends.modelfiles import read_model_shape, read_remote_model_shape
 from reconciler.backends.ssh import SftpFiles, connect, credentials_from
-from reconciler.engine.observe import ModelAccess, read_model_files, read_model_files_over_ssh
+from reconciler.engine.observe import ModelAccess, Readers, observe, read_model_files, read_model_files_over_ssh
 from reconciler.errors import NotFoundError, PermanentError
 from reconciler.planning.vram import GpuSlot, estimate
 from reconciler.spec.models import Engine, Model
@@ -230,6 +230,11 @@ def test_observe_reads_a_model_only_on_its_host_through_ssh(tmp_path: Path, chro
     assert replace(shape, path="") == replace(read_model_shape(on_host), path="")
     assert shape.path == f"ssh://{sshd.target}{source}"
     assert sshd.known_hosts.exists()  # the host's key was recorded on first use
+    seen = observe(
+        state, Readers(proxmox=None, docker=None, nvml=None, model_access=ModelAccess(env, sshd.known_hosts))
+    )
+    assert seen.models["qwen"] == through["qwen"]
+    assert observe(state, Readers(proxmox=None, docker=None, nvml=None)).models["qwen"].shape is None  # no access
 
 
 def test_an_unreachable_host_leaves_the_model_unread_with_both_reasons(tmp_path: Path, sshd: Sshd) -> None:

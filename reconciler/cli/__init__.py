@@ -176,7 +176,7 @@ def plan(
         raise typer.Exit(EXIT_ERROR)
     with _errors_exit():
         journal_path = _state_dir(state_dir) / "journal.sqlite"
-    with _errors_exit(), connect(result.state, os.environ) as readers:
+    with _errors_exit(), connect(result.state, os.environ, state_dir=journal_path.parent) as readers:
         # The journal, when there is one, tells spec edits from drift; planning never creates it.
         journal = Journal(journal_path) if journal_path.exists() else None
         planned = plan_pass(result.state, readers, journal, allow_delete=allow_delete, adopt_orphans=adopt_orphans)
@@ -276,7 +276,7 @@ def _apply_pass(
     from reconciler.engine.lock import state_lock
     from reconciler.engine.run import apply_pass
 
-    with state_lock(folder, wait=wait), connect(state, os.environ) as backends:
+    with state_lock(folder, wait=wait), connect(state, os.environ, state_dir=folder) as backends:
         journal = Journal(folder / "journal.sqlite")
         endpoints = {name: s.endpoint for name, s in docker_settings(state, os.environ).items()}
         try:

@@ -7,6 +7,9 @@ Environment (documented in the README):
     DOCKER_HOST                       endpoint of the lab's only DockerHost
     RECONCILER_DOCKER_HOST_<NAME>     endpoint of any Docker host (NAME upper case, '-' as '_')
     RECONCILER_NVML_LIBRARY           path to libnvidia-ml.so.1
+    RECONCILER_SSH_KEY, RECONCILER_SSH_HOST_<NAME>
+        model files on a Docker host are read over SSH with these (engine.observe), when a state
+        directory is given: its known_hosts records host keys, as for provisioning
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 from reconciler import redact
 from reconciler.backends.docker import DockerBackend, DockerHostSettings
 from reconciler.backends.nvml import NvmlBackend
 from reconciler.backends.proxmox import ProxmoxBackend, settings_from
-from reconciler.engine.observe import Readers
+from reconciler.engine.observe import ModelAccess, Readers
+from reconciler.engine.provision_apply import KNOWN_HOSTS
 from reconciler.planning.ownership import LEGACY_OWNER
 from reconciler.spec.models import DockerHost, Lxc, Vm
 from reconciler.spec.state import DesiredState
@@ -52,7 +57,7 @@ def docker_settings(desired: DesiredState, env: Mapping[str, str]) -> dict[str, 
 
 
 @contextmanager
-def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]:
+def connect(desired: DesiredState, env: Mapping[str, str], *, state_dir: Path | None = None) -> Iterator[Backends]:
     """Open the backends the lab needs; close them afterwards. Raises ConfigError for missing settings.
 
     Every secret the environment holds is registered with `reconciler.redact` first, so that no message
@@ -67,7 +72,8 @@ def connect(desired: DesiredState, env: Mapping[str, str]) -> Iterator[Backends]
     docker = DockerBackend(hosts, owner_label=lab.owner, listed_owners=(LEGACY_OWNER,)) if hosts else None
     nvml = NvmlBackend(library=env.get("RECONCILER_NVML_LIBRARY") or lab.nvml.library) if lab.nvml.enabled else None
     try:
-        yield Backends(proxmox=proxmox, docker=docker, nvml=nvml)
+        models = ModelAccess(env, state_dir / KNOWN_HOSTS) if state_dir is not None else None
+        yield Backends(proxmox=proxmox, docker=docker, nvml=nvml, model_access=models)
     finally:
         if docker is not None:
             docker.close()
