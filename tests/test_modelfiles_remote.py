@@ -23,7 +23,10 @@ from reconciler.backends.modelfiles import read_model_shape, read_remote_model_s
 from reconciler.backends.ssh import SftpFiles, connect, credentials_from
 from reconciler.engine.observe import ModelAccess, Readers, observe, read_model_files, read_model_files_over_ssh
 from reconciler.errors import NotFoundError, PermanentError
-from reconciler.planning.vram import GpuSlot, estimate
+from reconciler.planning.gpuload import Seat, gpu_load
+from reconciler.planning.gpuview import gpu_sight
+from reconciler.planning.observed import ModelFiles, Observed
+from reconciler.planning.vram import GpuSlot, ModelShape, estimate
 from reconciler.spec.models import Engine, Model
 from reconciler.spec.state import DesiredState
 from tests.support.labs import load, write_tree
@@ -48,6 +51,11 @@ def files_fixture(sshd: Sshd) -> Iterator[SftpFiles]:
         yield session.files(timeout=20)
 
 
+def _bare(shape: ModelShape) -> ModelShape:
+    """The shape without where it was read from: what the estimate uses."""
+    return replace(shape, path="", read_through="")
+
+
 def _label(sshd: Sshd) -> str:
     return f"ssh://{sshd.target}"
 
@@ -63,8 +71,8 @@ def test_a_gguf_read_over_ssh_estimates_as_the_local_file_and_reads_only_its_hea
     source = _qwen_gguf(tmp_path / "qwen 7b.gguf")
     local = read_model_shape(source)
     remote = read_remote_model_shape(str(source), files, label=_label(sshd), first=1024)  # grows 1K, 4K, 16K ...
-    assert remote.path == f"{_label(sshd)}{source}"
-    assert replace(remote, path="") == replace(local, path="")
+    assert remote.path == f"{_label(sshd)}{source}" and remote.read_through == _label(sshd)
+    assert _bare(remote) == _bare(local)
     gpus = [GpuSlot("big", 24 * GIB)]
     assert estimate(remote, Engine.LLAMACPP, {}, gpus, context=8192) == estimate(
         local, Engine.LLAMACPP, {}, gpus, context=8192
@@ -133,7 +141,7 @@ def test_a_safetensors_folder_read_over_ssh_equals_the_local_read(tmp_path: Path
     folder = _safetensors_folder(tmp_path)
     local = read_model_shape(folder)
     remote = read_remote_model_shape(str(folder), files, label=_label(sshd))
-    assert replace(remote, path="") == replace(local, path="")
+    assert _bare(remote) == _bare(local)
     headers = sum(8 + _header_length(p) for p in folder.glob("*.safetensors"))
     assert files.bytes_read == headers + (folder / "config.json").stat().st_size
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
@@ -174,6 +182,16 @@ def test_a_small_safetensors_shard_and_its_folder_are_read_whole(tmp_path: Path,
     assert remote.layer_bytes[0] == 32 and remote.path == f"{_label(sshd)}{folder}"
 
 
+def _load_of(state: DesiredState, models: dict[str, ModelFiles]) -> tuple[tuple[str, ...], list[str]]:
+    """The plan's GPU summary and blocker messages for the Model `qwen` with these files."""
+    model = state.get(Model, "qwen")
+    assert model is not None
+    observed = Observed(models=models)
+    seats = [Seat(model, model.gpus, f"container/{model.host}/{model.name}", running=True)]
+    found = gpu_load(state, observed, gpu_sight(state, observed), seats, changed=())
+    return found.summary, [p.message for p in found.blockers]
+
+
 # ---- through observe: the model's Docker host, its SSH target, the reason when it cannot be reached -----
 
 
@@ -191,6 +209,7 @@ def _state(tmp_path: Path, source: str) -> DesiredState:
         name: qwen
         engine: llamacpp
         host: gpu-host
+        gpus: [small]
         source: {source}
         port: 8080
         context: 8192
@@ -227,7 +246,7 @@ def test_observe_reads_a_model_only_on_its_host_through_ssh(tmp_path: Path, chro
     through = read_model_files_over_ssh(state, found, ModelAccess(env, sshd.known_hosts))
     shape = through["qwen"].shape
     assert shape is not None and through["qwen"].unread is None
-    assert replace(shape, path="") == replace(read_model_shape(on_host), path="")
+    assert _bare(shape) == _bare(read_model_shape(on_host))
     assert shape.path == f"ssh://{sshd.target}{source}"
     assert sshd.known_hosts.exists()  # the host's key was recorded on first use
     seen = observe(
@@ -235,6 +254,9 @@ def test_observe_reads_a_model_only_on_its_host_through_ssh(tmp_path: Path, chro
     )
     assert seen.models["qwen"] == through["qwen"]
     assert observe(state, Readers(proxmox=None, docker=None, nvml=None)).models["qwen"].shape is None  # no access
+    summary, blockers = _load_of(state, dict(through))
+    assert summary[0].endswith(f"(qwen: estimated from its files, read through ssh://{sshd.target})")
+    assert blockers and blockers[0].startswith("GPU small (4.0 GiB): qwen ")  # 7B Q4_K_M: over the GTX 970
 
 
 def test_an_unreachable_host_leaves_the_model_unread_with_both_reasons(tmp_path: Path, sshd: Sshd) -> None:
@@ -247,6 +269,10 @@ def test_an_unreachable_host_leaves_the_model_unread_with_both_reasons(tmp_path:
     assert through["qwen"].shape is None
     unread = through["qwen"].unread or ""
     assert f"no model file at {source}" in unread and f"through ssh://{sshd.target}: cannot reach" in unread
+    _, blockers = _load_of(state, dict(through))
+    (problem,) = blockers
+    assert f"{tmp_path / 'spec' / 'spec.yaml'}:" in problem and "declares no 'vram'" in problem
+    assert f"through ssh://{sshd.target}: cannot reach" in problem
 
 
 def test_a_host_without_ssh_access_says_so(tmp_path: Path) -> None:

@@ -482,7 +482,7 @@ def read_remote_model_shape(
             exc.message = exc.message.replace(str(root), label)
             exc.resource = exc.resource.replace(str(root), label) if exc.resource else exc.resource
             raise
-    return replace(shape, path=shape.path.replace(str(root), label, 1))
+    return replace(shape, path=shape.path.replace(str(root), label, 1), read_through=label)
 
 
 class _HeadOnly(gguf.GGUFReader):

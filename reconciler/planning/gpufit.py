@@ -61,6 +61,7 @@ class Placement:
     size: int
     source: FootprintSource
     running: bool = False
+    read_through: str = ""  # an estimate from files read through this host access (ssh://...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,7 @@ def _check_one(
 ) -> GpuFit:
     usable = max(capacity.size - capacity.reserve, 0)
     demand = sum(p.size for p in placed) + sum(f.used_memory or 0 for f in strangers)
-    basis = "; ".join(f"{p.resource}: {_basis(p.source)}" for p in placed)
+    basis = "; ".join(f"{p.resource}: {_basis(p)}" for p in placed)
     if capacity.lost:
         names = ", ".join(p.resource for p in placed) or "nothing"
         problem = f"GPU {capacity.name} is lost (NVML_ERROR_GPU_IS_LOST): {names} cannot run there until it is reset"
@@ -136,8 +137,14 @@ def _check_one(
     return GpuFit(capacity.name, usable, demand, tuple(problems), basis)
 
 
-def _basis(source: FootprintSource) -> str:
-    return "declared vram" if source is FootprintSource.DECLARED else "estimated from its files"
+def _basis(placed: Placement) -> str:
+    if placed.source is FootprintSource.DECLARED:
+        return "declared vram"
+    return (
+        f"estimated from its files, read through {placed.read_through}"
+        if placed.read_through
+        else ("estimated from its files")
+    )
 
 
 def _header(capacity: GpuCapacity) -> str:

@@ -87,7 +87,14 @@ def gpu_load(
             now = live.get(seat.address)
             stays = now is not None and seat.address not in changed and _gpus_of(now, uuids) == seat.gpus
             placements.extend(
-                Placement(gpu, seat.workload.name, footprint.on(gpu), footprint.source, running=stays)
+                Placement(
+                    gpu,
+                    seat.workload.name,
+                    footprint.on(gpu),
+                    footprint.source,
+                    running=stays,
+                    read_through=footprint.read_through,
+                )
                 for gpu in seat.gpus
                 if gpu in gpus
             )

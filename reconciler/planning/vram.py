@@ -45,7 +45,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from reconciler.spec.models import Engine, Model
@@ -135,6 +135,7 @@ class ModelShape:
     quantization: str | None = None  # GGUF file type, or the safetensors config's quant_method
     type_bytes: Mapping[str, int] = field(default_factory=dict)  # tensor type -> bytes of that type
     path: str = ""
+    read_through: str = ""  # the host access the files were read through (ssh://user@host:22); "" when local
 
     @property
     def weights_bytes(self) -> int:
@@ -178,6 +179,7 @@ class Footprint:
     layers_total: int = 0
     refusals: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    read_through: str = ""  # the estimate's files were read through this host access ("" when local)
 
     @property
     def total(self) -> int:
@@ -214,7 +216,8 @@ def footprint_of(
     if model.vram is not None:
         return declared(model.engine, model.vram, gpus)
     if shape is not None:
-        return estimate(shape, model.engine, model.args, gpus, context=model.context)
+        found = estimate(shape, model.engine, model.args, gpus, context=model.context)
+        return replace(found, read_through=shape.read_through) if shape.read_through else found
     why = f" ({unread})" if unread else ""
     if model.engine is Engine.VLLM:
         options = _Options.of(model.args)
