@@ -116,6 +116,45 @@ def test_a_cut_gguf_is_a_permanent_error_naming_it(tmp_path: Path, sshd: Sshd, f
     assert files.bytes_read <= length
 
 
+def test_a_split_gguf_is_read_over_ssh_from_all_its_parts(tmp_path: Path, sshd: Sshd, files: SftpFiles) -> None:
+    metadata = {"llama.block_count": 2, "llama.embedding_length": 256, "llama.attention.head_count": 2}
+    for part in (1, 2):
+        tensors = [Tensor(f"blk.{part - 1}.attn_q.weight", (256, 256), "F16")]
+        write_gguf(tmp_path / f"m-0000{part}-of-00002.gguf", "llama", metadata, tensors)
+    first = tmp_path / "m-00001-of-00002.gguf"
+    remote = read_remote_model_shape(str(first), files, label=_label(sshd))
+    assert remote.layer_bytes == (256 * 256 * 2, 256 * 256 * 2)
+    assert _bare(remote) == _bare(read_model_shape(first))
+    (tmp_path / "m-00002-of-00002.gguf").unlink()
+    with pytest.raises(NotFoundError) as caught:
+        read_remote_model_shape(str(first), files, label=_label(sshd))
+    assert f"{_label(sshd)}{tmp_path / 'm-00002-of-00002.gguf'}" in str(caught.value)
+
+
+def test_an_oversized_config_is_refused_after_reading_one_byte_past_its_limit(
+    tmp_path: Path, sshd: Sshd, files: SftpFiles
+) -> None:
+    folder = tmp_path / "big-config"
+    folder.mkdir()
+    with (folder / "config.json").open("wb") as handle:
+        handle.write(b"{")
+        handle.truncate(GIB)
+    with pytest.raises(PermanentError) as caught:
+        read_remote_model_shape(str(folder), files, label=_label(sshd))
+    assert f"{_label(sshd)}{folder / 'config.json'}" in str(caught.value)
+    assert files.bytes_read == 4 * 1024 * 1024 + 1
+
+
+def test_a_path_climbing_out_with_dots_is_refused_before_anything_is_read(
+    tmp_path: Path, sshd: Sshd, files: SftpFiles
+) -> None:
+    source = _qwen_gguf(tmp_path / "q.gguf")
+    climbing = f"{tmp_path}/../../..{source}"
+    with pytest.raises(PermanentError) as caught:
+        read_remote_model_shape(climbing, files, label=_label(sshd))
+    assert "'..'" in caught.value.message and files.bytes_read == 0
+
+
 def _data_offset(path: Path) -> int:
     import gguf  # the test reads the offset as the writer laid it out
 

@@ -36,10 +36,10 @@ import re
 import struct
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn, Protocol, assert_never
+from typing import Any, NoReturn, Protocol, TypeVar, assert_never
 
 import gguf
 
@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+_T = TypeVar("_T")
 REMOTE_FIRST_READ = 4 * 1024 * 1024
 REMOTE_MAX_READ = 64 * 1024 * 1024  # per file: a GGUF head (metadata, tensor table) or a safetensors header
 _MAX_REMOTE_FILE = 1 << 40  # a file claiming more is not a model file (the sparse copy must fit on disk)
@@ -503,13 +504,25 @@ class _Mirror:
     cap: int
 
     def model(self, path: PurePosixPath) -> Path:
-        if self.files.is_dir(str(path)):
+        if ".." in path.parts:
+            raise _corrupt(self._named(path), "is not a plain path (it has '..')")
+        if self._os(path, lambda: self.files.is_dir(str(path))):
             return self._folder(path)
         if path.suffix == ".safetensors":
             return self._folder(path.parent) / path.name
         for part in _gguf_parts(Path(str(path))):
             self._gguf(PurePosixPath(str(part)))
         return self._local(path)
+
+    def _os(self, path: PurePosixPath, action: Callable[[], _T]) -> _T:
+        """`action` on the host's file `path`, its OSError told as the project's error naming that file."""
+        try:
+            return action()
+        except OSError as exc:
+            _raise_os(exc, self._named(path))
+
+    def _read(self, path: PurePosixPath, offset: int, length: int) -> bytes:
+        return self._os(path, lambda: self.files.read(str(path), offset, length))
 
     def _local(self, path: PurePosixPath) -> Path:
         return self.root.joinpath(*path.parts[1:]) if path.is_absolute() else self.root.joinpath(*path.parts)
@@ -526,7 +539,7 @@ class _Mirror:
             handle.truncate(size)
 
     def _size(self, path: PurePosixPath) -> int:
-        size = self.files.size(str(path))
+        size = self._os(path, lambda: self.files.size(str(path)))
         if size > _MAX_REMOTE_FILE:
             raise _corrupt(self._named(path), f"claims {size} bytes")
         return size
@@ -535,7 +548,7 @@ class _Mirror:
         size = self._size(path)
         want = min(self.first, size, self.cap)
         while True:
-            head = self.files.read(str(path), 0, want)
+            head = self._read(path, 0, want)
             if len(head) < want:
                 size = len(head)  # the file shrank while it was read: what there is, is all there is
             if not head.startswith(b"GGUF"):
@@ -557,8 +570,9 @@ class _Mirror:
         names: list[str]
         try:
             self._small(index, min(self.cap, 64 * 1024 * 1024))
-        except FileNotFoundError:
-            names = sorted(n for n in self.files.listdir(str(folder)) if n.endswith(".safetensors"))[:_MAX_SHARDS]
+        except NotFoundError:
+            listed = self._os(folder, lambda: self.files.listdir(str(folder)))
+            names = sorted(n for n in listed if n.endswith(".safetensors") and "/" not in n)[:_MAX_SHARDS]
         else:
             names = _index_names(self._local(index))
         for name in names:
@@ -568,15 +582,15 @@ class _Mirror:
     def _small(self, path: PurePosixPath, limit: int) -> None:
         """A whole small file, or its first `limit` + 1 bytes, which the reader refuses as too large."""
         size = self._size(path)
-        self._copy(path, self.files.read(str(path), 0, min(size, limit + 1)), min(size, limit + 1))
+        self._copy(path, self._read(path, 0, min(size, limit + 1)), min(size, limit + 1))
 
     def _safetensors(self, path: PurePosixPath) -> None:
         size = self._size(path)
-        prefix = self.files.read(str(path), 0, min(8, size))
+        prefix = self._read(path, 0, min(8, size))
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
         if length > self.cap - 8:
             raise _corrupt(self._named(path), f"declares a header of {length} bytes, more than the {self.cap} read")
-        header = self.files.read(str(path), 8, length) if 2 <= length <= size - 8 else b""
+        header = self._read(path, 8, length) if 2 <= length <= size - 8 else b""
         self._copy(path, prefix + header, size)
 
 
