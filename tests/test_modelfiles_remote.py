@@ -314,6 +314,17 @@ def test_an_unreachable_host_leaves_the_model_unread_with_both_reasons(tmp_path:
     assert f"through ssh://{sshd.target}: cannot reach" in problem
 
 
+def test_models_past_the_hosts_time_budget_are_left_unread_with_the_reason(
+    tmp_path: Path, chrooted: tuple[Sshd, Path]
+) -> None:
+    sshd, root = chrooted
+    state = _state(tmp_path, f"/{root.name}-absent/q7.gguf")
+    env = {**sshd.env, "RECONCILER_SSH_HOST_GPU_HOST": str(sshd.target)}
+    found = read_model_files(state.of(Model))
+    through = read_model_files_over_ssh(state, found, ModelAccess(env, sshd.known_hosts, budget=0))
+    assert f"through ssh://{sshd.target}: not read within 0s" in (through["qwen"].unread or "")
+
+
 def test_a_host_without_ssh_access_says_so(tmp_path: Path) -> None:
     state = _state(tmp_path, str(tmp_path / "absent.gguf"))
     found = read_model_files(state.of(Model))

@@ -141,7 +141,7 @@ def run_daemon(settings: DaemonSettings, console: Console) -> int:
             ) from None
         journal = Journal(settings.state_dir / "journal.sqlite")
         stack.callback(journal.close)
-        connector = LabConnector(dict(os.environ))
+        connector = LabConnector(dict(os.environ), state_dir=settings.state_dir)
         stack.callback(connector.close)
         controller = build_controller(settings, journal, connector)
         if text:  # in JSON, the "pass finished" log event is the pass's line

@@ -75,6 +75,7 @@ class ModelAccess:
     env: Mapping[str, str]
     known_hosts: Path
     timeout: float = 20.0  # per connection and per SFTP request
+    budget: float = 60.0  # per host: a model not begun by then is left unread, with the reason
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,11 @@ def _read_on_host(desired: DesiredState, host: str, models: list[Model], access:
             files = session.files(timeout=access.timeout)
         except BackendError as exc:
             return {m.name: ModelFiles(None, f"through {label}: {exc.message}") for m in models}
+        deadline = time.monotonic() + access.budget
         for model in models:
+            if time.monotonic() >= deadline:
+                found[model.name] = ModelFiles(None, f"through {label}: not read within {access.budget:g}s")
+                continue
             try:
                 found[model.name] = ModelFiles(read_remote_model_shape(model.source, files, label=label))
             except BackendError as exc:

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from reconciler.engine.apply import ContainerBackend, GuestBackend
@@ -45,8 +46,9 @@ class Connector(Protocol):
 class LabConnector:
     """The real backends, reopened only when the lab's connection settings change."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], *, state_dir: Path | None = None) -> None:
         self.env = env
+        self.state_dir = state_dir  # its known_hosts: model files on a Docker host are read over SSH
         self._stack: ExitStack | None = None
         self._key: str | None = None
         self._wiring: Wiring | None = None
@@ -60,7 +62,7 @@ class LabConnector:
             return self._wiring
         self.close()
         stack = ExitStack()
-        backends = stack.enter_context(connect(desired, self.env))
+        backends = stack.enter_context(connect(desired, self.env, state_dir=self.state_dir))
         self._stack, self._key = stack, key
         self._wiring = Wiring(
             readers=backends,
