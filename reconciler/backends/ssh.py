@@ -1,8 +1,10 @@
 """SSH into a guest: connect as the spec says, check its host key, run a command, stream what it prints.
 
 Who calls it: the provisioning engine (`engine/provision.py`), which runs a guest's steps over one
-`SshSession`. This is the only module of the project that imports paramiko (the docker SDK uses it
-too, inside itself); paramiko objects never leave it, and its errors are translated here, by type:
+`SshSession`; and observe (`engine/observe.py`), which reads the heads of model files that sit on a
+Docker host through `SshSession.files()` (SFTP, bounded reads: no shell sees a path).
+This is the only module of the project that imports paramiko (the docker SDK uses it too, inside
+itself); paramiko objects never leave it, and its errors are translated here, by type:
 
     HostKeyChanged (PermanentError)   the guest's host key differs from the one recorded: refuse
     SshUnreachable (TemporaryError)   no route, refused, DNS, connect timeout, dropped session

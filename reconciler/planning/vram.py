@@ -231,7 +231,8 @@ def footprint_of(
         )
     refusal = (
         f"Model {model.name}: its files could not be read{why} and it declares no 'vram'; declare 'vram' "
-        f"(its footprint per GPU), or make {model.source} readable where the reconciler runs"
+        f"(its footprint per GPU), or make {model.source} readable where the reconciler runs "
+        "or through its Docker host's SSH access"
     )
     return Footprint(engine=model.engine, source=FootprintSource.ESTIMATED, shares=(), refusals=(refusal,))
 
