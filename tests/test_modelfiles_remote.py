@@ -330,6 +330,8 @@ def test_a_host_without_ssh_access_says_so(tmp_path: Path) -> None:
     found = read_model_files(state.of(Model))
     through = read_model_files_over_ssh(state, found, ModelAccess({}, tmp_path / "known_hosts"))
     assert "host gpu-host has no SSH access" in (through["qwen"].unread or "")
+    bad = read_model_files_over_ssh(state, found, ModelAccess({"RECONCILER_SSH_HOST_GPU_HOST": "a b;c"}, Path("kh")))
+    assert "RECONCILER_SSH_HOST_GPU_HOST is not user@host[:port]" in (bad["qwen"].unread or "")
 
 
 def test_a_model_with_declared_vram_or_readable_files_is_not_read_over_ssh(tmp_path: Path) -> None:

@@ -23,10 +23,11 @@ from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Protocol
 
 from reconciler.backends import ssh
 from reconciler.backends.modelfiles import model_shape, read_remote_model_shape
+from reconciler.engine.provision_apply import ENV_TARGET_PREFIX
 from reconciler.errors import BackendError, ReconcilerError
 from reconciler.planning.observed import (
     DockerObservation,
@@ -50,8 +51,6 @@ __all__ = [
     "read_model_files",
     "read_model_files_over_ssh",
 ]
-
-ENV_SSH_TARGET_PREFIX: Final = "RECONCILER_SSH_HOST_"  # as provisioning: the same host reached another way
 
 
 class ProxmoxReader(Protocol):
@@ -155,22 +154,25 @@ def _remote_candidate(model: Model) -> bool:
     return model.source.startswith("/") and not os.access(model.source, os.R_OK)
 
 
-def _target(desired: DesiredState, host: str, env: Mapping[str, str]) -> SshTarget | None:
-    override = env.get(f"{ENV_SSH_TARGET_PREFIX}{host.upper().replace('-', '_')}", "").strip()
+def _target(desired: DesiredState, host: str, env: Mapping[str, str]) -> SshTarget | str:
+    """The host's SSH target, as provisioning finds it (RECONCILER_SSH_HOST_<NAME> first); else why there is none."""
+    variable = f"{ENV_TARGET_PREFIX}{host.upper().replace('-', '_')}"
+    override = env.get(variable, "").strip()
     if override:
         try:
             return SshTarget.model_validate(override)
         except ValueError:
-            return None
+            return f"{variable} is not user@host[:port]"
     resource = desired.docker_hosts().get(host)
-    return ssh_target_of(resource) if resource is not None else None
+    target = ssh_target_of(resource) if resource is not None else None
+    return target if target is not None else f"host {host} has no SSH access to read them through"
 
 
 def _read_on_host(desired: DesiredState, host: str, models: list[Model], access: ModelAccess) -> dict[str, ModelFiles]:
     """One SSH connection to `host`, its models' heads read over SFTP; every failure recorded, none raised."""
     target = _target(desired, host, access.env)
-    if target is None:
-        return {m.name: ModelFiles(None, f"host {host} has no SSH access to read them through") for m in models}
+    if isinstance(target, str):
+        return {m.name: ModelFiles(None, target) for m in models}
     label = f"ssh://{target}"
     try:
         credentials = ssh.credentials_from(access.env)
