@@ -11,6 +11,13 @@ Each Model that declares no `vram` has its files' headers read here
 can estimate its footprint; a file it cannot read is recorded with the reason,
 and the planner then asks for a declared `vram` (never a silent 0). Files that
 sit only on a remote GPU host are not read through that host yet.
+
+GPUs the local NVML does not see (passed through to a VM, in an LXC on another
+machine) are read through the engine of each Docker host whose workloads ask
+for them (`planning.gpuview.hosts_to_query`): `nvidia-smi` in a short-lived
+container of the Lab's `images.gpu_query`. A host whose engine cannot be
+reached, or whose query fails, is recorded as an unavailable observation with
+the reason; the planner turns it into a problem naming the host.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from reconciler.backends.modelfiles import model_shape
-from reconciler.errors import BackendError
+from reconciler.errors import BackendError, NotFoundError, ReconcilerError
+from reconciler.planning.gpuview import hosts_to_query
 from reconciler.planning.observed import (
     DockerObservation,
     ModelFiles,
@@ -33,7 +41,19 @@ from reconciler.planning.observed import (
 from reconciler.spec.models import Model
 from reconciler.spec.state import DesiredState
 
-__all__ = ["DockerReader", "NvmlReader", "ProxmoxReader", "Readers", "observe", "read_model_files"]
+__all__ = [
+    "GPU_QUERY_TIMEOUT",
+    "DockerReader",
+    "HostGpuReader",
+    "NvmlReader",
+    "ProxmoxReader",
+    "Readers",
+    "observe",
+    "read_host_gpus",
+    "read_model_files",
+]
+
+GPU_QUERY_TIMEOUT = 30.0  # seconds the nvidia-smi container may run; the engine's own timeout bounds the calls
 
 
 class ProxmoxReader(Protocol):
@@ -44,6 +64,13 @@ class DockerReader(Protocol):
     def observe(
         self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()
     ) -> dict[str, DockerObservation]: ...
+
+
+@runtime_checkable
+class HostGpuReader(Protocol):
+    """A Docker reader that can also read a host's GPUs through its engine (DockerBackend)."""
+
+    def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation: ...
 
 
 class NvmlReader(Protocol):
@@ -69,13 +96,43 @@ def observe(desired: DesiredState, readers: Readers) -> Observed:
         docker = pool.submit(readers.docker.observe, names) if readers.docker else None
         nvml = pool.submit(readers.nvml.observe) if readers.nvml else None
         models = pool.submit(read_model_files, desired.of(Model))
+        local = nvml.result() if nvml else None
+        engine = readers.docker if isinstance(readers.docker, HostGpuReader) else None
+        host_gpus = read_host_gpus(engine, hosts_to_query(desired, local), desired.lab.images.gpu_query)
         return Observed(
             proxmox=proxmox.result() if proxmox else None,
             docker=docker.result() if docker else {},
-            nvml=nvml.result() if nvml else None,
+            nvml=local,
+            host_gpus=host_gpus,
             models=models.result(),
             observed_at=observed_at,
         )
+
+
+def read_host_gpus(engine: HostGpuReader | None, hosts: Collection[str], image: str) -> dict[str, NvmlObservation]:
+    """Each host's GPUs read through its engine, concurrently. Never raises for a host: an engine that cannot
+    be reached or a query that fails is an unavailable observation saying why."""
+    if not hosts:
+        return {}
+    if engine is None:
+        reason = "no Docker engine is configured to read its GPUs through"
+        return {host: NvmlObservation(available=False, error=reason) for host in hosts}
+    with ThreadPoolExecutor(max_workers=min(len(hosts), 8), thread_name_prefix="host-gpus") as pool:
+        futures = {host: pool.submit(_query, engine, host, image) for host in sorted(hosts)}
+        return {host: future.result() for host, future in futures.items()}
+
+
+def _query(engine: HostGpuReader, host: str, image: str) -> NvmlObservation:
+    try:
+        return engine.query_gpus(host, image=image, timeout=GPU_QUERY_TIMEOUT)
+    except NotFoundError as exc:
+        reason = (
+            f"its GPUs cannot be read through its engine: {exc}; pull the Lab's images.gpu_query ({image}) "
+            "on that host, or name an image it has"
+        )
+        return NvmlObservation(available=False, error=reason)
+    except ReconcilerError as exc:
+        return NvmlObservation(available=False, error=f"its GPUs cannot be read through its engine: {exc}")
 
 
 def read_model_files(models: Iterable[Model]) -> dict[str, ModelFiles]:
