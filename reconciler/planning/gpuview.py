@@ -114,8 +114,10 @@ def gpu_sight(desired: DesiredState, observed: Observed) -> GpuSight:
             seen[name], how[name], where[name] = found, match.how[name], source.label
             problems.pop(name, None)
         for gpu in wanted:
-            if gpu.name not in seen:
-                problems[gpu.name] = _problem_of(gpu.name, match.problems) or f"{source.label} does not see it"
+            if gpu.name not in seen:  # the first source's word stands: the host's engine before the local NVML
+                problems.setdefault(
+                    gpu.name, _problem_of(gpu.name, match.problems) or f"{source.label} does not see it"
+                )
     inside = desired.lab.nvml.inside
     if inside and desired.get(Vm, inside) is None:
         for gpu in desired.of(Gpu):
