@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.backends.docker import DockerBackend, DockerHostSettings
 from reconciler.engine.observe import Readers, observe
-from reconciler.engine.switch import SwitchHooks
+from reconciler.engine.switch import EngineGpus, ExclusiveSwitch, Member, SwitchHooks, SwitchOutcome, SwitchPolicy
 from reconciler.errors import TemporaryError
 from reconciler.fakes.nvml import write_state
 from reconciler.planning.container_run import ContainerRun
@@ -143,12 +143,42 @@ def test_a_member_on_a_second_engine_starts_only_once_that_engines_gpus_have_its
             address = "container/big/deep"
             hooks = SwitchHooks({address: declared * GIB}, None, None, backend, images.tools)
             after = ContainerRun(name="deep", image=images.server, gpus=(UUID_A, UUID_B))
-            try:
-                hooks.wait_before_start(address, after, host="big", timeout=0.5, interval=0.1, sleep=lambda s: None)
+            wait = {"host": "big", "timeout": 0.5, "interval": 0.1, "sleep": lambda s: None}
+            if started:
+                hooks.wait_before_start(address, after, **wait)  # type: ignore[arg-type]
                 backend.start_container("big", "deep")
-            except TemporaryError as exc:
-                assert "24.0 GiB free" in str(exc) and f"{declared:.1f} GiB needed" in str(exc)
+            else:
+                with pytest.raises(TemporaryError, match=rf"24\.0 GiB free .* {declared:.1f} GiB needed"):
+                    hooks.wait_before_start(address, after, **wait)  # type: ignore[arg-type]
             status = {c.name: c.status for c in big_engine.containers.list(all=True) if c.name == "deep"}
             assert status == {"deep": "running" if started else "created"}
         finally:
             big.remove()
+
+
+@pytest.mark.parametrize(
+    ("old_needs", "outcome", "old_status"),
+    [(20, SwitchOutcome.ROLLED_BACK, "running"), (30, SwitchOutcome.ROLLBACK_FAILED, "exited")],
+)
+def test_a_rollback_restarts_the_old_member_once_its_memory_is_free(
+    docker_engine: DockerEngine, docker_client: Any, old_needs: int, outcome: SwitchOutcome, old_status: str
+) -> None:
+    """The new member exits while starting; the old one (needing `old_needs` GiB on each 24 GiB GPU the
+    engine reports free) is started again only once the engine shows that memory free."""
+    images = standin_image(docker_client)
+    settings = {"infer": DockerHostSettings(name="infer", endpoint=docker_engine.endpoint, timeout=30)}
+    policy = SwitchPolicy(stop_timeout=5, free_timeout=0.5, health_timeout=10, interval=0.1)
+    with DockerBackend(settings) as backend:
+        servers = Servers(backend, images)
+        try:
+            fast = servers.make("fast", start=True)
+            deep = servers.make("deep", mode="exit")
+            old = Member(fast.host, fast.name, fast.server, gpus=(UUID_A, UUID_B), needs=old_needs * GIB)
+            gpus = EngineGpus(backend, "infer", images.tools)
+            report = ExclusiveSwitch(backend, gpus, policy=policy).run([old], [deep])
+            assert report.outcome is outcome, report.rollback_errors
+            assert (servers.status("fast"), servers.status("deep")) == (old_status, "exited")
+            if old_status == "exited":
+                assert any("24.0 GiB free" in error for error in report.rollback_errors), report.rollback_errors
+        finally:
+            servers.remove()
