@@ -16,10 +16,13 @@ import pytest
 
 from reconciler.backends.docker import DockerBackend, DockerHostSettings
 from reconciler.engine.observe import Readers, observe
+from reconciler.engine.steps import Done, HealthPolicy
+from reconciler.engine.steps_docker import DockerSteps
 from reconciler.engine.switch import EngineGpus, ExclusiveSwitch, Member, SwitchHooks, SwitchOutcome, SwitchPolicy
 from reconciler.errors import TemporaryError
 from reconciler.fakes.nvml import write_state
-from reconciler.planning.container_run import ContainerRun
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.plan import Action, Backend, Change
 from reconciler.spec.validate import load_and_validate
 from tests.support.dockerd import DockerEngine
 from tests.support.reallab import MakeRealLab, RealLab
@@ -180,5 +183,33 @@ def test_a_rollback_restarts_the_old_member_once_its_memory_is_free(
             assert (servers.status("fast"), servers.status("deep")) == (old_status, "exited")
             if old_status == "exited":
                 assert any("24.0 GiB free" in error for error in report.rollback_errors), report.rollback_errors
+        finally:
+            servers.remove()
+
+
+@pytest.mark.parametrize(("declared", "restarted"), [(20, True), (30, False)])
+def test_the_appliers_undo_of_a_stop_restarts_a_member_once_its_engine_shows_its_memory_free(
+    docker_engine: DockerEngine, docker_client: Any, declared: int, restarted: bool
+) -> None:
+    """Undoing `stop container/infer/fast` (a member of an exclusive group holding both GPUs) waits for its
+    declared VRAM through infer's engine (no local NVML), and starts it only when that memory is free."""
+    images = standin_image(docker_client)
+    settings = {"infer": DockerHostSettings(name="infer", endpoint=docker_engine.endpoint, timeout=30)}
+    address = "container/infer/fast"
+    with DockerBackend(settings) as backend:
+        servers = Servers(backend, images)
+        try:
+            servers.make("fast")
+            hooks = SwitchHooks({address: declared * GIB}, None, None, backend, images.tools)
+            policy = HealthPolicy(vram_timeout=0.5, interval=0.1)
+            steps = DockerSteps(backend, policy, {}, {}, sleep=lambda s: None, switch=hooks)
+            seen = ContainerSeen("infer", "fast", "0" * 12, images.server, "running", None, (UUID_A, UUID_B))
+            stop = Change(address, Action.STOP, "Model/fast", Backend.DOCKER, seen, None)
+            if restarted:
+                steps.undo(Done(stop, {"status": "running"}))
+            else:
+                with pytest.raises(TemporaryError, match=r"24\.0 GiB free"):
+                    steps.undo(Done(stop, {"status": "running"}))
+            assert servers.status("fast") == ("running" if restarted else "created")
         finally:
             servers.remove()
