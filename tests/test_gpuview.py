@@ -17,7 +17,7 @@ from reconciler.fakes.lab import fake_gpus, fake_uuid
 from reconciler.fakes.nvml import FakeProcess
 from reconciler.planning.gpuload import Seat, gpu_load
 from reconciler.planning.gpusight import MatchedBy
-from reconciler.planning.gpuview import gpu_sight
+from reconciler.planning.gpuview import gpu_sight, hosts_to_query
 from reconciler.planning.observed import Observed
 from reconciler.spec.models import Gpu, Model, NvmlSettings
 from reconciler.spec.state import DesiredState
@@ -197,3 +197,26 @@ def test_a_declared_vram_is_used_and_the_files_are_not_read(tmp_path: Path) -> N
     load_ = gpu_load(state, observed, gpu_sight(state, observed), _seats(state, "qwen"), changed=())
     assert not load_.blockers
     assert load_.summary == ("GPU small: qwen 3.0 GiB of 4.0 GiB usable (qwen: declared vram)",)
+
+
+# ---- which Docker hosts have their GPUs read through their engines --------------------------------------
+
+
+def test_only_hosts_whose_gpus_the_local_nvml_misses_are_queried(fake_nvml: FakeNvml) -> None:
+    inside = _state("inference-vm")
+    fake_nvml.set(*fake_gpus(inside))
+    assert hosts_to_query(inside, fake_nvml.backend().observe()) == ()  # NVML inside the VM sees both
+
+    outside = _with_lab(inside)  # the reconciler runs outside the VM: its NVML sees none of them
+    fake_nvml.set()
+    assert hosts_to_query(outside, fake_nvml.backend().observe()) == ("infer",)
+    assert hosts_to_query(outside, None) == ("infer",)  # NVML off or not read: read them where they are
+
+
+def test_hosts_without_gpu_workloads_are_never_queried() -> None:
+    state = _state("inference-vm")
+    without = tuple(
+        r.model_copy(update={"gpus": (), "role": None}) if isinstance(r, Model) else r for r in state.resources
+    )
+    state = DesiredState(without, state.origins, state.revision)
+    assert hosts_to_query(_with_lab(state), None) == ()

@@ -41,7 +41,7 @@ from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, resolve_secrets
 from reconciler.engine.steps_gpu import GpuSetter, GpuSteps
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
-from reconciler.engine.switch import GpuMemory, SwitchHooks
+from reconciler.engine.switch import GpuMemory, GpuQuery, SwitchHooks
 from reconciler.errors import ConfigError, PlanError, ReconcilerError
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.gpu_values import GpuValues
@@ -143,7 +143,8 @@ class Applier:
         if not plan.applicable:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
         self._preflight(plan)
-        self.containers.switch = SwitchHooks.of(desired, gpus=self.gpus, progress=self.health.progress)
+        engine = self.docker if isinstance(self.docker, GpuQuery) else None  # GPUs local NVML does not see
+        self.containers.switch = SwitchHooks.of(desired, gpus=self.gpus, progress=self.health.progress, engine=engine)
         self.provisioner = Provisioner(
             self.journal,
             self.env,

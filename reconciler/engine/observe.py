@@ -13,6 +13,13 @@ and the planner then asks for a declared `vram` (never a silent 0). A file that
 cannot be read here but sits on the model's Docker host (the path its container
 mounts) is read through that host's SSH access (`read_model_files_over_ssh`):
 only its heads, bounded, one connection per host, hosts at once.
+
+GPUs the local NVML does not see (passed through to a VM, in an LXC on another
+machine) are read through the engine of each Docker host whose workloads ask
+for them (`planning.gpuview.hosts_to_query`): `nvidia-smi` in a short-lived
+container of the Lab's `images.gpu_query`. A host whose engine cannot be
+reached, or whose query fails, is recorded as an unavailable observation with
+the reason; the planner turns it into a problem naming the host.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from reconciler.backends import ssh
 from reconciler.backends.modelfiles import model_shape, read_remote_model_shape
 from reconciler.engine.provision_apply import ENV_TARGET_PREFIX
-from reconciler.errors import BackendError, ReconcilerError
+from reconciler.errors import BackendError, NotFoundError, ReconcilerError
+from reconciler.planning.gpuview import hosts_to_query
 from reconciler.planning.observed import (
     DockerObservation,
     ModelFiles,
@@ -42,15 +50,20 @@ from reconciler.spec.models import Engine, Model
 from reconciler.spec.state import DesiredState
 
 __all__ = [
+    "GPU_QUERY_TIMEOUT",
     "DockerReader",
+    "HostGpuReader",
     "ModelAccess",
     "NvmlReader",
     "ProxmoxReader",
     "Readers",
     "observe",
+    "read_host_gpus",
     "read_model_files",
     "read_model_files_over_ssh",
 ]
+
+GPU_QUERY_TIMEOUT = 30.0  # seconds the nvidia-smi container may run; the engine's own timeout bounds the calls
 
 
 class ProxmoxReader(Protocol):
@@ -61,6 +74,13 @@ class DockerReader(Protocol):
     def observe(
         self, names_of_interest: Collection[str] | Mapping[str, Collection[str]] = ()
     ) -> dict[str, DockerObservation]: ...
+
+
+@runtime_checkable
+class HostGpuReader(Protocol):
+    """A Docker reader that can also read a host's GPUs through its engine (DockerBackend)."""
+
+    def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation: ...
 
 
 class NvmlReader(Protocol):
@@ -97,13 +117,40 @@ def observe(desired: DesiredState, readers: Readers) -> Observed:
         docker = pool.submit(readers.docker.observe, names) if readers.docker else None
         nvml = pool.submit(readers.nvml.observe) if readers.nvml else None
         models = pool.submit(_model_files, desired, readers.model_access)
+        local = nvml.result() if nvml else None
+        engine = readers.docker if isinstance(readers.docker, HostGpuReader) else None
+        host_gpus = read_host_gpus(engine, hosts_to_query(desired, local), desired.lab.images.gpu_query)
         return Observed(
             proxmox=proxmox.result() if proxmox else None,
             docker=docker.result() if docker else {},
-            nvml=nvml.result() if nvml else None,
+            nvml=local,
+            host_gpus=host_gpus,
             models=models.result(),
             observed_at=observed_at,
         )
+
+
+def read_host_gpus(engine: HostGpuReader | None, hosts: Collection[str], image: str) -> dict[str, NvmlObservation]:
+    """Each host's GPUs read through its engine, concurrently. Never raises for a host: an engine that cannot
+    be reached or a query that fails is an unavailable observation saying why."""
+    if not hosts or engine is None:  # no engine to read through (the demo's in-memory Docker): nothing seen
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(hosts), 8), thread_name_prefix="host-gpus") as pool:
+        futures = {host: pool.submit(_query, engine, host, image) for host in sorted(hosts)}
+        return {host: future.result() for host, future in futures.items()}
+
+
+def _query(engine: HostGpuReader, host: str, image: str) -> NvmlObservation:
+    try:
+        return engine.query_gpus(host, image=image, timeout=GPU_QUERY_TIMEOUT)
+    except NotFoundError as exc:
+        reason = (
+            f"its GPUs cannot be read through its engine: {exc}; pull the Lab's images.gpu_query ({image}) "
+            "on that host, or name an image it has"
+        )
+        return NvmlObservation(available=False, error=reason)
+    except ReconcilerError as exc:
+        return NvmlObservation(available=False, error=f"its GPUs cannot be read through its engine: {exc}")
 
 
 def read_model_files(models: Iterable[Model]) -> dict[str, ModelFiles]:

@@ -18,7 +18,7 @@ from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load,
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.switch import SwitchHooks
 from reconciler.errors import PlanError
-from reconciler.planning.container_run import ContainerRun
+from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.inventory import OLD_SUFFIX
 from reconciler.planning.observed import ObservedContainer
 from reconciler.planning.plan import Action, Change
@@ -118,10 +118,12 @@ class DockerSteps:
                 if self.docker.container_state(host, name + OLD_SUFFIX) is not None:
                     self.docker.rename_container(host, name + OLD_SUFFIX, new_name=name)
                 if was_running:
+                    self._before_restart(change)
                     self.docker.start_container(host, name)
             case Action.START:
                 self.docker.stop_container(host, name, timeout=self.health.shutdown_timeout)
             case Action.STOP:
+                self._before_restart(change)
                 self.docker.start_container(host, name)
             case Action.UPDATE | Action.UPDATE_RESTART:
                 pass
@@ -170,8 +172,22 @@ class DockerSteps:
         """A member of an exclusive group starts once its GPUs have the memory it needs free (engine/switch.py)."""
         if self.switch is not None and isinstance(change.after, ContainerRun):
             timeout, interval = self.health.cap(self.health.vram_timeout), self.health.interval or 1.0
+            host, _ = host_and_name(change)
             self.switch.wait_before_start(
-                change.address, change.after, timeout=timeout, interval=interval, sleep=self.sleep
+                change.address, change.after, host=host, timeout=timeout, interval=interval, sleep=self.sleep
+            )
+
+    def _before_restart(self, change: Change) -> None:
+        """A rollback starts an old member again once the GPUs it held have its memory free (when it can tell)."""
+        if self.switch is not None and isinstance(change.before, ContainerSeen):
+            timeout, interval = self.health.cap(self.health.vram_timeout), self.health.interval or 1.0
+            self.switch.wait_before_restart(
+                change.address,
+                host=change.before.host,
+                gpus=change.before.gpus,
+                timeout=timeout,
+                interval=interval,
+                sleep=self.sleep,
             )
 
     def _phased(self, change: Change, result: ProbeResult, *, timeout: float, interval: float) -> ProbeResult:

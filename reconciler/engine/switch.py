@@ -12,7 +12,8 @@ The switch, in order:
      members with the memory they need free; bounded, and a timeout fails the switch;
   3. start the new members;
   4. wait for their phased health (starting -> ready -> working, engine/health.py).
-On a failure it stops the new members, starts the old ones again and checks they are healthy again; the
+On a failure it stops the new members, waits for the memory each old member needs (when it says), starts
+the old ones again and checks they are healthy again; the
 report says `rolled-back`, or `rollback-failed` with what did not come back. Every wait reports its phase
 and elapsed time to a `ProgressSink` (the terminal's live line, the loop's status).
 """
@@ -36,6 +37,7 @@ __all__ = [
     "EngineGpus",
     "ExclusiveSwitch",
     "GpuMemory",
+    "GpuQuery",
     "Member",
     "SwitchHooks",
     "SwitchOutcome",
@@ -75,7 +77,10 @@ class GpuMemory(Protocol):
     ) -> ObservedGpu: ...
 
 
-class _GpuQuery(Protocol):
+@runtime_checkable
+class GpuQuery(Protocol):
+    """What DockerBackend offers: a host's GPUs read by nvidia-smi through its engine."""
+
     def query_gpus(self, host: str, *, image: str, timeout: float = 60.0) -> NvmlObservation: ...
 
 
@@ -86,7 +91,7 @@ class EngineGpus:
     For GPUs the reconciler's own NVML cannot see (passed through to a VM, or in an LXC).
     """
 
-    docker: _GpuQuery
+    docker: GpuQuery
     host: str
     image: str
 
@@ -385,6 +390,7 @@ class ExclusiveSwitch:
                 report.rollback_errors.append(f"{member.label}: could not be stopped: {exc}")
         for member in stopped:
             try:
+                self._wait_free([member])  # the new members' memory first, when the old one declares its own
                 self._start(member)
                 self._healthy(member)
             except (ReconcilerError, _Failed) as exc:
@@ -434,29 +440,64 @@ class _Timer:
 
 @dataclass(frozen=True)
 class SwitchHooks:
-    """What the Docker steps call for the members of exclusive groups (container address -> declared VRAM)."""
+    """What the Docker steps call for the members of exclusive groups (container address -> declared VRAM).
+
+    A member's GPUs are waited on through the local NVML where it sees them, else through `nvidia-smi` on
+    its host's engine (`engine`, in the Lab's `images.gpu_query`): a VM's passed-through GPUs, an LXC's on
+    another machine.
+    """
 
     members: Mapping[str, int | None]
     gpus: GpuMemory | None = None
     progress: ProgressSink | None = None
+    engine: GpuQuery | None = None
+    image: str = ""
 
     @classmethod
-    def of(cls, desired: DesiredState, *, gpus: GpuMemory | None, progress: ProgressSink | None) -> SwitchHooks:
+    def of(
+        cls,
+        desired: DesiredState,
+        *,
+        gpus: GpuMemory | None,
+        progress: ProgressSink | None,
+        engine: GpuQuery | None = None,
+    ) -> SwitchHooks:
         members: dict[str, int | None] = {}
         for workload in desired.workloads():
             address = Address.of(workload)
             if workload.exclusive is not None and address is not None:
                 members[str(address)] = int(workload.vram) if workload.vram is not None else None
-        return cls(members, gpus, progress)
+        return cls(members, gpus, progress, engine, desired.lab.images.gpu_query)
+
+    def reader_for(self, host: str, uuids: Sequence[str]) -> GpuMemory | None:
+        """The local NVML when it sees every GPU of `uuids`, else the host's engine (when there is one)."""
+        wanted = {u.lower() for u in uuids if u != "all"}
+        if self.gpus is not None:
+            local = self.gpus.observe()
+            if local.available and wanted <= {g.uuid.lower() for g in local.gpus}:
+                return self.gpus
+        if self.engine is not None and wanted:
+            return EngineGpus(self.engine, host, self.image)
+        return self.gpus
 
     def wait_before_start(
-        self, address: str, after: ContainerRun, *, timeout: float, interval: float, sleep: Callable[[float], None]
+        self,
+        address: str,
+        after: ContainerRun,
+        *,
+        host: str,
+        timeout: float,
+        interval: float,
+        sleep: Callable[[float], None],
     ) -> None:
         """Raise TemporaryError when the GPUs of a member about to start do not have its memory free in time."""
-        if address not in self.members or self.gpus is None or not after.gpus:
+        if address not in self.members or not after.gpus:
+            return
+        gpus = self.reader_for(host, after.gpus)
+        if gpus is None:
             return
         freed = before_start(
-            self.gpus,
+            gpus,
             after,
             declared=self.members[address],
             timeout=timeout,
@@ -466,6 +507,33 @@ class SwitchHooks:
         )
         if not freed.healthy:
             raise TemporaryError(freed.detail, resource=address, hint="stop what holds the GPU, or wait longer")
+
+    def wait_before_restart(
+        self,
+        address: str,
+        *,
+        host: str,
+        gpus: Sequence[str],
+        timeout: float,
+        interval: float,
+        sleep: Callable[[float], None],
+    ) -> None:
+        """Before a rollback starts an old member again: wait for its declared VRAM on the GPUs it held.
+
+        Only when it can: a member with a declared `vram` and GPUs a reader sees. Raises TemporaryError on
+        a timeout (starting it then would fail to load anyway).
+        """
+        declared = self.members.get(address)
+        uuids = [u for u in gpus if u != "all"]
+        if not declared or not uuids:
+            return
+        reader = self.reader_for(host, uuids)
+        if reader is None:
+            return
+        needs = dict.fromkeys(uuids, declared)
+        freed = wait_for_vram(reader, needs, timeout=timeout, interval=interval, progress=self.progress, sleep=sleep)
+        if not freed.healthy:
+            raise TemporaryError(freed.detail, resource=address, hint="stop what holds the GPU, then start it")
 
     def phased(
         self,

@@ -16,6 +16,10 @@ persistence and compute mode). Matching is `gpusight.match_gpus`, per view:
 A GPU seen by several sources takes the first match (the host's engine before
 the local NVML). A GPU no source matches gets a problem naming why, and what
 to do (most often: give it its `uuid`).
+
+`hosts_to_query(desired, nvml)` tells observe which Docker hosts to read
+through their engines: those with GPU workloads whose GPUs the local NVML
+does not see.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from dataclasses import dataclass, field
 
 from reconciler.planning.gpusight import GuestView, HostView, MatchedBy, match_gpus
 from reconciler.planning.observed import NvmlObservation, Observed, ObservedGpu
-from reconciler.spec.models import Gpu, Lxc, Vm
+from reconciler.spec.models import DockerHost, Gpu, Lxc, Vm
 from reconciler.spec.state import DesiredState
 
-__all__ = ["GpuSight", "SightSource", "gpu_sight", "sources"]
+__all__ = ["GpuSight", "SightSource", "gpu_sight", "hosts_to_query", "sources"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +114,10 @@ def gpu_sight(desired: DesiredState, observed: Observed) -> GpuSight:
             seen[name], how[name], where[name] = found, match.how[name], source.label
             problems.pop(name, None)
         for gpu in wanted:
-            if gpu.name not in seen:
-                problems[gpu.name] = _problem_of(gpu.name, match.problems) or f"{source.label} does not see it"
+            if gpu.name not in seen:  # the first source's word stands: the host's engine before the local NVML
+                problems.setdefault(
+                    gpu.name, _problem_of(gpu.name, match.problems) or f"{source.label} does not see it"
+                )
     inside = desired.lab.nvml.inside
     if inside and desired.get(Vm, inside) is None:
         for gpu in desired.of(Gpu):
@@ -129,3 +135,28 @@ def _problem_of(name: str, problems: Sequence[str]) -> str | None:
             return problem.split(":", 1)[1].strip()
     word = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
     return next((problem for problem in problems if word.search(problem)), None)
+
+
+def hosts_to_query(desired: DesiredState, nvml: NvmlObservation | None) -> tuple[str, ...]:
+    """Docker hosts to read GPUs through: a workload there asks for GPUs, and the local NVML misses one of them."""
+    seen = gpu_sight(desired, Observed(nvml=nvml)).seen
+    wanted: dict[str, set[str]] = {}
+    for workload in desired.workloads():
+        if workload.gpus or workload.role:
+            wanted.setdefault(workload.host, set()).update(_host_gpus(desired, workload.host, workload.gpus))
+    return tuple(sorted(host for host, names in wanted.items() if any(name not in seen for name in names)))
+
+
+def _host_gpus(desired: DesiredState, host: str, named: Sequence[str]) -> Sequence[str]:
+    """The spec GPUs a workload on `host` may hold: a Vm's passed-through ones, an Lxc's, else those named
+    (or, placed by role, every GPU of the DockerHost's node)."""
+    vm, lxc = desired.get(Vm, host), desired.get(Lxc, host)
+    if vm is not None:
+        return [p.gpu for p in vm.gpus]
+    if lxc is not None:
+        return lxc.gpus
+    if named:
+        return named
+    docker_host = desired.get(DockerHost, host)
+    node = docker_host.node if docker_host is not None else None
+    return [gpu.name for gpu in desired.of(Gpu) if node is None or gpu.node == node]

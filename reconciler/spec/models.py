@@ -282,6 +282,12 @@ class EngineImages(_Strict):
     vllm: ImageRef = "vllm/vllm-openai:v0.11.0"
     llamacpp: ImageRef = "ghcr.io/ggml-org/llama.cpp:server-cuda"
     ollama: ImageRef = "ollama/ollama:0.12.6"
+    gpu_query: ImageRef = Field(
+        "ubuntu:24.04",
+        description="image run for a moment on a Docker host whose GPUs the reconciler's own NVML does not see "
+        "(passed through to a VM, in an LXC elsewhere), to read them with nvidia-smi: the NVIDIA container "
+        "toolkit injects nvidia-smi, the image needs glibc and sh, and must already be on that host",
+    )
 
 
 class NotifyKind(enum.StrEnum):
