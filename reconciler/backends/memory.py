@@ -96,9 +96,12 @@ class MemoryProxmox:
         with self._lock:
             self.requests.append(("GET", "observe"))
             guests = tuple(self._view(g) for g in sorted(self.guests.values(), key=lambda g: g.vmid))
-            return ProxmoxObservation(
-                self.version, tuple(ObservedNode(n, True) for n in self.nodes), guests, tuple(self.pci_devices), ()
+            templates = tuple(
+                TemplateRow(t.vmid, t.config.get("name"), t.node, True, local_storage=False)
+                for t in sorted(self.templates_.values(), key=lambda t: t.vmid)
             )
+            seen_nodes = tuple(ObservedNode(n, True) for n in self.nodes)
+            return ProxmoxObservation(self.version, seen_nodes, guests, tuple(self.pci_devices), (), templates)
 
     def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest:
         with self._lock:
