@@ -50,7 +50,7 @@ class ProxmoxReads:
 
         `nodes` limits the nodes (and their guests) read; None reads all. Guests
         that are templates are left out of the guests and listed as `templates` (of every node, with
-        whether a volume of theirs is on local storage: one config read each), for the planner to
+        whether a volume of theirs is on local storage: one read of its `pending` each), for the planner to
         check each clone's source; storage sharing comes from the same inventory rows.
         A guest on an offline node is listed with the inventory's status (`unknown`) and an empty
         config: it cannot be read, and the planner must leave it alone. Raises the first error of any read
@@ -130,14 +130,14 @@ class ProxmoxReads:
         name = str(row["name"]) if row.get("name") else None
         if node not in online:
             return TemplateRow(vmid, name, node, True)
-        try:
-            config = self._pve.get(f"nodes/{node}/qemu/{vmid}/config", resource=guest_ref(GuestKind.QEMU, vmid))
+        try:  # `.../pending`, as for a guest: every key with its value
+            items = self._pve.get(f"nodes/{node}/qemu/{vmid}/pending", resource=guest_ref(GuestKind.QEMU, vmid))
         except (PermissionDenied, NotFoundError):
             return TemplateRow(vmid, name, node, True)
         storages = {
-            pve.volume_storage(GuestKind.QEMU, str(key), _text(value))
-            for key, value in (config or {}).items()
-            if isinstance(value, str | int)
+            pve.volume_storage(GuestKind.QEMU, str(item.get("key", "")), _text(item["value"]))
+            for item in items or ()
+            if isinstance(item, Mapping) and item.get("value") is not None
         }
         local = any(storage is not None and storage not in shared for storage in storages)
         return TemplateRow(vmid, name, node, True, local_storage=local)
