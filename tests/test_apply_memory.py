@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_a_health_check_that_fails_restores_the_previous_container(harness: Harn
     write_tree(tmp_path / "spec", SPEC.replace("port: 8000", "port: 8001"))
     harness.options = type(harness.options)(
         health=HealthPolicy(max_timeout=0.2, interval=0.01),
-        prober=lambda host, probe: harness.lab.probe(host, {**probe, "port": 1}),
+        prober=lambda host, probe, load: harness.lab.probe(host, replace(probe, port=1), load),
     )
     _, report = harness.apply(load(tmp_path / "spec"))
     assert report is not None and report.result is RunResult.ROLLED_BACK
@@ -164,7 +165,7 @@ def test_an_interrupted_run_is_resumed_and_its_steps_can_still_be_undone(harness
     # The resumed run fails its health check: the interrupted run's steps are undone as well.
     harness.options = type(harness.options)(
         health=HealthPolicy(max_timeout=0.1, interval=0.01),
-        prober=lambda host, probe: harness.lab.probe(host, {**probe, "port": 1}),
+        prober=lambda host, probe, load: harness.lab.probe(host, replace(probe, port=1), load),
     )
     plan, report = harness.apply(changed)
     assert [(c.address, c.action) for c in plan.changes] == [("container/llm/qwen-7b", Action.CREATE)]
@@ -419,7 +420,7 @@ def test_a_backend_error_during_a_health_check_rolls_back(harness: Harness, tmp_
     old_id = harness.lab.docker.containers["llm"]["qwen-7b"].id
     write_tree(tmp_path / "spec", SPEC.replace("port: 8000", "port: 8001"))
 
-    def engine_gone(host: str, probe: object) -> object:
+    def engine_gone(host: str, probe: object, load: str | None) -> object:
         raise TemporaryError("Docker engine answered 502", resource=f"{host}/qwen-7b")
 
     _, report = harness.apply(load(tmp_path / "spec"), prober=engine_gone)

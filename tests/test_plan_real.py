@@ -51,6 +51,7 @@ from rich.console import Console
 from reconciler.cli.render import print_plan
 from reconciler.engine.health import ProbeResult, ollama_load, probe_http, probe_tcp
 from reconciler.engine.journal import RunResult
+from reconciler.planning.container_run import ContainerProbe
 from reconciler.planning.plan import Action, Change, Plan, Timing
 from reconciler.planning.pve import normalise_tags, parse_property
 from reconciler.spec.models import ExclusiveGroup
@@ -225,18 +226,16 @@ APPLY_ADJUSTMENTS: dict[str, list[tuple[str, str, str]]] = {
 }  # fmt: skip
 
 
-def probe_here(host: str, probe: Any) -> ProbeResult:
+def probe_here(host: str, probe: ContainerProbe, load: str | None) -> ProbeResult:
     """The applier's probe, made on this machine: every Docker host of the lab is the local engine."""
-    if probe.get("ollama_load"):
-        return ollama_load(f"http://127.0.0.1:{probe['port']}", str(probe["ollama_load"]), timeout=30)
-    if probe.get("http"):
-        target = urlsplit(str(probe["http"]))
-        port = target.port or probe.get("port")
+    if load:
+        return ollama_load(f"http://127.0.0.1:{probe.port}", load, timeout=30)
+    if probe.http:
+        target = urlsplit(probe.http)
+        port = target.port or probe.port
         path = target.path or "/"
-        return probe_http(
-            f"http://127.0.0.1:{port}{path}", status=int(probe.get("status", 200)), body=probe.get("body")
-        )
-    return probe_tcp(f"127.0.0.1:{str(probe['tcp']).rsplit(':', 1)[-1]}")
+        return probe_http(f"http://127.0.0.1:{port}{path}", status=probe.status, body=probe.body)
+    return probe_tcp(f"127.0.0.1:{str(probe.tcp).rsplit(':', 1)[-1]}")
 
 
 def appliable(tree: Tree, into: Path) -> Path:

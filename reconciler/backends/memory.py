@@ -6,19 +6,20 @@ planner meets the same shapes: PVE turns `local-lvm:64` into
 parameters, normalises tags, keeps changes that need a reboot pending on a
 running VM, and guards updates with a digest. Docker keeps containers with
 their labels and the environment the image adds. Writes are recorded in
-`requests` so tests can count them.
+`requests` so tests can count them. VM templates and clones, and the guest record, are in
+`memory_guests.py` (a mixin of `MemoryProxmox`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
+from reconciler.backends.memory_guests import MemoryGuest, MemoryTemplates, is_volume_key, planned_fault
 from reconciler.errors import NotFoundError, PermanentError, TaskFailed, TemporaryError
 from reconciler.planning import pve
 from reconciler.planning.container_run import ContainerRun
@@ -33,7 +34,6 @@ from reconciler.planning.observed import (
     ProxmoxObservation,
 )
 from reconciler.planning.plan import Timing
-from reconciler.planning.pve_access import TemplateRow
 
 __all__ = ["MemoryDocker", "MemoryGuest", "MemoryNvml", "MemoryProxmox"]
 
@@ -41,23 +41,7 @@ _VOLUME_RE = re.compile(r"^([^:/\s]+):(\d+(?:\.\d+)?)$")
 _IMAGE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-@dataclass
-class MemoryGuest:
-    type: GuestKind
-    vmid: int
-    node: str
-    config: dict[str, str]
-    status: str = "stopped"
-    pending: dict[str, str] = field(default_factory=dict)
-    pending_delete: set[str] = field(default_factory=set)
-    lock: str | None = None
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
-
-
-class MemoryProxmox:
+class MemoryProxmox(MemoryTemplates):
     """A Proxmox cluster in memory: nodes, guests, NVIDIA PCI devices. Same methods as ProxmoxBackend."""
 
     def __init__(self, nodes: Iterable[str] = ("pve1",), *, version: str = "9.0.10") -> None:
@@ -79,26 +63,15 @@ class MemoryProxmox:
             ObservedPciDevice(node, address, "0x10de", device, "NVIDIA Corporation", name, len(self.pci_devices) + 10)
         )
 
-    def add_template(self, vmid: int, name: str, *, node: str = "pve1", config: Mapping[str, str] = {}) -> None:
-        """A VM template (a cloud-init image, say): its disks are `local-lvm:base-VMID-disk-N,size=...`."""
-        stored = {"name": name, "template": "1", **config}
-        self.templates_[vmid] = MemoryGuest(GuestKind.QEMU, vmid, node, stored)
-
-    def templates(self) -> list[TemplateRow]:
-        """Every VM template of the cluster, as `/cluster/resources?type=vm` lists them (template=1)."""
-        with self._lock:
-            self.requests.append(("GET", "templates"))
-            return [TemplateRow(t.vmid, t.config.get("name"), t.node, True) for t in self.templates_.values()]
-
     # ---- reading -------------------------------------------------------------------------
 
     def observe(self, *, nodes: Iterable[str] | None = None) -> ProxmoxObservation:
         with self._lock:
             self.requests.append(("GET", "observe"))
             guests = tuple(self._view(g) for g in sorted(self.guests.values(), key=lambda g: g.vmid))
-            return ProxmoxObservation(
-                self.version, tuple(ObservedNode(n, True) for n in self.nodes), guests, tuple(self.pci_devices), ()
-            )
+            templates = self.template_rows()
+            seen_nodes = tuple(ObservedNode(n, True) for n in self.nodes)
+            return ProxmoxObservation(self.version, seen_nodes, guests, tuple(self.pci_devices), (), templates)
 
     def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest:
         with self._lock:
@@ -132,37 +105,6 @@ class MemoryProxmox:
     def create_vm(self, node: str, vmid: int, *, config: Mapping[str, str], timeout: float | None = None) -> None:
         self._create(GuestKind.QEMU, node, vmid, config)
 
-    def clone_vm(
-        self, node: str, template: int, newid: int, *, params: Mapping[str, str], timeout: float | None = None
-    ) -> None:
-        """Clone a template as PVE does: its config copied, each disk a new volume of the same size (linked or
-        full), a cloud-init drive of the clone's own, new MACs, on `target` when given."""
-        _planned_fault(self.fail_next, "clone")
-        with self._lock:
-            self.requests.append(("POST", f"qemu/{template}/clone"))
-            source = self.templates_.get(template) or self.guests.get(template)
-            if source is None or source.node != node:
-                raise NotFoundError(f"qemu {template} does not exist on {node}", resource=f"qemu/{newid}")
-            if newid in self.guests or newid in self.templates_:
-                raise PermanentError(
-                    f"unable to create VM {newid}: config file already exists", resource=f"qemu/{newid}"
-                )
-            target = params.get("target", node)
-            if target not in self.nodes:
-                raise NotFoundError(f"no such cluster node {target!r}", resource=f"qemu/{newid}")
-            disks = itertools.count()
-            config: dict[str, str] = {}
-            for key, value in source.config.items():
-                if key == "template":
-                    continue
-                if _is_volume_key(key):
-                    value = _cloned_volume(key, value, newid, template, disks, params)
-                elif key.startswith("net") and key[3:].isdigit():
-                    value = self._with_mac(GuestKind.QEMU, _without_mac(value), None)
-                config[key] = value
-            config["name"] = params.get("name", f"Copy-of-VM-{source.config.get('name', template)}")
-            self.guests[newid] = MemoryGuest(GuestKind.QEMU, newid, target, config)
-
     def update_config(
         self,
         guest_type: GuestKind,
@@ -173,7 +115,7 @@ class MemoryProxmox:
         delete: Sequence[str] = (),
         digest: str | None = None,
     ) -> None:
-        _planned_fault(self.fail_next, "update_config")
+        planned_fault(self.fail_next, "update_config")
         if not config and not delete:
             return
         with self._lock:
@@ -201,7 +143,7 @@ class MemoryProxmox:
                     guest.config.pop(key, None)
 
     def start(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
-        _planned_fault(self.fail_next, "start")
+        planned_fault(self.fail_next, "start")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status == "running":
@@ -216,7 +158,7 @@ class MemoryProxmox:
         self.stop(guest_type, node, vmid)
 
     def stop(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float | None = None) -> None:
-        _planned_fault(self.fail_next, "stop")
+        planned_fault(self.fail_next, "stop")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status == "stopped":
@@ -225,7 +167,7 @@ class MemoryProxmox:
             guest.status = "stopped"
 
     def reboot(self, guest_type: GuestKind, node: str, vmid: int, *, timeout: float = 60.0) -> None:
-        _planned_fault(self.fail_next, "reboot")
+        planned_fault(self.fail_next, "reboot")
         with self._lock:
             guest = self._guest(guest_type, node, vmid)
             if guest.status != "running":
@@ -234,7 +176,7 @@ class MemoryProxmox:
             self._apply_pending(guest)
 
     def delete(self, guest_type: GuestKind, node: str, vmid: int, *, purge: bool = True) -> None:
-        _planned_fault(self.fail_next, "delete")
+        planned_fault(self.fail_next, "delete")
         with self._lock:
             self.requests.append(("DELETE", f"{guest_type}/{vmid}"))
             guest = self._guest(guest_type, node, vmid)
@@ -244,7 +186,7 @@ class MemoryProxmox:
 
     def resize(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, size: str) -> None:
         """Grow a volume to `size` (PVE's resize call); refuse to shrink, as PVE does."""
-        _planned_fault(self.fail_next, "resize")
+        planned_fault(self.fail_next, "resize")
         with self._lock:
             self.requests.append(("PUT", f"{guest_type}/{vmid}/resize"))
             guest = self._guest(guest_type, node, vmid)
@@ -260,7 +202,7 @@ class MemoryProxmox:
 
     def move_volume(self, guest_type: GuestKind, node: str, vmid: int, *, disk: str, storage: str) -> None:
         """Move a volume to another storage with its data (PVE's move_volume / move_disk)."""
-        _planned_fault(self.fail_next, "move")
+        planned_fault(self.fail_next, "move")
         with self._lock:
             self.requests.append(("POST", f"{guest_type}/{vmid}/move"))
             guest = self._guest(guest_type, node, vmid)
@@ -277,7 +219,7 @@ class MemoryProxmox:
     # ---- PVE's ways --------------------------------------------------------------------------
 
     def _create(self, guest_type: GuestKind, node: str, vmid: int, config: Mapping[str, str]) -> None:
-        _planned_fault(self.fail_next, "create")
+        planned_fault(self.fail_next, "create")
         with self._lock:
             self.requests.append(("POST", f"{guest_type}/{vmid}"))
             if vmid in self.guests:
@@ -305,13 +247,13 @@ class MemoryProxmox:
     ) -> dict[str, str]:
         """What PVE writes to the config file for these parameters."""
         stored: dict[str, str] = {}
-        disks = itertools.count(sum(1 for k in current if _is_volume_key(k)))
+        disks = itertools.count(sum(1 for k in current if is_volume_key(k)))
         for key, value in config.items():
             if key in pve.CREATE_ONLY[guest_type]:
                 continue
             if key == "tags":
                 value = ";".join(pve.normalise_tags(value))
-            elif _is_volume_key(key):
+            elif is_volume_key(key):
                 value = self._allocate(vmid, key, value, current.get(key), disks)
             elif key.startswith("net") and key[3:].isdigit():
                 value = self._with_mac(guest_type, value, current.get(key))
@@ -366,40 +308,6 @@ class MemoryProxmox:
         return guest
 
 
-def _planned_fault(fail_next: dict[str, Exception], operation: str) -> None:
-    """Raise the error a test planned for the next call of `operation`, once."""
-    error = fail_next.pop(operation, None)
-    if error is not None:
-        raise error
-
-
-def _without_mac(value: str) -> str:
-    """A VM NIC without its MAC (`virtio=BC:...,bridge=vmbr0` -> `virtio,bridge=vmbr0`): a clone gets a new one."""
-    head, _, rest = value.partition(",")
-    return head.split("=", 1)[0] + (f",{rest}" if rest else "")
-
-
-def _cloned_volume(
-    key: str, value: str, newid: int, template: int, disks: Iterable[int], params: Mapping[str, str]
-) -> str:
-    """A template's drive in its clone: the cloud-init drive and each disk become volumes of the clone's own."""
-    fields = pve.parse_property(value, "file")
-    storage, _, name = fields.get("file", "").partition(":")
-    if not name or (fields.get("media") == "cdrom" and not name.endswith("cloudinit")):
-        return value
-    if name.endswith("cloudinit"):
-        fields["file"] = f"{storage}:vm-{newid}-cloudinit"
-    elif params.get("full", "1") == "1":
-        fields["file"] = f"{params.get('storage', storage)}:vm-{newid}-disk-{next(iter(disks))}"
-    else:  # a linked clone: a thin snapshot of the base volume on the template's storage (LVM-thin's naming)
-        fields["file"] = f"{storage}:vm-{newid}-disk-{next(iter(disks))}"
-    return pve.format_property(fields, "file")
-
-
-def _is_volume_key(key: str) -> bool:
-    return key == "rootfs" or bool(re.fullmatch(r"(mp|scsi|virtio|sata|ide)\d+", key))
-
-
 class MemoryDocker:
     """Docker engines in memory, one per host name. Same methods as DockerBackend."""
 
@@ -439,7 +347,7 @@ class MemoryDocker:
             self.images[host].add(image)
 
     def create_container(self, host: str, spec: ContainerRun) -> str:
-        _planned_fault(self.fail_next, "create_container")
+        planned_fault(self.fail_next, "create_container")
         with self._lock:
             self.requests.append(("POST", f"{host}/containers/{spec.name}"))
             containers = self._host(host)

@@ -1,7 +1,7 @@
 """Reads of the Proxmox VE backend: the cluster as `observe` sees it, and one guest.
 
 Who calls it: the engine's observe step, through `ProxmoxBackend` (which is a `ProxmoxReads`).
-One pass costs one inventory read (`/cluster/resources?type=vm`) plus one read per guest
+One pass costs one inventory read (`/cluster/resources`: guests, templates and storages) plus one read per guest
 (`.../pending`, which lists every key with its current value, its pending value and pending
 deletes, and in real PVE the config `digest`), made concurrently, plus a fixed few (`/version`,
 `/nodes`, each online node's PCI devices, the cluster's PCI mappings). Nothing here writes.
@@ -24,8 +24,8 @@ from reconciler.planning.observed import (
     ObservedPciDevice,
     PciMapping,
     ProxmoxObservation,
+    TemplateRow,
 )
-from reconciler.planning.pve_access import TemplateRow
 
 __all__ = ["NVIDIA_VENDOR", "ProxmoxReads", "guest_ref"]
 
@@ -49,9 +49,11 @@ class ProxmoxReads:
         """Read the cluster: version, nodes, every guest's config and pending changes, NVIDIA PCI devices, PCI mappings.
 
         `nodes` limits the nodes (and their guests) read; None reads all. Guests
-        that are templates are left out. A guest on an offline node is listed with
-        the inventory's status (`unknown`) and an empty config: it cannot be read,
-        and the planner must leave it alone. Raises the first error of any read
+        that are templates are left out of the guests and listed as `templates` (of every node, with
+        whether a volume of theirs is on local storage: one read of its `pending` each), for the planner to
+        check each clone's source; storage sharing comes from the same inventory rows.
+        A guest on an offline node is listed with the inventory's status (`unknown`) and an empty
+        config: it cannot be read, and the planner must leave it alone. Raises the first error of any read
         except PCI devices and mappings, which degrade to none (with a warning)
         when the credentials may not read them.
         """
@@ -64,19 +66,24 @@ class ProxmoxReads:
             if wanted is None or row.get("node") in wanted
         )
         online = frozenset(n.name for n in observed_nodes if n.online)
+        resources = self._pve.get("cluster/resources", resource="cluster/resources") or ()
         rows = [
             row
-            for row in self._pve.get("cluster/resources", resource="cluster/resources", params={"type": "vm"})
+            for row in resources
             if row.get("type") in ("lxc", "qemu")
             and not row.get("template")
             and (wanted is None or row.get("node") in wanted)
         ]
+        template_rows = [r for r in resources if r.get("type") == "qemu" and r.get("template") and r.get("vmid")]
+        shared = _shared_storages(resources)
         with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="pve-observe") as pool:
             try:
                 guest_futures = [pool.submit(self._observe_row, row, online) for row in rows]
+                template_futures = [pool.submit(self._template, row, online, shared) for row in template_rows]
                 pci_futures = [pool.submit(self._pci_devices, node) for node in sorted(online)]
                 mappings_future: Future[tuple[PciMapping, ...]] = pool.submit(self._mappings)
                 guests = [g for g in (f.result() for f in guest_futures) if g is not None]
+                templates = [f.result() for f in template_futures]
                 devices = [d for f in pci_futures for d in f.result()]
                 mappings = mappings_future.result()
             except BaseException:
@@ -88,6 +95,7 @@ class ProxmoxReads:
             guests=tuple(sorted(guests, key=lambda g: g.vmid)),
             pci_devices=tuple(sorted(devices, key=lambda d: (d.node, d.address))),
             mappings=mappings,
+            templates=tuple(sorted(templates, key=lambda t: t.vmid)),
         )
 
     def observe_guest(self, guest_type: GuestKind, node: str, vmid: int) -> ObservedGuest:
@@ -115,6 +123,24 @@ class ProxmoxReads:
             for row in rows or ()
             if row.get("type") == GuestKind.QEMU.value and row.get("template") and row.get("vmid") is not None
         ]
+
+    def _template(self, row: Mapping[str, Any], online: frozenset[str], shared: frozenset[str]) -> TemplateRow:
+        """A template row, with whether it uses local storage (None when its node is down or its config unreadable)."""
+        vmid, node = int(row["vmid"]), str(row.get("node"))
+        name = str(row["name"]) if row.get("name") else None
+        if node not in online:
+            return TemplateRow(vmid, name, node, True)
+        try:  # `.../pending`, as for a guest: every key with its value
+            items = self._pve.get(f"nodes/{node}/qemu/{vmid}/pending", resource=guest_ref(GuestKind.QEMU, vmid))
+        except (PermissionDenied, NotFoundError):
+            return TemplateRow(vmid, name, node, True)
+        storages = {
+            pve.volume_storage(GuestKind.QEMU, str(item.get("key", "")), _text(item["value"]))
+            for item in items or ()
+            if isinstance(item, Mapping) and item.get("value") is not None
+        }
+        local = any(storage is not None and storage not in shared for storage in storages)
+        return TemplateRow(vmid, name, node, True, local_storage=local)
 
     def _observe_row(self, row: Mapping[str, Any], online: frozenset[str]) -> ObservedGuest | None:
         kind = GuestKind(str(row["type"]))
@@ -194,6 +220,11 @@ class ProxmoxReads:
                     paths.setdefault(fields["node"], []).extend(addresses)
             mappings.append(PciMapping(name=str(row["id"]), paths={n: tuple(a) for n, a in sorted(paths.items())}))
         return tuple(sorted(mappings, key=lambda m: m.name))
+
+
+def _shared_storages(resources: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The storages `/cluster/resources` marks shared (one row per node and storage)."""
+    return frozenset(str(r["storage"]) for r in resources if r.get("type") == "storage" and r.get("shared"))
 
 
 def _text(value: Any) -> str:

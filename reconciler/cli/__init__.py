@@ -413,15 +413,18 @@ def forget(
     """Drop resources from the journal's inventory (and what is below them) without touching the lab.
 
     For what was removed by hand, or lives on a host that is gone: the reconciler stops
-    counting it as its own. Exit 1 when nothing matched.
+    counting it as its own. A guest's provisioning records go too (its steps run again on
+    a new guest), and the host key its provisioning recorded. Exit 1 when nothing matched.
     """
     from reconciler.engine.journal import Journal
     from reconciler.engine.lock import state_lock
+    from reconciler.engine.provision_apply import forget_guest_access
 
     with _errors_exit(), state_lock(folder := _state_dir(state_dir)):
         journal = Journal(folder / "journal.sqlite")
         try:
             forgotten = [address for prefix in addresses for address in journal.forget_under(prefix)]
+            forgotten += [line for prefix in addresses for line in forget_guest_access(journal, prefix)]
         finally:
             journal.close()
     for address in forgotten:

@@ -23,8 +23,9 @@ are undone too, so the lab returns to the state before the first attempt; if
 it succeeds, their leftovers (renamed old containers) are cleaned up.
 
 The `Applier` sequences, journals and rolls back; what one change does to a
-backend, how it is undone and checked, is in `engine.steps_proxmox` and
-`engine.steps_docker` (their shared types in `engine.steps`).
+backend, how it is undone and checked, is in `engine.steps_proxmox`,
+`engine.steps_docker` and `engine.steps_gpu` (their shared types in
+`engine.steps`); what is refused before anything is touched, in `engine.preflight`.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from typing import Any, assert_never
 
 from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, RunResult, StepOutcome, StepRecord
+from reconciler.engine.preflight import preflight
 from reconciler.engine.provision_apply import Connect, Provisioner
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
-from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, resolve_secrets
+from reconciler.engine.steps_docker import ContainerBackend, DockerSteps, Prober, resolve_secrets
 from reconciler.engine.steps_gpu import GpuSetter, GpuSteps
 from reconciler.engine.steps_proxmox import GuestBackend, ProxmoxSteps
 from reconciler.engine.switch import GpuMemory, GpuQuery, SwitchHooks
-from reconciler.errors import ConfigError, PlanError, ReconcilerError
+from reconciler.errors import PlanError, ReconcilerError
 from reconciler.planning.container_run import ContainerRun, ContainerSeen
 from reconciler.planning.gpu_values import GpuValues
 from reconciler.planning.intents import GuestIntent, GuestSeen
@@ -117,7 +119,7 @@ class Applier:
         health: HealthPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         on_step: Callable[[StepReport], None] | None = None,
-        prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None,
+        prober: Prober | None = None,
         gpus: GpuMemory | None = None,
         gpu_setter: GpuSetter | None = None,
         ssh_connect: Connect | None = None,
@@ -142,7 +144,13 @@ class Applier:
     def apply(self, plan: Plan, desired: DesiredState) -> ApplyReport:
         if not plan.applicable:
             raise PlanError("the plan has conflicts or blockers; it cannot be applied")
-        self._preflight(plan)
+        preflight(
+            plan,
+            has_proxmox=self.proxmox is not None,
+            has_docker=self.docker is not None,
+            gpu_settings=self.gpu_settings,
+            env=self.env,
+        )
         engine = self.docker if isinstance(self.docker, GpuQuery) else None  # GPUs local NVML does not see
         self.containers.switch = SwitchHooks.of(desired, gpus=self.gpus, progress=self.health.progress, engine=engine)
         self.provisioner = Provisioner(
@@ -188,26 +196,6 @@ class Applier:
         if plan.revision:
             self.journal.clear_failed(plan.revision)
         return report
-
-    def _preflight(self, plan: Plan) -> None:
-        """Refuse before touching anything: secrets that are not set, a backend that is not configured."""
-        for change in plan.changes:
-            if change.backend is Backend.DOCKER and self.docker is None:
-                raise ConfigError(
-                    "the plan changes containers but no Docker host is configured", resource=change.address
-                )
-            if change.backend is Backend.GPU:
-                self.gpu_settings.require(change)
-            if change.backend is Backend.PROXMOX and self.proxmox is None:
-                raise ConfigError("the plan changes guests but Proxmox is not configured", resource=change.address)
-            secrets = change.after.secret_env if isinstance(change.after, ContainerRun) else {}
-            for variable in secrets.values():
-                if variable not in self.env:
-                    raise ConfigError(
-                        f"the secret variable {variable} is not set",
-                        resource=change.resource,
-                        hint="export it in the reconciler's environment",
-                    )
 
     def _take_over_interrupted(self) -> tuple[list[Done], int | None]:
         inherited: list[Done] = []
@@ -310,8 +298,7 @@ class Applier:
             case GuestIntent():
                 return self.guests.check_running(after)
             case ContainerRun():
-                probe = after.probe.to_json() if after.probe else None
-                return self.containers.check_healthy(change, probe, load=after.load)
+                return self.containers.check_healthy(change, after.probe, load=after.load)
             case _:
                 assert_never(after)
 

@@ -462,10 +462,22 @@ class Journal(_JournalFile):
         )
         return {row["step"]: row["hash"] for row in rows}
 
-    def forget_provisioning(self, address: str) -> None:
-        """Forget what ran in a guest: it was destroyed (or recreated), so every step runs again."""
+    def forget_provisioning(self, address: str) -> int:
+        """Forget what ran in a guest: it was destroyed (or recreated), so every step runs again. How many
+        step records were dropped."""
         with self._tx() as db:
-            db.execute("DELETE FROM provision_steps WHERE address = ?", (address,))
+            return db.execute("DELETE FROM provision_steps WHERE address = ?", (address,)).rowcount
+
+    def provision_target(self, address: str) -> str | None:
+        """The SSH target (`user@host:port`) the last journaled provisioning change at `address` connected to."""
+        for row in self._rows("SELECT intent FROM steps WHERE address = ? ORDER BY id DESC", (address,)):
+            try:
+                after = json.loads(row["intent"]).get("after")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(after, Mapping) and isinstance(after.get("ssh"), str):
+                return str(after["ssh"])
+        return None
 
 
 def _table_names(db: sqlite3.Connection) -> set[str]:

@@ -31,7 +31,7 @@ from reconciler.engine.provision import CommandRunner, provision_guest
 from reconciler.errors import ConfigError, PermanentError, PlanError, TemporaryError
 from reconciler.logs import fields
 from reconciler.planning.observed import Observed
-from reconciler.planning.plan import Change, Plan
+from reconciler.planning.plan import Address, AddressKind, Change, Plan
 from reconciler.planning.provision import PlannedStep, StepInputMissing, plan_steps
 from reconciler.planning.provision_intent import ProvisionIntent
 from reconciler.planning.provision_plan import add_provisioning, provision_address, step_inputs
@@ -40,7 +40,15 @@ from reconciler.spec.access import SshTarget
 from reconciler.spec.models import DockerHost, Lxc, Vm
 from reconciler.spec.state import DesiredState
 
-__all__ = ["ENV_TARGET_PREFIX", "KNOWN_HOSTS", "ProvisionFailed", "Provisioner", "forget_host_key", "with_provisioning"]
+__all__ = [
+    "ENV_TARGET_PREFIX",
+    "KNOWN_HOSTS",
+    "ProvisionFailed",
+    "Provisioner",
+    "forget_guest_access",
+    "forget_host_key",
+    "with_provisioning",
+]
 
 KNOWN_HOSTS: Final = "known_hosts"  # in the state directory, beside the journal
 ENV_TARGET_PREFIX: Final = "RECONCILER_SSH_HOST_"
@@ -53,15 +61,40 @@ class ProvisionFailed(PermanentError):
     """A provisioning step failed; the message ends with its last output lines."""
 
 
-def forget_host_key(known_hosts: Path, target: SshTarget) -> None:
-    """Drop `target`'s line from our known_hosts: the guest there was recreated and has a new host key."""
+def forget_host_key(known_hosts: Path, target: SshTarget) -> bool:
+    """Drop `target`'s line from our known_hosts: the guest there was recreated and has a new host key.
+    Whether a line was dropped."""
     if not known_hosts.exists():
-        return
+        return False
     entry = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
     lines = known_hosts.read_text(encoding="ascii", errors="replace").splitlines(keepends=True)
     kept = [line for line in lines if line.split(" ", 1)[0] not in (entry, f"{entry},")]
     if kept != lines:
         known_hosts.write_text("".join(kept), encoding="ascii")
+    return kept != lines
+
+
+def forget_guest_access(journal: Journal, address: str) -> list[str]:
+    """For `reconciler forget`: what the journal and known_hosts keep of the guest at `address` (`lxc/llm`,
+    `qemu/infer` or `provision/llm`): its provisioning records, and the host key of the SSH target its last
+    provisioning used (from the journaled change). What was forgotten, as lines to print."""
+    try:
+        parsed = Address.parse(address.rstrip("/"))
+    except ValueError:
+        return []
+    if parsed.kind not in (AddressKind.LXC, AddressKind.QEMU, AddressKind.PROVISION):
+        return []
+    provision = provision_address(parsed.name)
+    forgotten = [provision] if journal.forget_provisioning(provision) else []
+    text = journal.provision_target(provision)
+    try:
+        target = SshTarget.model_validate(text) if text is not None else None
+    except ValueError:
+        target = None
+    if target is not None and forget_host_key(journal.path.parent / KNOWN_HOSTS, target):
+        port = f":{target.port}" if target.port != 22 else ""
+        forgotten.append(f"the host key of {target.host}{port} in {KNOWN_HOSTS}")
+    return forgotten
 
 
 @dataclass

@@ -24,13 +24,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from reconciler.engine.apply import Applier, ApplyReport, ContainerBackend, GuestBackend, HealthPolicy, StepReport
-from reconciler.engine.health import ProbeResult
 from reconciler.engine.journal import Journal, StepOutcome
 from reconciler.engine.observe import Readers, observe
 from reconciler.engine.provision_apply import Connect, with_provisioning
+from reconciler.engine.steps_docker import Prober
 from reconciler.engine.steps_gpu import GpuSetter
 from reconciler.engine.switch import GpuMemory
 from reconciler.errors import PlanError, TemporaryError
@@ -48,7 +47,7 @@ class ApplyOptions:
     adopt_orphans: bool = False  # take over what carries an owner mark this lab cannot prove is its own
     retry: bool = False
     health: HealthPolicy = field(default_factory=HealthPolicy)
-    prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo answers probes in memory
+    prober: Prober | None = None  # the demo answers probes in memory
     ssh_connect: Connect | None = None  # the demo's guests run provisioning steps in memory
     on_output: Callable[[str, str, str], None] | None = None  # a provisioning step's output line: address, step, line
     settle_timeout: float = 600.0  # how long to wait for the tasks an interrupted run left running

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, assert_never
 
 from reconciler import redact
@@ -18,13 +18,17 @@ from reconciler.engine.health import ProbeResult, endpoint_address, ollama_load,
 from reconciler.engine.steps import Done, HealthPolicy, host_and_name
 from reconciler.engine.switch import SwitchHooks
 from reconciler.errors import PlanError
-from reconciler.planning.container_run import ContainerRun, ContainerSeen
+from reconciler.planning.container_run import ContainerProbe, ContainerRun, ContainerSeen
 from reconciler.planning.inventory import OLD_SUFFIX
 from reconciler.planning.observed import ObservedContainer
 from reconciler.planning.plan import Action, Change
 from reconciler.spec.models import PowerState
 
-__all__ = ["ContainerBackend", "DockerSteps", "resolve_secrets"]
+__all__ = ["ContainerBackend", "DockerSteps", "Prober", "resolve_secrets"]
+
+Prober = Callable[[str, ContainerProbe, str | None], ProbeResult]
+"""Answers a container's probe instead of the network (the demo's in-memory lab, a test probing the local
+engine): the Docker host, the probe, and the Ollama model that must be loaded (None: just the probe)."""
 
 
 class ContainerBackend(Protocol):
@@ -46,7 +50,7 @@ class DockerSteps:
     env: Mapping[str, str]
     endpoints: Mapping[str, str]
     sleep: Callable[[float], None] = time.sleep
-    prober: Callable[[str, Mapping[str, Any]], ProbeResult] | None = None  # the demo's in-memory probes
+    prober: Prober | None = None  # the demo's in-memory probes
     switch: SwitchHooks | None = None  # exclusive-group members: wait for VRAM, phased health (engine/switch.py)
 
     def do(self, change: Change, before: Mapping[str, Any] | None) -> None:
@@ -130,7 +134,7 @@ class DockerSteps:
             case _:
                 assert_never(change.action)
 
-    def check_healthy(self, change: Change, probe: Mapping[str, Any] | None, *, load: str | None = None) -> ProbeResult:
+    def check_healthy(self, change: Change, probe: ContainerProbe | None, *, load: str | None = None) -> ProbeResult:
         """Running (and Docker-healthy, and answering `probe`); with `load`, also holding that Ollama model."""
         assert self.docker is not None
         host, name = host_and_name(change)
@@ -159,13 +163,12 @@ class DockerSteps:
                 return ProbeResult(True, "container running" + (" and healthy" if state.health else ""))
             return self._probe(host, probe)
 
-        timeout = float(probe.get("timeout", 60.0)) if probe else self.health.container_start_timeout
-        interval = self.health.interval or (float(probe.get("interval", 2.0)) if probe else 1.0)
+        timeout = probe.timeout if probe else self.health.container_start_timeout
+        interval = self.health.interval or (probe.interval if probe else 1.0)
         result = poll(check, timeout=self.health.cap(timeout), interval=interval, still_starting=died, sleep=self.sleep)
         if result.healthy and load:
             # The server answers; the model it is there for must be pulled and sit on its GPUs too.
-            port = (probe or {}).get("port")
-            result = self._probe(host, {"ollama_load": load, "port": port, "timeout": timeout})
+            result = self._probe(host, replace(probe or ContainerProbe(), timeout=timeout), load)
         return self._phased(change, result, timeout=timeout, interval=interval)
 
     def _before_start(self, change: Change) -> None:
@@ -211,19 +214,19 @@ class DockerSteps:
         )
         return result if phased is None else phased
 
-    def _probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
+    def _probe(self, host: str, probe: ContainerProbe, load: str | None = None) -> ProbeResult:
+        """`probe` answered by the container on `host`; with `load`, that Ollama model loaded at `probe.port`."""
         if self.prober is not None:
-            return self.prober(host, probe)
+            return self.prober(host, probe, load)
         address = endpoint_address(self.endpoints.get(host, "unix:///"))
-        if probe.get("ollama_load"):
-            timeout = self.health.cap(float(probe.get("timeout", 900.0)))
-            return ollama_load(f"http://{address}:{probe.get('port')}", str(probe["ollama_load"]), timeout=timeout)
-        if probe.get("http"):
-            url = str(probe["http"])
+        if load:
+            return ollama_load(f"http://{address}:{probe.port}", load, timeout=self.health.cap(probe.timeout))
+        if probe.http:
+            url = probe.http
             if url.startswith("/"):
-                url = f"http://{address}:{probe.get('port')}{url}"
-            return probe_http(url, status=int(probe.get("status", 200)), body=probe.get("body"))
-        target = str(probe["tcp"])
+                url = f"http://{address}:{probe.port}{url}"
+            return probe_http(url, status=probe.status, body=probe.body)
+        target = str(probe.tcp)
         return probe_tcp(target if ":" in target else f"{address}:{target}")
 
 

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from reconciler.backends.memory import MemoryDocker, MemoryNvml, MemoryProxmox
 from reconciler.backends.ssh import CommandResult
@@ -21,6 +20,7 @@ from reconciler.engine.health import ProbeResult
 from reconciler.engine.observe import NvmlReader, Readers
 from reconciler.fakes.nvml import FakeGpu, FakeNvmlBuildError, build_library, write_state
 from reconciler.loop.wiring import Wiring
+from reconciler.planning.container_run import ContainerProbe
 from reconciler.planning.observed import NvmlObservation, ObservedGpu
 from reconciler.spec.access import SshTarget
 from reconciler.spec.models import Gpu, Vm
@@ -91,10 +91,11 @@ class MemoryLab:
         """A guest's shell in memory, for the demo's provisioning steps (see `MemoryShell`)."""
         return self.shells.setdefault(str(target), MemoryShell(str(target)))
 
-    def probe(self, host: str, probe: Mapping[str, Any]) -> ProbeResult:
-        """In memory, a container answers its probe when it runs and publishes the port probed."""
-        target = str(probe.get("tcp") or "")
-        port = int(target.rsplit(":", 1)[1]) if target.rpartition(":")[2].isdigit() else probe.get("port")
+    def probe(self, host: str, probe: ContainerProbe, load: str | None = None) -> ProbeResult:
+        """In memory, a container answers its probe (and loads its Ollama model) when it runs and publishes the
+        port probed."""
+        target = probe.tcp or ""
+        port = int(target.rsplit(":", 1)[1]) if target.rpartition(":")[2].isdigit() else probe.port
         for container in self.docker.containers.get(host, {}).values():
             if container.status == "running" and any(p.host == port for p in container.ports):
                 return ProbeResult(True, f"{host}:{port} answers (in memory)")

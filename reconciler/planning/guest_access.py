@@ -12,20 +12,24 @@ decides which of them go where:
   cloud-init template brings its own). A password is neither: the applier reads it from the
   environment at the last moment (`pve_access.secret_create_params`).
 
-A clone is planned as the template's reference (VMID or name, node, full, storage), resolved when the
-change is applied (the templates are not part of the observed lab), and its disks are grown then to
-the declared sizes, never shrunk (`pve_access.clone_resizes`).
+A clone is planned as the template's reference (VMID or name, node, full, storage). The planner checks
+it against the observed templates (`clone_problem`: missing, ambiguous by name, not a template, or on
+another node with local storage) and shows a blocker; the applier resolves it again when it clones, and
+grows its disks then to the declared sizes, never shrunk (`pve_access.clone_resizes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Final
 
 from reconciler.planning.intents import CloneIntent, GuestIntent
+from reconciler.planning.observed import TemplateRow
+from reconciler.planning.plan import Problem
 from reconciler.planning.pve import format_pve_size
-from reconciler.planning.pve_access import lxc_create_access, vm_access_config
+from reconciler.planning.pve_access import TemplateUnresolved, lxc_create_access, resolve_template, vm_access_config
+from reconciler.spec.diagnostics import Position
 from reconciler.spec.models import Lxc, Vm
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "CloneIntent",
     "access_config",
     "clone_intent",
+    "clone_problem",
     "create_extras",
     "with_create_access",
 ]
@@ -60,6 +65,25 @@ def clone_intent(guest: Lxc | Vm) -> CloneIntent | None:
         return None
     clone = guest.clone
     return CloneIntent(clone.template, clone.node, clone.full, clone.storage)
+
+
+def clone_problem(guest: Lxc | Vm, templates: Iterable[TemplateRow], where: Position | None) -> Problem | None:
+    """Why the template a VM's `clone` names cannot be cloned into it, as a blocker naming the spec line; None
+    when it can (or the guest is no clone). A create or replace that clones is checked before it is applied."""
+    if not isinstance(guest, Vm) or guest.clone is None:
+        return None
+    clone = guest.clone
+    try:
+        resolve_template(clone.template, templates, node=clone.node, target=guest.node)
+    except TemplateUnresolved as exc:
+        at = f"{where.file}:{where.line}: " if where is not None else ""
+        return Problem(
+            guest.ref,
+            f"{at}clone: {exc}",
+            "create or convert the template (qm template), name it by VMID, set 'clone.node', "
+            "or put it on shared storage",
+        )
+    return None
 
 
 def with_create_access(intent: GuestIntent, guest: Lxc | Vm, files: Mapping[str, bytes]) -> GuestIntent:

@@ -30,6 +30,7 @@ __all__ = [
     "ObservedPciDevice",
     "PciMapping",
     "ProxmoxObservation",
+    "TemplateRow",
 ]
 
 
@@ -89,6 +90,21 @@ class ProxmoxObservation:
     guests: tuple[ObservedGuest, ...]
     pci_devices: tuple[ObservedPciDevice, ...] = ()
     mappings: tuple[PciMapping, ...] = ()
+    templates: tuple[TemplateRow, ...] = ()  # VM templates: sources of clones, not guests of the lab
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRow:
+    """A VM as `/cluster/resources?type=vm` lists it: enough to find a template by id or name.
+
+    `local_storage`: whether one of its volumes is on storage only its node sees (PVE then cannot clone
+    it onto another node); None when it was not read."""
+
+    vmid: int
+    name: str | None
+    node: str
+    template: bool
+    local_storage: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

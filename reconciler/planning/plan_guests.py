@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from reconciler.planning import pve
-from reconciler.planning.guest_access import access_config, with_create_access
+from reconciler.planning.guest_access import access_config, clone_problem, with_create_access
 from reconciler.planning.intents import GuestIntent, GuestSeen, send_keys
 from reconciler.planning.observed import GuestKind, ObservedGuest, ProxmoxObservation
 from reconciler.planning.ownership import Claim, volumes_lost
@@ -89,6 +89,7 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
         if config is None:
             return
         if seen is None:
+            self.check_clone(guest, proxmox)
             change = Change(
                 f"{kind}/{guest.name}",
                 Action.CREATE,
@@ -106,6 +107,13 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
         tagged = self.guest_usable(guest, kind, seen)
         if tagged is not None:
             self.update_guest(guest, kind, seen, config, power, tagged=tagged)
+
+    def check_clone(self, guest: Lxc | Vm, proxmox: ProxmoxObservation | None) -> None:
+        """A blocker when the template a create (or replace) clones is not there to clone, before apply finds it."""
+        templates = proxmox.templates if proxmox is not None else ()
+        problem = clone_problem(guest, templates, self.desired.position(guest, "clone", "template"))
+        if problem is not None:
+            self.blockers.append(problem)
 
     def guest_usable(self, guest: Lxc | Vm, kind: GuestKind, seen: ObservedGuest) -> bool | None:
         """Whether the live guest carries this lab's tag; None when it cannot be planned (a conflict or a
@@ -184,6 +192,7 @@ class GuestPlanning(GuestDiffing, GpuPlanning):
                 after = with_create_access(
                     self.guest_after(guest, kind, config, power, create=True), guest, self.desired.files
                 )
+                self.check_clone(guest, self.observed.proxmox)
                 lost = volumes_lost(kind, seen.config)
                 reason += "; the guest is destroyed and created again: its volumes and their data are lost"
             if power_change:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote
 
-from reconciler.planning.observed import GuestKind
+from reconciler.planning.observed import GuestKind, TemplateRow
 from reconciler.planning.pve import (
     default_key_for,
     format_property,
@@ -189,22 +189,15 @@ def vm_access_config(spec: Vm, files: Mapping[str, bytes]) -> dict[str, str]:
 # ---- clone -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TemplateRow:
-    """A VM as `/cluster/resources?type=vm` lists it: enough to find a template by id or name."""
-
-    vmid: int
-    name: str | None
-    node: str
-    template: bool
-
-
 class TemplateUnresolved(ValueError):
     """The spec's template cannot be found, is ambiguous, or is not a template; the message says which."""
 
 
-def resolve_template(ref: int | str, rows: Iterable[TemplateRow], *, node: str | None = None) -> TemplateRow:
-    """The template a `clone.template` names (by VMID or by name, on `node` when given)."""
+def resolve_template(
+    ref: int | str, rows: Iterable[TemplateRow], *, node: str | None = None, target: str | None = None
+) -> TemplateRow:
+    """The template a `clone.template` names (by VMID or by name, on `node` when given); with `target`,
+    also one PVE can clone onto that node (a template on another node must not use local storage)."""
     candidates = [r for r in rows if (r.vmid == ref if isinstance(ref, int) else r.name == ref)]
     if node is not None:
         candidates = [r for r in candidates if r.node == node]
@@ -217,6 +210,11 @@ def resolve_template(ref: int | str, rows: Iterable[TemplateRow], *, node: str |
     found = candidates[0]
     if not found.template:
         raise TemplateUnresolved(f"VM {found.vmid} ({found.name}) is not a template; convert it first")
+    if target is not None and found.node != target and found.local_storage:
+        raise TemplateUnresolved(
+            f"template {found.vmid} ({found.name}) is on node {found.node} and uses local storage: "
+            f"PVE cannot clone it onto node {target}"
+        )
     return found
 
 
