@@ -77,7 +77,6 @@ def gpu_load(
     live = _live_containers(observed, desired)
     blockers: list[Problem] = []
     placements: list[Placement] = []
-    releases: list[Release] = []
     workloads: dict[str, Workload] = {}
     for seat in seats:
         workloads[seat.address] = seat.workload
@@ -98,14 +97,7 @@ def gpu_load(
                 for gpu in seat.gpus
                 if gpu in gpus
             )
-    for address, container in live.items():
-        work = workloads.get(address)
-        if work is None or address not in changed:
-            continue
-        on = _gpus_of(container, uuids)  # what it holds where it runs now, not where it goes
-        freed = _footprint(work, on, gpus, sight, observed)
-        if freed is not None:
-            releases.extend(Release(gpu, container.name, freed.on(gpu)) for gpu in on)
+    releases = _releases(live, workloads, changed, uuids, gpus, sight, observed)
     used = {p.gpu for p in placements} | {r.gpu for r in releases}
     occupied = {gpu for c in live.values() for gpu in _gpus_of(c, uuids)}
     capacities = [_capacity(gpus[name], sight) for name in sorted(used)]
@@ -125,6 +117,28 @@ def gpu_load(
             f"GPU {fit.gpu}: {terms} of {gib(fit.capacity)} usable" + (f" ({fit.basis})" if fit.basis else "")
         )
     return GpuLoad(tuple(blockers), tuple(summary))
+
+
+def _releases(
+    live: Mapping[str, ObservedContainer],
+    workloads: Mapping[str, Workload],
+    changed: Collection[str],
+    uuids: Mapping[str, str],
+    gpus: Mapping[str, Gpu],
+    sight: GpuSight,
+    observed: Observed,
+) -> list[Release]:
+    """What our changed containers free, measured on the GPUs they hold where they run now."""
+    releases: list[Release] = []
+    for address, container in live.items():
+        work = workloads.get(address)
+        if work is None or address not in changed:
+            continue
+        on = _gpus_of(container, uuids)  # what it holds where it runs now, not where it goes
+        freed = _footprint(work, on, gpus, sight, observed)
+        if freed is not None:
+            releases.extend(Release(gpu, container.name, freed.on(gpu)) for gpu in on)
+    return releases
 
 
 def _live_containers(observed: Observed, desired: DesiredState) -> dict[str, ObservedContainer]:
