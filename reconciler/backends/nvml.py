@@ -71,7 +71,7 @@ from reconciler.errors import (
 from reconciler.planning.gpusight import normalise_bus_id
 from reconciler.planning.observed import ComputeMode, GpuProcess, NvmlObservation, ObservedGpu
 
-__all__ = ["DEFAULT_LIBRARY", "NvmlBackend"]
+__all__ = ["DEFAULT_LIBRARY", "NvmlBackend", "wait_for_free"]
 
 log = logging.getLogger(__name__)
 
@@ -370,29 +370,9 @@ class NvmlBackend:
         needed), `NotFoundError` when NVML does not list the GPU, `PermanentError` when it is lost
         or NVML is unavailable.
         """
-        resource = f"gpu/{uuid}"
-        deadline = clock() + timeout
-        while True:
-            observed = self.observe()
-            if not observed.available:
-                raise PermanentError(f"NVML is not available: {observed.error}", resource=resource)
-            gpu = next((g for g in observed.gpus if g.uuid == uuid), None)
-            if gpu is None:
-                unknown = [g for g in observed.gpus if g.lost and not g.uuid]  # lost before its UUID was read
-                if unknown:
-                    raise PermanentError(f"GPU {uuid} is not listed, and {unknown[0].error}", resource=resource)
-                raise NotFoundError(f"NVML lists no GPU with UUID {uuid}", resource=resource)
-            if gpu.lost:
-                raise PermanentError(gpu.error or "the GPU is lost", resource=resource)
-            if gpu.memory_free >= needed:
-                return gpu
-            if clock() >= deadline:
-                raise TemporaryError(
-                    f"{gpu.memory_free / 2**30:.1f} GiB free after {timeout:g} s, {needed / 2**30:.1f} GiB needed",
-                    resource=resource,
-                    hint="a process still holds the memory (nvidia-smi lists it), or the wait is too short",
-                )
-            sleep(interval)
+        return wait_for_free(
+            self.observe, uuid, needed, source="NVML", timeout=timeout, interval=interval, clock=clock, sleep=sleep
+        )
 
     # -- settings
 
@@ -547,3 +527,41 @@ def _read_modes(handle: Any) -> tuple[bool | None, ComputeMode | None]:
         None if persistence is None else int(persistence) == pynvml.NVML_FEATURE_ENABLED,
         None if compute is None else _COMPUTE_MODES.get(int(compute)),
     )
+
+
+def wait_for_free(
+    observe: Callable[[], NvmlObservation],
+    uuid: str,
+    needed: int,
+    *,
+    source: str,
+    timeout: float,
+    interval: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ObservedGpu:
+    """Read GPUs through `observe` (local NVML, or `nvidia-smi` through a host's engine, named by `source`)
+    until GPU `uuid` has `needed` bytes free; the reading that showed it. Errors as `NvmlBackend.wait_for_free`."""
+    resource = f"gpu/{uuid}"
+    deadline = clock() + timeout
+    while True:
+        observed = observe()
+        if not observed.available:
+            raise PermanentError(f"{source} is not available: {observed.error}", resource=resource)
+        gpu = next((g for g in observed.gpus if g.uuid.lower() == uuid.lower()), None)
+        if gpu is None:
+            unknown = [g for g in observed.gpus if g.lost and not g.uuid]  # lost before its UUID was read
+            if unknown:
+                raise PermanentError(f"GPU {uuid} is not listed, and {unknown[0].error}", resource=resource)
+            raise NotFoundError(f"{source} lists no GPU with UUID {uuid}", resource=resource)
+        if gpu.lost:
+            raise PermanentError(gpu.error or "the GPU is lost", resource=resource)
+        if gpu.memory_free >= needed:
+            return gpu
+        if clock() >= deadline:
+            raise TemporaryError(
+                f"{gpu.memory_free / 2**30:.1f} GiB free after {timeout:g} s, {needed / 2**30:.1f} GiB needed",
+                resource=resource,
+                hint="a process still holds the memory (nvidia-smi lists it), or the wait is too short",
+            )
+        sleep(interval)

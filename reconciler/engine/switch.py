@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from reconciler.backends.nvml import wait_for_free
 from reconciler.engine.health import ModelServer, ProbeResult, Progress, ProgressSink, phased_health
-from reconciler.errors import NotFoundError, PermanentError, ReconcilerError, TemporaryError
+from reconciler.errors import NotFoundError, ReconcilerError, TemporaryError
 from reconciler.planning.container_run import ContainerRun
 from reconciler.planning.observed import NvmlObservation, ObservedContainer, ObservedGpu
 from reconciler.planning.plan import Address
@@ -108,25 +109,16 @@ class EngineGpus:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> ObservedGpu:
-        resource = f"gpu/{uuid}"
-        deadline = clock() + timeout
-        while True:
-            observed = self.docker.query_gpus(self.host, image=self.image, timeout=max(timeout, 10.0))
-            if not observed.available:
-                raise PermanentError(f"GPUs cannot be read: {observed.error}", resource=resource)
-            gpu = next((g for g in observed.gpus if g.uuid.lower() == uuid.lower()), None)
-            if gpu is None:
-                raise NotFoundError(f"nvidia-smi on {self.host!r} lists no GPU with UUID {uuid}", resource=resource)
-            if gpu.lost:
-                raise PermanentError(gpu.error or "the GPU is lost", resource=resource)
-            if gpu.memory_free >= needed:
-                return gpu
-            if clock() >= deadline:
-                raise TemporaryError(
-                    f"{gpu.memory_free / GIB:.1f} GiB free after {timeout:g} s, {needed / GIB:.1f} GiB needed",
-                    resource=resource,
-                )
-            sleep(interval)
+        return wait_for_free(
+            lambda: self.docker.query_gpus(self.host, image=self.image, timeout=max(timeout, 10.0)),
+            uuid,
+            needed,
+            source=f"nvidia-smi on {self.host!r}",
+            timeout=timeout,
+            interval=interval,
+            clock=clock,
+            sleep=sleep,
+        )
 
 
 @dataclass(frozen=True)
