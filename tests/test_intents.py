@@ -119,3 +119,71 @@ def test_a_plan_of_another_format_is_refused_with_a_clear_message(plan_file: dic
         Plan.from_json(plan_file)
     assert f"plan format {found} is not this reconciler's format 3" in str(refused.value)
     assert "reconciler plan --out" in str(refused.value)
+
+
+def _gpu_and_provision_plan() -> Plan:
+    from reconciler.planning.gpu_values import GpuValues
+    from reconciler.planning.provision import RunReason
+    from reconciler.planning.provision_intent import DueStep, ProvisionIntent, ProvisionSeen
+
+    uuid = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+    gpu = Change(
+        "gpu/big",
+        Action.UPDATE,
+        "Gpu/big",
+        Backend.GPU,
+        before=GpuValues(uuid, power_limit=450.0),
+        after=GpuValues(uuid, power_limit=350.0, persistence_mode=True),
+        fields=(FieldChange("power_limit", 450.0, 350.0),),
+    )
+    steps = (DueStep("docker", "builtin:docker", "687bdb06fb995501", RunReason.CHANGED),)
+    provision = Change(
+        "provision/llm",
+        Action.UPDATE,
+        "Lxc/llm",
+        Backend.SSH,
+        before=ProvisionSeen({"docker": "0123456789abcdef"}),
+        after=ProvisionIntent("Lxc/llm", "root@10.0.0.5:22", steps, inputs={"A": "1"}, timeouts={"docker": 1800.0}),
+    )
+    return Plan((gpu, provision), lab="homelab")
+
+
+def test_gpu_settings_and_provisioning_changes_survive_a_saved_plan() -> None:
+    plan = _gpu_and_provision_plan()
+    assert Plan.from_json(json.loads(plan.dumps())) == plan
+
+
+@pytest.mark.parametrize(
+    ("address", "side", "key", "value", "message"),
+    [
+        ("gpu/big", "after", "power_limit", "lots", "power_limit must be a number of watts, got str"),
+        ("gpu/big", "after", "power_limit", True, "power_limit must be a number of watts, got bool"),
+        ("gpu/big", "after", "persistence_mode", "yes", "persistence_mode must be true or false"),
+        ("gpu/big", "after", "compute_mode", 3, "compute_mode must be text"),
+        ("gpu/big", "after", "uuid", "", "names no GPU UUID"),
+        ("gpu/big", "after", "fan_speed", 100, "not a GPU setting: fan_speed"),  # not one the reconciler knows
+        ("provision/llm", "after", "steps", "docker", "steps are a list"),
+        ("provision/llm", "after", "fresh", "yes", "fresh is true or false"),
+        ("provision/llm", "after", "timeouts", {"docker": "forever"}, "timeouts are numbers of seconds"),
+        ("provision/llm", "after", "inputs", {"A": 1}, "expected an object of strings"),
+        ("provision/llm", "after", "ssh", ["root@x"], "expected text, got list"),
+        ("provision/llm", "before", "steps", {"docker": 7}, "expected an object of strings"),
+    ],
+)
+def test_a_tampered_gpu_or_provisioning_change_is_refused(
+    address: str, side: str, key: str, value: object, message: str
+) -> None:
+    """A saved plan's content is read with its types checked: an edited value is refused, never acted on."""
+    data = json.loads(_gpu_and_provision_plan().dumps())
+    change = next(c for c in data["changes"] if c["address"] == address)
+    change[side][key] = value
+    with pytest.raises(ValueError, match=message):
+        Plan.from_json(data)
+
+
+def test_a_tampered_provisioning_step_is_refused() -> None:
+    data = json.loads(_gpu_and_provision_plan().dumps())
+    change = next(c for c in data["changes"] if c["address"] == "provision/llm")
+    change["after"]["steps"][0]["reason"] = "because"
+    with pytest.raises(ValueError, match="'because' is not a valid RunReason"):
+        Plan.from_json(data)
